@@ -1,0 +1,287 @@
+"""config.yaml: one file, one schema. Unknown keys, wrong types and out-of-range values stop start-up.
+
+The schema below holds every key with its type, range and default; config.yaml at the repository root is the embedded
+default written out with a comment per key (a test keeps the two identical). A user's file may set any subset; the
+rest comes from the schema. ``--set section.key=value`` overrides any key after the file, checked the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file (or --set) and the key."""
+
+
+class Key:
+    """One leaf of the schema."""
+
+    def __init__(self, default: Any, kind: type, doc: str, lo: Optional[float] = None, hi: Optional[float] = None,
+                 choices: Optional[Sequence[Any]] = None, check: Optional[Callable[[Any], Any]] = None) -> None:
+        self.default = default
+        self.kind = kind
+        self.doc = doc
+        self.lo = lo
+        self.hi = hi
+        self.choices = tuple(choices) if choices else None
+        self.check = check
+
+    def validate(self, value: Any, where: str) -> Any:
+        kind = self.kind
+        if kind is float and type(value) is int:
+            value = float(value)
+        if kind is not bool and type(value) is bool or not isinstance(value, kind):
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(self.choices)}")
+        if self.lo is not None and value < self.lo or self.hi is not None and value > self.hi:
+            raise ConfigError(f"{where}: {value!r} is outside [{self.lo}, {self.hi}]")
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return value
+
+
+def _layout(value: Any) -> List[Dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of {name, width}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"name", "width"}:
+            raise ValueError(f"item {i}: expected exactly the keys name and width, got {item!r}")
+        name, width = item["name"], item["width"]
+        if not isinstance(name, str) or not name or type(width) is not int or not 8 <= width <= 8192:
+            raise ValueError(f"item {i}: name must be a string and width an int in [8, 8192], got {item!r}")
+        out.append({"name": name, "width": width})
+    names = [c["name"] for c in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"camera names repeat: {names}")
+    return out
+
+
+def _endpoint(value: str) -> str:
+    """ipc:// or tcp:// only; tcp must name a loopback host: links across machines need authentication."""
+    if value.startswith("ipc://") and len(value) > 6:
+        return value
+    if value.startswith("tcp://"):
+        host = value[6:].rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            return value
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return value
+        except ValueError:
+            pass
+        raise ValueError(f"{value!r} leaves this machine; unauthenticated links are limited to loopback and ipc "
+                         "(authenticated links across machines are not implemented yet)")
+    raise ValueError(f"{value!r} is not an ipc:// or tcp:// endpoint")
+
+
+def _any_endpoint(value: str) -> str:
+    """A peer we only subscribe to (a camera on the robot's network): any tcp/ipc address."""
+    if value.startswith(("ipc://", "tcp://")) and len(value) > 6:
+        return value
+    raise ValueError(f"{value!r} is not an ipc:// or tcp:// endpoint")
+
+
+SCHEMA: Dict[str, Dict[str, Key]] = {
+    "model": {
+        "path": Key("exported/reference", str, "model directory holding manifest.json (relative to this file)"),
+        "backend": Key("onnxruntime", str, "inference backend: onnxruntime (CPU on a laptop)", choices=("onnxruntime",)),
+        "intra_op_threads": Key(1, int, "threads ONNX Runtime may use inside one operator", lo=1, hi=64),
+        "verify_hashes": Key(True, bool, "check each stage file's sha256 against the manifest at load"),
+    },
+    "policy": {
+        "steps": Key(0, int, "sampler steps; 0 takes the manifest's (1 for a distilled model)", lo=0, hi=100),
+        "shift": Key(0.0, float, "flow-matching schedule shift; 0 takes the manifest's", lo=0.0, hi=100.0),
+        "seed": Key(0, int, "seed of the sampler's noise", lo=0, hi=2**31 - 1),
+        "rate_hz": Key(5.0, float, "how often a new action chunk is computed", lo=0.1, hi=100.0),
+        "frame_max_age_s": Key(0.5, float, "a frame older than this is not used; the runtime waits for a newer one",
+                               lo=0.01, hi=10.0),
+        "state_max_age_s": Key(0.2, float, "robot state older than this is not used", lo=0.005, hi=10.0),
+        "warmup_runs": Key(2, int, "inferences run before the loop starts (first runs are slow)", lo=0, hi=100),
+    },
+    "camera": {
+        "source": Key("synthetic", str, "synthetic | replay | image_server (Unitree's JPEG server) | raw_zmq | v4l2",
+                      choices=("synthetic", "replay", "image_server", "raw_zmq", "v4l2")),
+        "fps": Key(30.0, float, "frame rate of the synthetic and replay sources; requested rate for v4l2",
+                   lo=0.1, hi=240.0),
+        "height": Key(480, int, "image height of every camera in the layout", lo=8, hi=4096),
+        "layout": Key([{"name": "head", "width": 640}, {"name": "left_wrist", "width": 640},
+                       {"name": "right_wrist", "width": 640}], list,
+                      "cameras side by side, left to right, as Unitree's image server sends them", check=_layout),
+        "endpoint": Key("tcp://127.0.0.1:5555", str, "image_server / raw_zmq publisher to subscribe to",
+                        check=_any_endpoint),
+        "header": Key("auto", str, "image server test-mode header: auto | none | timestamp_id (12 bytes)",
+                      choices=("auto", "none", "timestamp_id")),
+        "replay_path": Key("", str, "replay: directory of side-by-side JPEG frames (relative to this file)"),
+        "replay_loop": Key(True, bool, "replay: start again at the end"),
+        "v4l2_device": Key("/dev/video0", str, "v4l2: device(s), comma-separated, one per layout camera"),
+        "seed": Key(0, int, "synthetic: seed of the moving scene", lo=0, hi=2**31 - 1),
+    },
+    "transport": {
+        "chunks": Key("ipc:///tmp/wam-edge/chunks", str,
+                      "controller binds, runtime connects: action chunks and heartbeats", check=_endpoint),
+        "state": Key("ipc:///tmp/wam-edge/state", str,
+                     "controller binds, runtime subscribes: robot state (newest wins)", check=_endpoint),
+        "send_hwm": Key(2, int, "messages queued toward a slow or absent peer before new ones are dropped",
+                        lo=1, hi=100),
+        "heartbeat_hz": Key(10.0, float, "runtime heartbeat rate", lo=0.5, hi=200.0),
+        "max_message_bytes": Key(1 << 20, int, "larger messages are dropped unread", lo=1024, hi=1 << 26),
+    },
+    "controller": {
+        "rate_hz": Key(500.0, float, "control rate: targets interpolated between action steps at this rate",
+                       lo=10.0, hi=2000.0),
+        "state_publish_hz": Key(100.0, float, "how often the robot state is published to the runtime",
+                                lo=1.0, hi=1000.0),
+        "driver": Key("sim", str, "sim: the in-process simulated G1 (the DDS driver for a real G1 comes later)",
+                      choices=("sim",)),
+        "chunk_timeout_s": Key(0.5, float, "no valid chunk for this long while running: hold the last targets",
+                               lo=0.01, hi=10.0),
+        "hold_s": Key(0.5, float, "how long to hold before stopping when chunks do not resume", lo=0.0, hi=30.0),
+        "max_velocity": Key(2.0, float, "rad/s: no commanded joint moves faster than this", lo=0.01, hi=20.0),
+        "position_margin": Key(0.05, float, "rad kept inside each joint's position limits", lo=0.0, hi=0.5),
+        "max_chunk_age_s": Key(1.0, float, "a chunk answering a robot state older than this is rejected",
+                               lo=0.01, hi=10.0),
+    },
+    "sim": {
+        "time_constant_s": Key(0.03, float, "simulated G1: first-order response time of each joint", lo=0.001,
+                               hi=5.0),
+        "initial_pose": Key("nominal", str, "simulated G1 starts at: nominal (arms slightly bent) | zero",
+                            choices=("nominal", "zero")),
+    },
+    "demo": {
+        "seconds": Key(10.0, float, "how long `wam-edge demo` runs the loop", lo=1.0, hi=3600.0),
+        "startup_timeout_s": Key(60.0, float, "how long to wait for both processes to be ready", lo=1.0, hi=600.0),
+    },
+}
+
+
+def defaults() -> Dict[str, Dict[str, Any]]:
+    return {s: {k: copy.deepcopy(key.default) for k, key in keys.items()} for s, keys in SCHEMA.items()}
+
+
+class Config:
+    """The validated configuration: ``cfg["policy"]["steps"]``; paths resolve against the file's directory."""
+
+    def __init__(self, data: Dict[str, Dict[str, Any]], path: Optional[str]) -> None:
+        self.data = data
+        self.path = path
+        self.base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+
+    def __getitem__(self, section: str) -> Dict[str, Any]:
+        return self.data[section]
+
+    def resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.data, sort_keys=False)
+
+
+def _merge(data: Dict[str, Dict[str, Any]], tree: Any, where: str) -> None:
+    if tree is None:
+        return
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(tree).__name__}")
+    for section, values in tree.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{where}: unknown section {section!r} (known: {', '.join(SCHEMA)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {section}: expected a mapping, got {type(values).__name__}")
+        for key, value in values.items():
+            _set(data, section, key, value, where)
+
+
+def _set(data: Dict[str, Dict[str, Any]], section: str, key: str, value: Any, where: str) -> None:
+    keys = SCHEMA[section]
+    if key not in keys:
+        raise ConfigError(f"{where}: unknown key {section}.{key} (known in {section}: {', '.join(keys)})")
+    data[section][key] = keys[key].validate(value, f"{where}: {section}.{key}")
+
+
+def parse_override(text: str) -> Tuple[str, str, Any]:
+    """``section.key=value`` with the value read as YAML (``4``, ``true``, ``[..]``)."""
+    where = f"--set {text}"
+    if "=" not in text:
+        raise ConfigError(f"{where}: expected section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{where}: expected section.key=value, got key {dotted!r}")
+    section, key = parts
+    if section not in SCHEMA:
+        raise ConfigError(f"{where}: unknown section {section!r} (known: {', '.join(SCHEMA)})")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: value is not valid YAML ({exc})") from None
+    if value is None:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
+    """Schema defaults, then the file (if any), then each ``--set``; ConfigError names the file or --set and key."""
+    data = defaults()
+    if path is not None:
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                tree = yaml.safe_load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        _merge(data, tree, path)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _set(data, section, key, value, f"--set {text}")
+    return Config(data, path)
+
+
+def default_config_path() -> Optional[str]:
+    """$WAM_EDGE_CONFIG, else ./config.yaml, else the repository's config.yaml beside this package, else none."""
+    env = os.environ.get("WAM_EDGE_CONFIG")
+    if env:
+        return env
+    for candidate in ("config.yaml", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                  "config.yaml")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+HEADER = """\
+# wam-edge configuration: the embedded default (ONNX Runtime on the CPU, the reference model, a synthetic camera,
+# the simulated G1). Every key is listed with what it does; a file of your own may set any subset, and any key can
+# be overridden on the command line: wam-edge run --set policy.steps=4
+# Generated from the schema in runtime/config.py (`wam-edge config --defaults`); a test keeps the two identical.
+"""
+
+
+def render_defaults() -> str:
+    """The schema's defaults as commented YAML: what config.yaml holds."""
+    lines = [HEADER]
+    for section, keys in SCHEMA.items():
+        lines.append(f"{section}:")
+        for name, key in keys.items():
+            if isinstance(key.default, list):
+                value = yaml.safe_dump({name: key.default}, default_flow_style=None, sort_keys=False).rstrip()
+            else:
+                scalar = yaml.safe_dump(key.default, default_flow_style=True).split("\n")[0]
+                value = f"{name}: {scalar}"
+            rng = ""
+            if key.lo is not None or key.hi is not None:
+                rng = f" [{key.lo}, {key.hi}]"
+            lines.append(f"  # {key.doc}{rng}")
+            lines.extend("  " + line for line in value.splitlines())
+        lines.append("")
+    return "\n".join(lines)

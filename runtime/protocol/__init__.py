@@ -1,0 +1,23 @@
+"""Messages between the policy runtime and the controller (ZeroMQ + msgpack); see docs/protocol.md."""
+
+from __future__ import annotations
+
+from runtime.protocol.wire import (  # noqa: F401
+    HEALTH,
+    MAX_FRAME_BYTES,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    ActionChunk,
+    DecodeError,
+    Frame,
+    Heartbeat,
+    RejectCounter,
+    RobotState,
+    decode,
+    decode_array,
+    encode_array,
+    encode_chunk,
+    encode_frame,
+    encode_heartbeat,
+    encode_state,
+)

@@ -1,0 +1,70 @@
+"""ZeroMQ sockets as this project uses them: bounded queues, no lingering, ipc directories made on demand.
+
+Chunks and heartbeats: the controller binds PULL, the runtime connects PUSH and sends without blocking (a full queue
+drops the message and counts it; it never blocks the loop). Robot state: the controller binds PUB, the runtime
+subscribes with CONFLATE, so it always reads the newest state.
+"""
+
+from __future__ import annotations
+
+import os
+
+import zmq
+
+
+def _prepare(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        directory = os.path.dirname(endpoint[len("ipc://"):])
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+
+def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
+
+
+def pull_bound(ctx: zmq.Context, endpoint: str, hwm: int, max_bytes: int) -> zmq.Socket:
+    """The controller's inbox for chunks and heartbeats; oversized messages are refused by ZeroMQ itself."""
+    sock = _socket(ctx, zmq.PULL, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    _prepare(endpoint)
+    sock.bind(endpoint)
+    return sock
+
+
+def push_connected(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
+    sock = _socket(ctx, zmq.PUSH, hwm)
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only toward a live peer, never toward a dead connection
+    sock.connect(endpoint)
+    return sock
+
+
+def pub_bound(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
+    sock = _socket(ctx, zmq.PUB, hwm)
+    _prepare(endpoint)
+    sock.bind(endpoint)
+    return sock
+
+
+def sub_conflated(ctx: zmq.Context, endpoint: str, max_bytes: int) -> zmq.Socket:
+    """Keeps only the newest message (single-part messages only)."""
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CONFLATE, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(endpoint)
+    return sock
+
+
+def try_send(sock: zmq.Socket, payload: bytes) -> bool:
+    """Send without blocking; False when the peer's queue is full or no peer is connected."""
+    try:
+        sock.send(payload, zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
