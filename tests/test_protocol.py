@@ -92,8 +92,8 @@ def test_arbitrary_bytes_never_escape_as_anything_but_decode_error(raw):
         pass
 
 
-@given(st.dictionaries(st.text(max_size=10), st.one_of(st.integers(-2**63, 2**64 - 1), st.text(), st.binary(), st.floats(),
-                                                        st.none(), st.booleans()), max_size=12))
+@given(st.dictionaries(st.text(max_size=10), st.one_of(st.integers(-2**63, 2**64 - 1), st.text(), st.binary(),
+                                                        st.floats(), st.none(), st.booleans()), max_size=12))
 def test_arbitrary_maps_are_rejected_cleanly(m):
     try:
         decode(msgpack.packb(m, use_bin_type=True), ("chunk", "heartbeat", "state"))

@@ -29,8 +29,8 @@ from runtime.protocol import (
     RobotState,
     decode,
     encode_state,
+    sockets,
 )
-from runtime.protocol import sockets
 from runtime.robot import g1
 from runtime.robot.sim_g1 import SimulatedG1
 
