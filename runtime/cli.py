@@ -1,0 +1,98 @@
+"""`wam-edge <command>`: one CLI for every job. Every command takes --config and any number of --set key=value."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from runtime.config import ConfigError, default_config_path, load_config, render_defaults
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="config file (default: $WAM_EDGE_CONFIG or ./config.yaml)")
+    p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="override one config key (repeatable), e.g. --set policy.steps=4")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def _process(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", metavar="PATH", help="write a JSON report here on exit")
+    p.add_argument("--ready-file", metavar="PATH", help="create this file once warmed up and running")
+    p.add_argument("--seconds", type=float, help="run this long, then stop (default: until SIGTERM/SIGINT)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wam-edge", description="On-robot runtime for one-step world action "
+                                     "models on the Unitree G1.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+
+    p = sub.add_parser("run", help="the policy runtime: camera -> policy -> action chunks")
+    _common(p)
+    _process(p)
+
+    p = sub.add_parser("controller", help="receive chunks and drive the robot (simulated G1 by default)")
+    _common(p)
+    _process(p)
+
+    p = sub.add_parser("demo", help="controller + runtime as separate processes on the embedded default")
+    _common(p)
+    p.add_argument("--seconds", type=float, help="how long to run (default: demo.seconds)")
+    p.add_argument("--report", metavar="PATH", help="write the JSON report here")
+
+    p = sub.add_parser("config", help="print the effective configuration, or the documented defaults")
+    _common(p)
+    p.add_argument("--defaults", action="store_true", help="print the schema's defaults as commented YAML")
+
+    p = sub.add_parser("image-server-sim", help="a simulation of Unitree's image server: synthetic side-by-side "
+                       "JPEG frames over ZeroMQ, laid out as camera.layout says")
+    _common(p)
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="where to bind the PUB socket")
+    p.add_argument("--seconds", type=float, help="run this long (default: until interrupted)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "config" and args.defaults:
+        sys.stdout.write(render_defaults())
+        return 0
+    try:
+        cfg = load_config(args.config or default_config_path(), args.overrides)
+    except ConfigError as exc:
+        sys.stderr.write(f"wam-edge: configuration error: {exc}\n")
+        return 2
+
+    if args.command == "config":
+        sys.stdout.write(cfg.to_yaml())
+        return 0
+    if args.command == "run":
+        from runtime import runner
+
+        return runner.main(cfg, args.report, args.ready_file, args.seconds)
+    if args.command == "controller":
+        from runtime.controller import controller
+
+        return controller.main(cfg, args.report, args.ready_file, args.seconds)
+    if args.command == "demo":
+        from runtime import demo
+
+        summary = demo.run_demo(cfg, args.overrides, args.seconds or cfg["demo"]["seconds"], args.report)
+        demo.print_summary(summary)
+        return 0 if summary["ok"] else 1
+    if args.command == "image-server-sim":
+        from runtime.cameras.image_server_sim import serve
+
+        c = cfg["camera"]
+        serve(args.endpoint, [(x["name"], x["width"]) for x in c["layout"]], c["height"], c["fps"], c["header"],
+              args.seconds)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

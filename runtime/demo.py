@@ -1,0 +1,177 @@
+"""`wam-edge demo`: the whole loop on the embedded default, as two real processes.
+
+Starts the controller (with the simulated G1) and the policy runtime, each as its own process over ZeroMQ ipc
+sockets in a private directory, lets them run, stops the runtime first (the controller holds, then stops: the
+watchdog path) and then the controller, and sums up both reports. Exit 0 only when the loop ran without errors and
+ended in a safe state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from runtime.config import Config
+from runtime.controller.controller import SAFE_STATES
+from runtime.metrics import write_json
+
+
+def _spawn(role: str, config_path: Optional[str], overrides: Sequence[str], report: str,
+           ready: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "runtime.cli", role, "--report", report, "--ready-file", ready]
+    if config_path:
+        cmd += ["--config", config_path]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.Popen(cmd)
+
+
+def _wait_files(paths: List[str], procs: List[subprocess.Popen], timeout: float) -> Optional[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                return f"process {p.args[3]} exited early with code {p.returncode}"
+        if all(os.path.exists(p) for p in paths):
+            return None
+        time.sleep(0.05)
+    return f"not ready within {timeout} s"
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return -9
+
+
+def _load(path: str) -> Dict[str, Any]:
+    import json
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path: Optional[str]) -> Dict[str, Any]:
+    errors: List[str] = []
+    with tempfile.TemporaryDirectory(prefix="wam-edge-demo-") as tmp:
+        own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state"]
+        all_overrides = list(overrides) + own
+        files = {k: os.path.join(tmp, k) for k in ("controller.json", "runtime.json", "controller.ready",
+                                                       "runtime.ready")}
+        t_start = time.monotonic()
+        controller = _spawn("controller", cfg.path, all_overrides, files["controller.json"], files["controller.ready"])
+        runtime = _spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"])
+        procs = [controller, runtime]
+        try:
+            problem = _wait_files([files["controller.ready"], files["runtime.ready"]], procs,
+                                  cfg["demo"]["startup_timeout_s"])
+            startup_s = time.monotonic() - t_start
+            if problem:
+                errors.append(f"start-up: {problem}")
+            else:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    if any(p.poll() is not None for p in procs):
+                        errors.append("a process exited during the run")
+                        break
+                    time.sleep(0.05)
+            # the runtime goes first: the controller must hold, then stop on its own (the watchdog path)
+            rc_runtime = _stop(runtime, 15.0)
+            c = cfg["controller"]
+            time.sleep(c["chunk_timeout_s"] + c["hold_s"] + 0.3)
+            rc_controller = _stop(controller, 10.0)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        rt = _load(files["runtime.json"])
+        ct = _load(files["controller.json"])
+
+    if rc_runtime != 0:
+        errors.append(f"runtime exited with code {rc_runtime}")
+    if rc_controller != 0:
+        errors.append(f"controller exited with code {rc_controller}")
+    if not rt or not ct:
+        errors.append("a process wrote no report")
+    if ct.get("chunks_received", 0) == 0 and not errors:
+        errors.append("the controller received no chunks")
+    if ct.get("rejected"):
+        errors.append(f"the controller rejected messages: {ct['rejected']}")
+    if rt.get("policy_errors"):
+        errors.append(f"policy errors: {rt['policy_errors']}")
+    if ct.get("limiter", {}).get("non_finite_ticks"):
+        errors.append("non-finite targets reached the limiter")
+    final_state = ct.get("state", "unknown")
+    if final_state not in SAFE_STATES:
+        errors.append(f"ended in an unsafe state: {final_state}")
+    lat = rt.get("latency_ms", {})
+    summary = {
+        "ok": not errors,
+        "errors": errors,
+        "seconds": seconds,
+        "startup_s": round(startup_s, 3),
+        "frames": rt.get("frames", 0),
+        "frames_used": rt.get("frames_used", 0),
+        "chunks_sent": rt.get("chunks_sent", 0),
+        "chunks_dropped": rt.get("chunks_dropped", 0),
+        "chunks_received": ct.get("chunks_received", 0),
+        "control_ticks": ct.get("control_ticks", 0),
+        "controller_overruns": ct.get("overruns", 0),
+        "latency_ms": {
+            "frame_to_chunk": lat.get("frame_to_chunk", {}),
+            "inference": lat.get("inference", {}),
+            "preprocess": lat.get("preprocess", {}),
+            "stages": lat.get("stages", {}),
+            "controller_period_error": ct.get("period_error_ms", {}),
+        },
+        "stops": ct.get("stops", []),
+        "final_state": final_state,
+        "limiter": ct.get("limiter", {}),
+        "runtime": rt,
+        "controller": ct,
+    }
+    if report_path:
+        write_json(report_path, summary)
+    return summary
+
+
+def print_summary(s: Dict[str, Any], out=sys.stdout) -> None:
+    def pct(d: Dict[str, Any]) -> str:
+        if not d or d.get("p50") is None:
+            return "n/a"
+        return f"p50 {d['p50']:.2f} ms, p99 {d['p99']:.2f} ms (n={d['count']})"
+
+    lat = s["latency_ms"]
+    lines = [
+        f"wam-edge demo: {'OK' if s['ok'] else 'FAILED'} after {s['seconds']:.1f} s (start-up {s['startup_s']:.1f} s)",
+        f"  frames in {s['frames']} (used {s['frames_used']}), chunks sent {s['chunks_sent']}, "
+        f"received {s['chunks_received']}, control ticks {s['control_ticks']} (overruns {s['controller_overruns']})",
+        f"  frame -> chunk: {pct(lat['frame_to_chunk'])}",
+        f"  inference:      {pct(lat['inference'])}",
+        f"  preprocess:     {pct(lat['preprocess'])}",
+    ]
+    for name, d in lat.get("stages", {}).items():
+        lines.append(f"    stage {name}: {pct(d)}")
+    lines.append(f"  controller period error: {pct(lat['controller_period_error'])}")
+    lines.append(f"  largest step {s['limiter'].get('max_step_rad')} rad/tick "
+                 f"(allowed {s['limiter'].get('max_step_allowed_rad')})")
+    for stop in s["stops"]:
+        lines.append(f"  stop at {stop['t']}: {stop['from']} -> {stop['to']} ({stop['reason']})")
+    lines.append(f"  final state: {s['final_state']}")
+    for e in s["errors"]:
+        lines.append(f"  error: {e}")
+    out.write("\n".join(lines) + "\n")

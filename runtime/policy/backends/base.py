@@ -1,0 +1,74 @@
+"""The backend interface: what the executor needs from an inference engine.
+
+Deliberately small so ONNX Runtime (CPU or GPU) and TensorRT can serve it. The
+host only touches tensors it produces (camera, state, sampler x/t) or consumes
+(the velocity sink); stage-to-stage tensors such as the world K/V stay inside
+the backend (for TensorRT: on the GPU, never copied back).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Tuple
+
+import numpy as np
+
+from ..manifest import TensorSpec
+
+# manifest dtype -> numpy dtype
+NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
+
+
+def allocate(spec: TensorSpec) -> np.ndarray:
+    """Host buffer for one tensor; zeroed so an unused one is still defined."""
+    return np.zeros(spec.shape, dtype=NUMPY_DTYPES[spec.dtype])
+
+
+class StageBackend(abc.ABC):
+    """Runs manifest stages on preallocated buffers, bound once at load.
+
+    Contract: host_input/host_output return the same writable array on every
+    call, valid until close(); run(stage) reads the current contents of the
+    stage's host inputs and, when it returns, its host outputs are complete.
+    Consumers of the same host source may share one buffer; callers dedupe by
+    identity.
+    """
+
+    name = "base"
+
+    @abc.abstractmethod
+    def host_input(self, stage: str, tensor: str) -> np.ndarray:
+        """Buffer for an input fed from the host (camera:*, state, sampler:*)."""
+
+    @abc.abstractmethod
+    def host_output(self, stage: str, tensor: str) -> np.ndarray:
+        """Buffer for an output the host reads (a sink such as sampler:velocity)."""
+
+    @abc.abstractmethod
+    def run(self, stage: str) -> None:
+        """Run one stage synchronously. Must not allocate per call."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release sessions/engines; buffers must not be used afterwards."""
+
+    @property
+    @abc.abstractmethod
+    def providers(self) -> Tuple[str, ...]:
+        """What actually executes the stages (e.g. ORT execution providers)."""
+
+    def describe(self) -> str:
+        return "%s (%s)" % (self.name, ", ".join(self.providers))
+
+    def __enter__(self) -> "StageBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

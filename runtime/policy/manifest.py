@@ -1,0 +1,529 @@
+"""Load and strictly validate exported/<model>/manifest.json.
+
+The manifest is the only contract between the exporter and the runtime, so it
+is checked completely at load: unknown keys, dangling references, shape or
+dtype disagreements and stale ONNX files all fail here, with the JSON path of
+the offending value, instead of as a wrong action on the robot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+FORMAT = "wam-edge-manifest"
+VERSION = 1
+
+# Manifest dtype name -> numpy dtype name (numpy itself is not needed here).
+DTYPES = ("float32", "float16", "int32", "int64", "uint8", "bool")
+HOST_DTYPE = "float32"  # tensors fed from / read by the host are float32 for now
+RESIZE_MODES = ("nearest",)
+ACTION_KINDS = ("joint_position",)
+SAMPLER_TYPES = ("flow_matching",)
+RUNS = ("once", "per_step")
+SINKS = ("sampler:velocity",)
+HOST_SOURCES = ("state", "sampler:x", "sampler:t")
+RESERVED_STAGE_NAMES = ("camera", "state", "sampler")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+class ManifestError(ValueError):
+    """The manifest (or a file it names) is invalid; the message says where."""
+
+
+@dataclass(frozen=True)
+class CameraSpec:
+    name: str
+    height: int
+    width: int
+    resize: str
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    input: str  # name of the stage input this camera feeds
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    joints: Tuple[str, ...]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    kind: str
+    joints: Tuple[str, ...]
+    horizon: int
+    step_s: float
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    type: str
+    steps: int
+    shift: float
+    distilled: bool
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    # Static shapes only. Dynamic axes (a later issue) will allow str entries
+    # naming a symbolic dim here, resolved by the backend at load.
+    shape: Tuple[int, ...]
+    source: Optional[str] = None  # inputs only
+    sink: Optional[str] = None    # outputs only, optional
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    file: str
+    sha256: str
+    runs: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    description: str
+    cameras: Tuple[CameraSpec, ...]
+    state: StateSpec
+    action: ActionSpec
+    sampler: SamplerSpec
+    stages: Tuple[StageSpec, ...]
+    path: str  # where it was loaded from, for error messages
+
+    @property
+    def camera_names(self) -> Tuple[str, ...]:
+        return tuple(c.name for c in self.cameras)
+
+    @property
+    def state_joints(self) -> Tuple[str, ...]:
+        return self.state.joints
+
+    @property
+    def action_joints(self) -> Tuple[str, ...]:
+        return self.action.joints
+
+    @property
+    def horizon(self) -> int:
+        return self.action.horizon
+
+    @property
+    def step_s(self) -> float:
+        return self.action.step_s
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action.joints)
+
+    @property
+    def action_state_indices(self) -> Tuple[int, ...]:
+        """Index in the state vector of each action joint (validated to exist)."""
+        return tuple(self.state.joints.index(j) for j in self.action.joints)
+
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+# --- small typed readers; each error carries "<file>: <json path>: ..." -------
+
+class _Ctx:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def error(self, path: str, msg: str) -> ManifestError:
+        return ManifestError("%s: %s: %s" % (self.where, path, msg) if path
+                             else "%s: %s" % (self.where, msg))
+
+    def obj(self, value: Any, path: str, required: Tuple[str, ...],
+            optional: Tuple[str, ...] = ()) -> Dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(path, "expected an object, got %s" % _kind(value))
+        for key in value:
+            if key not in required and key not in optional:
+                raise self.error(_join(path, key), "unknown key %r (allowed: %s)"
+                                 % (key, ", ".join(required + optional)))
+        for key in required:
+            if key not in value:
+                raise self.error(_join(path, key), "missing required key")
+        return value
+
+    def str_(self, value: Any, path: str, choices: Optional[Tuple[str, ...]] = None) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(path, "expected a non-empty string, got %s" % _kind(value))
+        if choices is not None and value not in choices:
+            raise self.error(path, "%r is not one of %s" % (value, ", ".join(choices)))
+        return value
+
+    def name(self, value: Any, path: str) -> str:
+        s = self.str_(value, path)
+        if not _NAME.match(s):
+            raise self.error(path, "%r is not a valid name (letters, digits, _ . -)" % s)
+        return s
+
+    def int_(self, value: Any, path: str, minimum: int = 1) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(path, "expected an integer, got %s" % _kind(value))
+        if value < minimum:
+            raise self.error(path, "must be >= %d, got %d" % (minimum, value))
+        return value
+
+    def float_(self, value: Any, path: str, positive: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(path, "expected a number, got %s" % _kind(value))
+        f = float(value)
+        if not math.isfinite(f):
+            raise self.error(path, "must be finite, got %r" % value)
+        if positive and f <= 0.0:
+            raise self.error(path, "must be > 0, got %r" % value)
+        return f
+
+    def bool_(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(path, "expected true or false, got %s" % _kind(value))
+        return value
+
+    def list_(self, value: Any, path: str, length: Optional[int] = None,
+              nonempty: bool = True) -> List[Any]:
+        if not isinstance(value, list):
+            raise self.error(path, "expected a list, got %s" % _kind(value))
+        if length is not None and len(value) != length:
+            raise self.error(path, "expected %d entries, got %d" % (length, len(value)))
+        if nonempty and not value:
+            raise self.error(path, "must not be empty")
+        return value
+
+    def floats(self, value: Any, path: str, length: int, positive: bool = False) -> Tuple[float, ...]:
+        items = self.list_(value, path, length)
+        return tuple(self.float_(v, "%s[%d]" % (path, i), positive) for i, v in enumerate(items))
+
+    def names(self, value: Any, path: str) -> Tuple[str, ...]:
+        items = self.list_(value, path)
+        out = tuple(self.name(v, "%s[%d]" % (path, i)) for i, v in enumerate(items))
+        _check_unique(self, out, path, "name")
+        return out
+
+
+def _join(path: str, key: str) -> str:
+    return "%s.%s" % (path, key) if path else key
+
+
+def _kind(value: Any) -> str:
+    return "%s %r" % (type(value).__name__, value) if not isinstance(value, (dict, list)) \
+        else type(value).__name__
+
+
+def _check_unique(ctx: _Ctx, names: Tuple[str, ...], path: str, what: str) -> None:
+    seen = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ctx.error("%s[%d]" % (path, i), "duplicate %s %r" % (what, n))
+        seen.add(n)
+
+
+# --- sections ----------------------------------------------------------------
+
+def _camera(ctx: _Ctx, value: Any, path: str) -> CameraSpec:
+    d = ctx.obj(value, path, ("name", "height", "width", "resize", "mean", "std", "input"))
+    return CameraSpec(
+        name=ctx.name(d["name"], path + ".name"),
+        height=ctx.int_(d["height"], path + ".height"),
+        width=ctx.int_(d["width"], path + ".width"),
+        resize=ctx.str_(d["resize"], path + ".resize", RESIZE_MODES),
+        mean=ctx.floats(d["mean"], path + ".mean", 3),  # type: ignore[arg-type]
+        std=ctx.floats(d["std"], path + ".std", 3, positive=True),  # type: ignore[arg-type]
+        input=ctx.name(d["input"], path + ".input"),
+    )
+
+
+def _state(ctx: _Ctx, value: Any, path: str) -> StateSpec:
+    d = ctx.obj(value, path, ("joints", "mean", "std"))
+    joints = ctx.names(d["joints"], path + ".joints")
+    return StateSpec(joints, ctx.floats(d["mean"], path + ".mean", len(joints)),
+                     ctx.floats(d["std"], path + ".std", len(joints), positive=True))
+
+
+def _action(ctx: _Ctx, value: Any, path: str) -> ActionSpec:
+    d = ctx.obj(value, path, ("kind", "joints", "horizon", "step_s", "mean", "std"))
+    joints = ctx.names(d["joints"], path + ".joints")
+    return ActionSpec(
+        kind=ctx.str_(d["kind"], path + ".kind", ACTION_KINDS),
+        joints=joints,
+        horizon=ctx.int_(d["horizon"], path + ".horizon"),
+        step_s=ctx.float_(d["step_s"], path + ".step_s", positive=True),
+        mean=ctx.floats(d["mean"], path + ".mean", len(joints)),
+        std=ctx.floats(d["std"], path + ".std", len(joints), positive=True),
+    )
+
+
+def _sampler(ctx: _Ctx, value: Any, path: str) -> SamplerSpec:
+    d = ctx.obj(value, path, ("type", "steps", "shift", "distilled"))
+    return SamplerSpec(
+        type=ctx.str_(d["type"], path + ".type", SAMPLER_TYPES),
+        steps=ctx.int_(d["steps"], path + ".steps"),
+        shift=ctx.float_(d["shift"], path + ".shift", positive=True),
+        distilled=ctx.bool_(d["distilled"], path + ".distilled"),
+    )
+
+
+def _tensor(ctx: _Ctx, value: Any, path: str, is_input: bool) -> TensorSpec:
+    d = ctx.obj(value, path, ("name", "dtype", "shape") + (("source",) if is_input else ()),
+                () if is_input else ("sink",))
+    shape = []
+    for i, dim in enumerate(ctx.list_(d["shape"], path + ".shape", nonempty=False)):
+        if isinstance(dim, str):
+            raise ctx.error("%s.shape[%d]" % (path, i), "symbolic dimension %r: dynamic "
+                            "axes are not supported yet (static shapes only)" % dim)
+        shape.append(ctx.int_(dim, "%s.shape[%d]" % (path, i)))
+    return TensorSpec(
+        name=ctx.name(d["name"], path + ".name"),
+        dtype=ctx.str_(d["dtype"], path + ".dtype", DTYPES),
+        shape=tuple(shape),
+        source=ctx.str_(d["source"], path + ".source") if is_input else None,
+        sink=ctx.str_(d["sink"], path + ".sink", SINKS) if "sink" in d else None,
+    )
+
+
+def _stage(ctx: _Ctx, value: Any, path: str) -> StageSpec:
+    d = ctx.obj(value, path, ("name", "file", "sha256", "runs", "inputs", "outputs"))
+    name = ctx.name(d["name"], path + ".name")
+    if name in RESERVED_STAGE_NAMES:
+        raise ctx.error(path + ".name", "%r is reserved for sources" % name)
+    file = ctx.str_(d["file"], path + ".file")
+    if os.path.basename(file) != file or "/" in file or "\\" in file or file in (".", ".."):
+        raise ctx.error(path + ".file", "%r must be a plain file name in the model directory" % file)
+    sha = ctx.str_(d["sha256"], path + ".sha256")
+    if not _SHA256.match(sha):
+        raise ctx.error(path + ".sha256", "expected 64 lowercase hex digits, got %r" % sha)
+    inputs = tuple(_tensor(ctx, v, "%s.inputs[%d]" % (path, i), True)
+                   for i, v in enumerate(ctx.list_(d["inputs"], path + ".inputs")))
+    outputs = tuple(_tensor(ctx, v, "%s.outputs[%d]" % (path, i), False)
+                    for i, v in enumerate(ctx.list_(d["outputs"], path + ".outputs")))
+    _check_unique(ctx, tuple(t.name for t in inputs), path + ".inputs", "input name")
+    _check_unique(ctx, tuple(t.name for t in outputs), path + ".outputs", "output name")
+    return StageSpec(name, file, sha, ctx.str_(d["runs"], path + ".runs", RUNS), inputs, outputs)
+
+
+# --- cross-references ------------------------------------------------------------
+
+def _check_graph(ctx: _Ctx, m: Manifest) -> None:
+    """Every source resolves to something earlier, shapes/dtypes agree, the
+    sampler tensors match the action space, each camera feeds its input."""
+    action_shape = (1, m.horizon, m.action_dim)
+    host = {
+        "state": ((1, len(m.state.joints)), "state has %d joints" % len(m.state.joints)),
+        "sampler:x": (action_shape, "action horizon %d x %d joints" % (m.horizon, m.action_dim)),
+        "sampler:t": ((1,), "flow time is one scalar"),
+    }
+    for cam in m.cameras:
+        host["camera:" + cam.name] = ((1, 3, cam.height, cam.width),
+                                      "camera %r is 3x%dx%d" % (cam.name, cam.height, cam.width))
+    _check_unique(ctx, m.camera_names, "cameras", "camera name")
+    for j, joint in enumerate(m.action.joints):
+        if joint not in m.state.joints:
+            raise ctx.error("action.joints[%d]" % j, "%r is not among state.joints" % joint)
+
+    produced: Dict[str, Tuple[TensorSpec, str]] = {}  # "<stage>:<output>" -> (spec, runs)
+    stage_names = set(s.name for s in m.stages)
+    camera_inputs: Dict[str, str] = {}  # camera name -> "<stage>.<input>"
+    consumed = set()
+    seen_per_step = False
+    velocity_sinks = []
+    for si, stage in enumerate(m.stages):
+        spath = "stages[%d]" % si
+        if stage.runs == "per_step":
+            seen_per_step = True
+        elif seen_per_step:
+            raise ctx.error(spath + ".runs", "stage %r runs once but comes after a per_step "
+                            "stage; list all 'once' stages first" % stage.name)
+        for ii, t in enumerate(stage.inputs):
+            ipath = "%s.inputs[%d]" % (spath, ii)
+            src = t.source or ""
+            if src in host:
+                expected, why = host[src]
+                if t.dtype != HOST_DTYPE:
+                    raise ctx.error(ipath + ".dtype", "%r fed from %s must be %s, got %s"
+                                    % (t.name, src, HOST_DTYPE, t.dtype))
+                if t.shape != expected:
+                    raise ctx.error(ipath + ".shape", "%r fed from %s must have shape %s (%s), "
+                                    "got %s" % (t.name, src, list(expected), why, list(t.shape)))
+                if src.startswith("sampler:") and stage.runs != "per_step":
+                    raise ctx.error(ipath + ".source", "%s changes every sampler step; stage %r "
+                                    "must run per_step" % (src, stage.name))
+                if src.startswith("camera:"):
+                    cam_name = src[len("camera:"):]
+                    if cam_name in camera_inputs:
+                        raise ctx.error(ipath + ".source", "camera %r already feeds %s"
+                                        % (cam_name, camera_inputs[cam_name]))
+                    camera_inputs[cam_name] = "%s.%s" % (stage.name, t.name)
+                consumed.add(src)
+                continue
+            if ":" not in src:
+                raise ctx.error(ipath + ".source", "unknown source %r (expected camera:<name>, "
+                                "state, sampler:x, sampler:t or <stage>:<output>)" % src)
+            ref_stage, ref_out = src.split(":", 1)
+            if ref_stage == "camera":
+                raise ctx.error(ipath + ".source", "unknown camera %r (cameras: %s)"
+                                % (ref_out, ", ".join(m.camera_names)))
+            if ref_stage == "sampler":
+                raise ctx.error(ipath + ".source", "unknown sampler tensor %r (sampler:x or "
+                                "sampler:t)" % ref_out)
+            if src not in produced:
+                if ref_stage not in stage_names:
+                    raise ctx.error(ipath + ".source", "unknown stage %r" % ref_stage)
+                if ref_stage == stage.name:
+                    raise ctx.error(ipath + ".source", "stage %r cannot consume its own output"
+                                    % stage.name)
+                if not any(s.name == ref_stage for s in m.stages[:si]):
+                    raise ctx.error(ipath + ".source", "stage %r must come before stage %r to "
+                                    "feed it" % (ref_stage, stage.name))
+                raise ctx.error(ipath + ".source", "stage %r has no output %r"
+                                % (ref_stage, ref_out))
+            spec, runs = produced[src]
+            if runs == "per_step" and stage.runs == "once":
+                raise ctx.error(ipath + ".source", "once stage %r cannot consume per_step "
+                                "output %s" % (stage.name, src))
+            if spec.dtype != t.dtype:
+                raise ctx.error(ipath + ".dtype", "%r is %s but its source %s is %s"
+                                % (t.name, t.dtype, src, spec.dtype))
+            if spec.shape != t.shape:
+                raise ctx.error(ipath + ".shape", "%r has shape %s but its source %s has shape %s"
+                                % (t.name, list(t.shape), src, list(spec.shape)))
+            consumed.add(src)
+        for oi, t in enumerate(stage.outputs):
+            opath = "%s.outputs[%d]" % (spath, oi)
+            produced["%s:%s" % (stage.name, t.name)] = (t, stage.runs)
+            if t.sink is None:
+                continue
+            if stage.runs != "per_step":
+                raise ctx.error(opath + ".sink", "%s needs a per_step stage, %r runs once"
+                                % (t.sink, stage.name))
+            if t.dtype != HOST_DTYPE:
+                raise ctx.error(opath + ".dtype", "%r sinks to %s and must be %s, got %s"
+                                % (t.name, t.sink, HOST_DTYPE, t.dtype))
+            if t.shape != action_shape:
+                raise ctx.error(opath + ".shape", "%r sinks to %s and must have shape %s (action "
+                                "horizon %d x %d joints), got %s"
+                                % (t.name, t.sink, list(action_shape), m.horizon, m.action_dim,
+                                   list(t.shape)))
+            velocity_sinks.append(opath)
+
+    if len(velocity_sinks) != 1:
+        raise ctx.error("stages", "exactly one output must have sink 'sampler:velocity', found %d%s"
+                        % (len(velocity_sinks), (" (%s)" % ", ".join(velocity_sinks))
+                           if velocity_sinks else ""))
+    if "sampler:x" not in consumed:
+        raise ctx.error("stages", "no stage input has source 'sampler:x'")
+    for ci, cam in enumerate(m.cameras):
+        fed = camera_inputs.get(cam.name)
+        if fed is None:
+            raise ctx.error("cameras[%d]" % ci, "camera %r feeds no stage input (no source "
+                            "'camera:%s')" % (cam.name, cam.name))
+        if fed.split(".", 1)[1] != cam.input:
+            raise ctx.error("cameras[%d].input" % ci, "camera %r says it feeds %r but the stage "
+                            "input with source 'camera:%s' is %s" % (cam.name, cam.input,
+                                                                     cam.name, fed))
+
+
+def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
+    """Validate an already-decoded manifest; `where` prefixes every error."""
+    ctx = _Ctx(where)
+    d = ctx.obj(data, "", ("format", "version", "name", "cameras", "state", "action",
+                           "sampler", "stages"), ("description",))
+    if d["format"] != FORMAT:
+        raise ctx.error("format", "expected %r, got %r" % (FORMAT, d["format"]))
+    version = ctx.int_(d["version"], "version")
+    if version != VERSION:
+        raise ctx.error("version", "unsupported manifest version %d (this runtime reads %d)"
+                        % (version, VERSION))
+    description = d.get("description", "")
+    if not isinstance(description, str):
+        raise ctx.error("description", "expected a string, got %s" % _kind(description))
+    cameras = tuple(_camera(ctx, v, "cameras[%d]" % i)
+                    for i, v in enumerate(ctx.list_(d["cameras"], "cameras")))
+    stages = tuple(_stage(ctx, v, "stages[%d]" % i)
+                   for i, v in enumerate(ctx.list_(d["stages"], "stages")))
+    _check_unique(ctx, tuple(s.name for s in stages), "stages", "stage name")
+    _check_unique(ctx, tuple(s.file for s in stages), "stages", "stage file")
+    m = Manifest(
+        name=ctx.name(d["name"], "name"),
+        description=description,
+        cameras=cameras,
+        state=_state(ctx, d["state"], "state"),
+        action=_action(ctx, d["action"], "action"),
+        sampler=_sampler(ctx, d["sampler"], "sampler"),
+        stages=stages,
+        path=where,
+    )
+    _check_graph(ctx, m)
+    return m
+
+
+def _reject_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError("duplicate key %r" % key)
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(manifest: Manifest, model_dir: str, check_hashes: bool = True) -> None:
+    """Every stage file exists and (optionally) matches its recorded sha256."""
+    for i, stage in enumerate(manifest.stages):
+        path = os.path.join(model_dir, stage.file)
+        if not os.path.isfile(path):
+            raise ManifestError("%s: stages[%d].file: %s does not exist"
+                                % (manifest.path, i, path))
+        if check_hashes:
+            actual = sha256_file(path)
+            if actual != stage.sha256:
+                raise ManifestError(
+                    "%s: sha256 mismatch (manifest stages[%d].sha256 %s..., file %s...): the file "
+                    "changed after export; re-export the model (e.g. python -m "
+                    "tools.make_reference) instead of editing it" % (
+                        path, i, stage.sha256[:12], actual[:12]))
+
+
+def load_manifest(model_dir: str, verify_hashes: bool = True) -> Manifest:
+    """Read <model_dir>/manifest.json, validate it, check the stage files."""
+    path = os.path.join(model_dir, "manifest.json")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f, object_pairs_hook=_reject_duplicates,
+                             parse_constant=_reject_constant)
+    except OSError as exc:
+        raise ManifestError("%s: cannot read: %s" % (path, exc.strerror or exc)) from exc
+    except ValueError as exc:  # JSONDecodeError included
+        raise ManifestError("%s: invalid JSON: %s" % (path, exc)) from exc
+    manifest = parse_manifest(data, path)
+    verify_files(manifest, model_dir, check_hashes=verify_hashes)
+    return manifest

@@ -1,0 +1,243 @@
+"""`wam-edge run`: the policy runtime. Newest frame + newest robot state -> one-step policy -> action chunk.
+
+One thread owns the sockets and the loop; the camera runs on its own thread and hands over only its newest frame.
+A frame or a robot state older than its bound is never used: the runtime waits instead of answering old data.
+Every chunk says which robot state it answers (``obs_stamp``, the controller's own stamp), so the controller can
+place it on its clock. Heartbeats tell the controller the runtime's health.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import uuid
+from typing import Any, Dict, Optional
+
+import numpy as np
+import zmq
+
+from runtime.cameras import open_camera
+from runtime.config import Config
+from runtime.metrics import LatencyRecorder, write_json
+from runtime.policy import PolicyError, load_policy
+from runtime.protocol import (
+    ActionChunk,
+    DecodeError,
+    Heartbeat,
+    RejectCounter,
+    RobotState,
+    decode,
+    encode_chunk,
+    encode_heartbeat,
+    sockets,
+)
+from runtime.robot import g1
+
+log = logging.getLogger("wam_edge.runtime")
+
+
+class PolicyRuntime:
+    """Owns the camera, the policy and the two sockets; ``step(now)`` does whatever is due at ``now``."""
+
+    def __init__(self, cfg: Config, ctx: Optional[zmq.Context] = None) -> None:
+        p, t = cfg["policy"], cfg["transport"]
+        m = cfg["model"]
+        self.policy = load_policy(cfg.resolve(m["path"]), backend=m["backend"], steps=p["steps"] or None,
+                                  shift=p["shift"] or None, seed=p["seed"], intra_op_threads=m["intra_op_threads"],
+                                  verify_hashes=m["verify_hashes"])
+        manifest = self.policy.manifest
+        camera_cfg = dict(cfg["camera"])
+        if camera_cfg["replay_path"]:
+            camera_cfg["replay_path"] = cfg.resolve(camera_cfg["replay_path"])
+        have = [c["name"] for c in camera_cfg["layout"]]
+        missing = [name for name in manifest.camera_names if name not in have]
+        if missing:
+            raise ValueError(f"model {m['path']} needs cameras {missing} that camera.layout does not have {have}")
+        self.state_index = g1.indices(manifest.state_joints)
+        g1.indices(manifest.action_joints)  # an unknown joint name fails here, at start-up
+        self.session = uuid.uuid4().hex[:12]
+        self.episode = 0
+        self.frame_max_age_s = p["frame_max_age_s"]
+        self.state_max_age_s = p["state_max_age_s"]
+        self.infer_period = 1.0 / p["rate_hz"]
+        self.heartbeat_period = 1.0 / t["heartbeat_hz"]
+        self._max_bytes = t["max_message_bytes"]
+        self._ctx = ctx or zmq.Context.instance()
+        self._chunks = sockets.push_connected(self._ctx, t["chunks"], hwm=t["send_hwm"])
+        self._state_sub = sockets.sub_conflated(self._ctx, t["state"], t["max_message_bytes"])
+        self.rejects = RejectCounter(log.warning, "robot state")
+        self.camera = open_camera(camera_cfg)
+        self._state_vec = np.zeros(len(manifest.state_joints), dtype=np.float32)
+        self._images: Dict[str, np.ndarray] = {}
+        self.robot_state: Optional[RobotState] = None
+        self.robot_state_at = 0.0  # local receipt time
+        self.health = "starting"
+        self.detail = ""
+        self.chunk_seq = 0
+        self.hb_seq = 0
+        self.next_infer = 0.0
+        self.next_heartbeat = 0.0
+        self.last_frame_seq = -1
+        self.counters = {"chunks_sent": 0, "chunks_dropped": 0, "frames_used": 0, "skipped_no_frame": 0,
+                         "skipped_stale_frame": 0, "skipped_no_state": 0, "skipped_stale_state": 0,
+                         "policy_errors": 0}
+        self.lat_frame_to_chunk = LatencyRecorder()
+        self.lat_inference = LatencyRecorder()
+        self.lat_preprocess = LatencyRecorder()
+        self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
+
+    def start(self, warmup_runs: int, first_frame_timeout_s: float = 10.0) -> None:
+        """Start the camera and warm the policy up on a real frame (its sizes and memory layout)."""
+        self.camera.start()
+        frame = self.camera.wait_newer(0, first_frame_timeout_s)
+        if frame is None:
+            raise RuntimeError(f"no camera frame within {first_frame_timeout_s} s from {self.camera.stats()}")
+        self.policy.warmup(warmup_runs, images=frame.images)
+        self.health = "ok"
+
+    # -- inputs ----------------------------------------------------------------------------------------------------
+
+    def _poll_state(self, now: float) -> None:
+        while True:
+            try:
+                raw = self._state_sub.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                state = decode(raw, ("state",), self._max_bytes)
+                if state.joints_count != g1.NUM_JOINTS:
+                    raise DecodeError("bad_shape", f"state.q: {state.joints_count} joints, the G1 has {g1.NUM_JOINTS}")
+            except DecodeError as err:
+                self.rejects.reject(err)
+                continue
+            self.robot_state = state
+            self.robot_state_at = now
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+
+    def step(self, now: float) -> None:
+        self._poll_state(now)
+        if now >= self.next_infer:
+            self.next_infer = max(self.next_infer + self.infer_period, now)
+            self._infer_and_send(now)
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.heartbeat_period
+            self.hb_seq += 1
+            sockets.try_send(self._chunks, encode_heartbeat(
+                Heartbeat(self.session, self.hb_seq, now, self.health, self.detail)))
+
+    def _infer_and_send(self, now: float) -> None:
+        c = self.counters
+        frame = self.camera.latest()
+        if frame is None:
+            c["skipped_no_frame"] += 1
+            return
+        if now - frame.stamp > self.frame_max_age_s:
+            c["skipped_stale_frame"] += 1
+            return
+        state = self.robot_state
+        if state is None:
+            c["skipped_no_state"] += 1
+            return
+        # the state's age on our clock: time since we received it (stamps are the controller's, maybe another host)
+        if now - self.robot_state_at > self.state_max_age_s:
+            c["skipped_stale_state"] += 1
+            return
+        np.take(state.q, self.state_index, out=self._state_vec)
+        t0 = time.perf_counter()
+        try:
+            actions = self.policy.infer(frame.images, self._state_vec)
+        except PolicyError as exc:
+            c["policy_errors"] += 1
+            self.health, self.detail = "degraded", str(exc)[:256]
+            log.error("policy: %s", exc)
+            return
+        t1 = time.perf_counter()
+        self.health, self.detail = "ok", ""
+        if frame.seq != self.last_frame_seq:
+            c["frames_used"] += 1
+            self.last_frame_seq = frame.seq
+        # obs_stamp: the controller's own stamp of the state we answered; it places the chunk on its clock
+        self.chunk_seq += 1
+        payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, state.stamp, frame.stamp,
+                                           self.policy.manifest.step_s, self.policy.manifest.action_joints, actions))
+        if sockets.try_send(self._chunks, payload):
+            c["chunks_sent"] += 1
+        else:
+            c["chunks_dropped"] += 1
+        sent = time.monotonic()
+        self.lat_frame_to_chunk.add((sent - frame.stamp) * 1000.0)
+        self.lat_inference.add((t1 - t0) * 1000.0)
+        self.lat_preprocess.add(self.policy.last_preprocess_ms)
+        for name, ms in self.policy.last_stage_ms.items():
+            self.lat_stage[name].add(ms)
+
+    def run(self, should_continue) -> None:
+        while should_continue():
+            now = time.monotonic()
+            self.step(now)
+            wake = min(self.next_infer, self.next_heartbeat)
+            delay = wake - time.monotonic()
+            if delay > 0:
+                # wake early for robot state, which arrives often; bounded by the next due time
+                self._state_sub.poll(timeout=max(1, int(delay * 1000)))
+
+    def stop(self) -> None:
+        """Tell the controller we are stopping (it holds, then stops) before the process goes."""
+        self.health, self.detail = "stopping", "runtime shutting down"
+        self.hb_seq += 1
+        sockets.try_send(self._chunks, encode_heartbeat(
+            Heartbeat(self.session, self.hb_seq, time.monotonic(), self.health, self.detail)))
+
+    def report(self) -> Dict[str, Any]:
+        cam = self.camera.stats()
+        return {
+            "session": self.session,
+            "frames": cam.get("frames", 0),
+            "camera": cam,
+            **self.counters,
+            "state_rejected": dict(self.rejects.counts),
+            "backend": self.policy.describe() if hasattr(self.policy, "describe") else self.policy.manifest.name,
+            "latency_ms": {
+                "frame_to_chunk": self.lat_frame_to_chunk.summary(),
+                "inference": self.lat_inference.summary(),
+                "preprocess": self.lat_preprocess.summary(),
+                "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
+            },
+        }
+
+    def close(self) -> None:
+        self.camera.close()
+        self._chunks.close(0)
+        self._state_sub.close(0)
+
+
+def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[str] = None,
+         seconds: Optional[float] = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``seconds``), then send a stopping heartbeat and write the report."""
+    runtime = PolicyRuntime(cfg)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
+    deadline = None if seconds is None else time.monotonic() + seconds
+    ok = True
+    try:
+        runtime.start(cfg["policy"]["warmup_runs"])
+        if ready_file:
+            open(ready_file, "w").close()
+        log.info("runtime ready: model %s, pid %d", runtime.policy.manifest.name, os.getpid())
+        runtime.run(lambda: not stopping and (deadline is None or time.monotonic() < deadline))
+        runtime.stop()
+    except Exception:
+        ok = False
+        log.exception("runtime failed")
+        raise
+    finally:
+        report = runtime.report()
+        report["ok"] = ok
+        runtime.close()
+        if report_path:
+            write_json(report_path, report)
+    return 0

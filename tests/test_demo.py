@@ -1,0 +1,40 @@
+"""The whole loop end to end: `wam-edge demo` with two real processes on the embedded default."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_demo_runs_the_loop_and_ends_safe(tmp_path):
+    report = tmp_path / "demo.json"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "demo", "--seconds", "4", "--report", str(report)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(report.read_text())
+    assert s["ok"] is True and s["errors"] == []
+    assert s["frames"] > 30 and s["chunks_sent"] >= 10
+    assert s["chunks_received"] == s["chunks_sent"]  # nothing lost on a local link
+    assert s["control_ticks"] > 1500
+    for key in ("frame_to_chunk", "inference"):
+        lat = s["latency_ms"][key]
+        assert lat["count"] >= 10 and 0 < lat["p50"] <= lat["p99"]
+    assert s["final_state"] == "stopped"
+    assert [stop["to"] for stop in s["stops"]] == ["holding", "stopped"]
+    assert "stopping" in s["stops"][0]["reason"]  # the runtime said it was going; the controller held
+    assert s["limiter"]["max_step_rad"] <= s["limiter"]["max_step_allowed_rad"] + 1e-9
+    assert "OK" in r.stdout and "frame -> chunk" in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_fails_when_the_model_is_missing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "demo", "--seconds", "2", "--set",
+                        f"model.path={tmp_path}/nothing", "--set", "demo.startup_timeout_s=20"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1
+    assert "FAILED" in r.stdout and "start-up" in r.stdout
