@@ -17,7 +17,7 @@ $(VENV)/.runtime: setup.py $(BIN)/python
 
 $(VENV)/.dev: setup.py $(VENV)/.runtime
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q -e '.[cpu,export,dev]'
+	$(BIN)/pip install -q -e '.[cpu,export,camera,dev]'
 	touch $@
 
 demo: $(VENV)/.runtime

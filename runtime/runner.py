@@ -210,7 +210,8 @@ class PolicyRuntime:
 
     def close(self) -> None:
         self.camera.close()
-        self._chunks.close(0)
+        # give what is queued (the last chunk, the stopping heartbeat) a bounded chance to leave
+        self._chunks.close(linger=500)
         self._state_sub.close(0)
 
 
