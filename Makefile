@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 # torch only serves the export tools and the parity tests; pinned so pip never pulls a newer CUDA build
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint reference clean
+# the runtime must also run on JetPack 5: Python 3.8 with numpy 1.x (found here via PATH or pyenv, if present)
+PYTHON38 ?= $(firstword $(shell command -v python3.8 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python3.8))
+VENV38 ?= .venv38
+
+.PHONY: demo test test-py38 lint reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +33,21 @@ lint: $(VENV)/.dev
 
 test: lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-py38
+
+# the runtime's tests on Python 3.8 + numpy 1.x (torch-based parity tests skip there: torch is for tools/ only)
+test-py38:
+ifeq ($(PYTHON38),)
+	@echo "test-py38: no python3.8 found; skipping the Python 3.8 + numpy 1.x run (set PYTHON38=...)"
+else
+	test -x $(VENV38)/bin/python || $(PYTHON38) -m venv $(VENV38)
+	$(VENV38)/bin/pip install -q -e '.[cpu]' "numpy<2" pytest pytest-timeout hypothesis
+	$(VENV38)/bin/python -m pytest -q -p no:cacheprovider
+endif
 
 # regenerate exported/reference/ from tools/reference_model.py (fixed seed)
 reference: $(VENV)/.dev
 	$(BIN)/python -m tools.make_reference
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache
+	rm -rf $(VENV) $(VENV38) reports .pytest_cache

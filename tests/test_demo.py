@@ -38,3 +38,32 @@ def test_demo_fails_when_the_model_is_missing(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1
     assert "FAILED" in r.stdout and "start-up" in r.stdout
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_through_the_image_server_jpeg_path(tmp_path):
+    """Camera frames as Unitree's image server sends them: side-by-side JPEGs from a separate process."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    server = subprocess.Popen([sys.executable, "-m", "runtime.cli", "image-server-sim", "--endpoint", endpoint,
+                               "--set", "camera.header=timestamp_id"], cwd=ROOT)
+    try:
+        report = tmp_path / "demo.json"
+        r = subprocess.run([sys.executable, "-m", "runtime.cli", "demo", "--seconds", "3", "--report", str(report),
+                            "--set", "camera.source=image_server", "--set", f"camera.endpoint={endpoint}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+    s = json.loads(report.read_text())
+    cam = s["runtime"]["camera"]
+    assert cam["source"] == "image_server" and cam["dropped"] == 0
+    assert s["frames"] > 20 and s["chunks_received"] >= 5 and s["final_state"] == "stopped"

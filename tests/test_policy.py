@@ -74,6 +74,15 @@ def test_any_image_size_works(policy):
         assert np.isfinite(policy.infer(frames(1, h, w), joint_state())).all()
 
 
+def _reset_peak():
+    """tracemalloc.reset_peak is Python 3.9+; on 3.8 a restart resets the peak (and the baseline) too."""
+    if hasattr(tracemalloc, "reset_peak"):
+        tracemalloc.reset_peak()
+    else:
+        tracemalloc.stop()
+        tracemalloc.start()
+
+
 def test_same_buffer_and_no_allocation_across_calls(policy):
     images, state = frames(), joint_state()
     first = policy.infer(images, state)
@@ -82,7 +91,7 @@ def test_same_buffer_and_no_allocation_across_calls(policy):
     try:
         for _ in range(100):  # let numpy/ORT fill their small internal caches while traced
             policy.infer(images, state)
-        tracemalloc.reset_peak()
+        _reset_peak()
         before, _ = tracemalloc.get_traced_memory()
         for _ in range(50):
             out = policy.infer(images, state)
@@ -326,7 +335,7 @@ def test_preprocess_reads_strided_camera_views_in_place():
     tracemalloc.start()
     try:
         before, _ = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
+        _reset_peak()
         pre(views[0])
         _, peak = tracemalloc.get_traced_memory()
     finally:
