@@ -120,7 +120,10 @@ class PolicyRuntime:
     def step(self, now: float) -> None:
         self._poll_state(now)
         if now >= self.next_infer:
-            self.next_infer = max(self.next_infer + self.infer_period, now)
+            # keep a regular grid; after a late step (or the first one) re-anchor instead of catching up in a burst
+            self.next_infer += self.infer_period
+            if self.next_infer <= now:
+                self.next_infer = now + self.infer_period
             self._infer_and_send(now)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_period

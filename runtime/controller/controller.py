@@ -118,6 +118,7 @@ class Controller:
             except DecodeError as err:
                 self.rejects.reject(err)
                 continue
+            self.chunks_received += 1
             if newest is not None:
                 self.chunks_superseded += 1
             newest = msg
@@ -136,7 +137,6 @@ class Controller:
             raise DecodeError("future_chunk", f"obs_stamp {chunk.obs_stamp:.3f} is after now {now:.3f}")
 
     def _on_chunk(self, chunk: ActionChunk, now: float) -> None:
-        self.chunks_received += 1
         if self.state == STOPPED:
             self.rejects.reject(DecodeError("stopped", "controller is stopped (latched); chunk ignored"))
             return
