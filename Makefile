@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
 # the runtime must also run on JetPack 5: Python 3.8 with numpy 1.x (found here via PATH or pyenv, if present)
-PYTHON38 ?= $(firstword $(shell command -v python3.8 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python3.8))
+PYTHON38 ?= $(shell for p in $(HOME)/.pyenv/versions/3.8*/bin/python3.8 python3.8; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null && { command -v $$p; break; }; done)
 VENV38 ?= .venv38
 
 .PHONY: demo test test-py38 lint reference clean
