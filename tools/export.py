@@ -5,7 +5,6 @@ they agree with the files by construction; the runtime re-checks both at load.
 """
 
 import copy
-import hashlib
 import json
 import os
 import warnings
@@ -14,7 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import onnx
 import torch
 
-from runtime.policy.manifest import ManifestError, parse_manifest
+from runtime.policy.manifest import ManifestError, parse_manifest, sha256_file
 
 # ONNX TensorProto element type -> manifest dtype name.
 _ONNX_DTYPES = {
@@ -44,14 +43,6 @@ class StageExport(NamedTuple):
     runs: str = "once"
     sources: Optional[Dict[str, str]] = None
     sinks: Optional[Dict[str, str]] = None
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torch_export(stage: StageExport, path: str, opset: int) -> None:
