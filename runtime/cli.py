@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="how long to run (default: demo.seconds)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
 
+    for name, cmd, text in (
+            ("arm", "arm", "arm the controller (a person's decision): the robot starts following the policy"),
+            ("stop", "stop", "stop: the robot is brought to a safe state (not latched)"),
+            ("estop", "estop", "e-stop: latched, survives restarts, until a person clears it"),
+            ("clear-estop", "clear_estop", "clear a latched e-stop (the controller goes to stopped; arm again)"),
+            ("status", "status", "the controller's safety state and why"),
+            ("next-task", "next_task", "select the next task instruction"),
+            ("prev-task", "prev_task", "select the previous task instruction")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the controller's answer")
+        p.set_defaults(operator_cmd=cmd)
+
     p = sub.add_parser("config", help="print the effective configuration, or the documented defaults")
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print the schema's defaults as commented YAML")
@@ -70,6 +83,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "config":
         sys.stdout.write(cfg.to_yaml())
         return 0
+    if getattr(args, "operator_cmd", None):
+        from runtime.controller import operator
+
+        reply = operator.send(cfg["transport"]["control"], args.operator_cmd, timeout_s=args.timeout)
+        sys.stdout.write(f"{'ok' if reply.ok else 'refused'}: state {reply.state}: {reply.detail}\n")
+        return 0 if reply.ok else 1
     if args.command == "run":
         from runtime import runner
 

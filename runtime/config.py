@@ -85,6 +85,24 @@ def _endpoint(value: str) -> str:
     raise ValueError(f"{value!r} is not an ipc:// or tcp:// endpoint")
 
 
+#: Wireless remote button names, in bit order (../shared/notes/g1-wire.md).
+BUTTONS = ("R1", "L1", "start", "select", "R2", "L2", "F1", "F2", "A", "B", "X", "Y", "up", "right", "down", "left")
+
+
+def _combo(value: Any) -> List[str]:
+    if not isinstance(value, list) or not 1 <= len(value) <= 4 or not all(b in BUTTONS for b in value):
+        raise ValueError(f"expected a list of 1-4 buttons from {list(BUTTONS)}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"buttons repeat in {value!r}")
+    return list(value)
+
+
+def _tasks(value: Any) -> List[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in value):
+        raise ValueError("expected a non-empty list of instructions (strings of 1-256 characters)")
+    return list(value)
+
+
 def _any_endpoint(value: str) -> str:
     """A peer we only subscribe to (a camera on the robot's network): any tcp/ipc address."""
     if value.startswith(("ipc://", "tcp://")) and len(value) > 6:
@@ -133,25 +151,70 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                       "controller binds, runtime connects: action chunks and heartbeats", check=_endpoint),
         "state": Key("ipc:///tmp/wam-edge/state", str,
                      "controller binds, runtime subscribes: robot state (newest wins)", check=_endpoint),
+        "control": Key("ipc:///tmp/wam-edge/control", str,
+                       "controller binds: operator commands (wam-edge arm / stop / estop / clear-estop / status)",
+                       check=_endpoint),
         "send_hwm": Key(2, int, "messages queued toward a slow or absent peer before new ones are dropped",
                         lo=1, hi=100),
         "heartbeat_hz": Key(10.0, float, "runtime heartbeat rate", lo=0.5, hi=200.0),
         "max_message_bytes": Key(1 << 20, int, "larger messages are dropped unread", lo=1024, hi=1 << 26),
     },
     "controller": {
+        "driver": Key("sim", str, "sim: the simulated G1 inside this process | dds: a G1 (or `wam-edge sim`) over DDS",
+                      choices=("sim", "dds")),
+        "mode": Key("arm_sdk", str, "arm_sdk: waist + arms, Unitree's controller balances the legs | lowcmd: full "
+                    "body, robot in debug mode", choices=("arm_sdk", "lowcmd")),
         "rate_hz": Key(500.0, float, "control rate: targets interpolated between action steps at this rate",
                        lo=10.0, hi=2000.0),
         "state_publish_hz": Key(100.0, float, "how often the robot state is published to the runtime",
                                 lo=1.0, hi=1000.0),
-        "driver": Key("sim", str, "sim: the in-process simulated G1 (the DDS driver for a real G1 comes later)",
-                      choices=("sim",)),
+        "max_velocity": Key(2.0, float, "rad/s: no commanded joint moves faster than this", lo=0.01, hi=10.0),
+        "position_margin": Key(0.05, float, "rad kept inside each joint's position limits", lo=0.0, hi=0.5),
+        "arm_ramp_s": Key(1.0, float, "arming: arm_sdk weight (or lowcmd gains) ramp from 0 to 1 over this long",
+                          lo=0.0, hi=30.0),
         "chunk_timeout_s": Key(0.5, float, "no valid chunk for this long while running: hold the last targets",
                                lo=0.01, hi=10.0),
         "hold_s": Key(0.5, float, "how long to hold before stopping when chunks do not resume", lo=0.0, hi=30.0),
-        "max_velocity": Key(2.0, float, "rad/s: no commanded joint moves faster than this", lo=0.01, hi=20.0),
-        "position_margin": Key(0.05, float, "rad kept inside each joint's position limits", lo=0.0, hi=0.5),
+        "stop_ramp_s": Key(2.0, float, "arm_sdk stop: the weight ramps from 1 to 0 over this long (the robot keeps "
+                           "standing)", lo=0.05, hi=30.0),
+        "estop_ramp_s": Key(0.3, float, "arm_sdk e-stop or lost robot state: the faster weight ramp to 0",
+                            lo=0.0, hi=5.0),
+        "hold_before_damp_s": Key(0.5, float, "lowcmd stop: hold the current pose this long, then damp",
+                                  lo=0.0, hi=30.0),
+        "damping_kd": Key(8.0, float, "lowcmd damping after a stop: kp 0, this kd, re-sent continuously",
+                          lo=0.0, hi=50.0),
         "max_chunk_age_s": Key(1.0, float, "a chunk answering a robot state older than this is rejected",
                                lo=0.01, hi=10.0),
+        "max_first_step": Key(0.3, float, "rad: a chunk whose current action is farther than this from the "
+                              "commanded pose is rejected", lo=0.01, hi=3.0),
+        "max_rejections": Key(3, int, "this many rejected chunks in a row stop the robot", lo=1, hi=1000),
+        "state_timeout_s": Key(0.1, float, "robot state older than this stops the robot at once (never command "
+                               "on stale state)", lo=0.005, hi=5.0),
+        "heartbeat_timeout_s": Key(1.0, float, "no policy heartbeat for this long while running: hold",
+                                   lo=0.05, hi=30.0),
+        "max_joint_velocity": Key(6.0, float, "rad/s measured on any joint: stop", lo=0.1, hi=30.0),
+        "max_tilt": Key(0.8, float, "rad of IMU roll or pitch: stop at once (the robot is falling)", lo=0.05,
+                        hi=1.5),
+        "max_temperature": Key(100.0, float, "deg C winding temperature on any joint: stop", lo=20.0, hi=150.0),
+        "max_missed_ticks": Key(10, int, "this many late control ticks in a row stop the robot", lo=1, hi=10000),
+        "latch_file": Key("/tmp/wam-edge/estop.latched", str, "an e-stop is written here and survives restarts "
+                          "until a person clears it"),
+        "tasks": Key(["pick up the cup"], list, "task instructions the remote cycles through", check=_tasks),
+    },
+    "remote": {
+        "arm": Key(["L1", "A"], list, "buttons held together to arm (held for remote.hold_s)", check=_combo),
+        "stop": Key(["B"], list, "buttons that stop (not latched)", check=_combo),
+        "estop": Key(["select"], list, "buttons that e-stop (latched until cleared)", check=_combo),
+        "clear_estop": Key(["L1", "R1", "X"], list, "buttons held to clear a latched e-stop (held for "
+                           "remote.hold_s)", check=_combo),
+        "next_task": Key(["right"], list, "buttons that select the next task instruction", check=_combo),
+        "prev_task": Key(["left"], list, "buttons that select the previous task instruction", check=_combo),
+        "hold_s": Key(0.5, float, "how long arm and clear_estop must be held", lo=0.0, hi=5.0),
+    },
+    "dds": {
+        "domain_id": Key(0, int, "DDS domain: 0 on the robot, 1 for unitree_mujoco", lo=0, hi=232),
+        "interface": Key("", str, "network interface to the robot (e.g. eth0); empty lets CycloneDDS choose; "
+                         "lo for a simulation on this machine"),
     },
     "sim": {
         "time_constant_s": Key(0.03, float, "simulated G1: first-order response time of each joint", lo=0.001,
@@ -245,7 +308,18 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
     for text in overrides:
         section, key, value = parse_override(text)
         _set(data, section, key, value, f"--set {text}")
+    _check_remote(data["remote"], path or "--set")
     return Config(data, path)
+
+
+def _check_remote(remote: Dict[str, Any], where: str) -> None:
+    """No combination may contain another: pressing one must never also fire a different action."""
+    combos = {k: set(v) for k, v in remote.items() if isinstance(v, list)}
+    for a, sa in combos.items():
+        for b, sb in combos.items():
+            if a < b and (sa <= sb or sb <= sa):
+                raise ConfigError(f"{where}: remote.{a} {sorted(sa)} and remote.{b} {sorted(sb)} overlap: one "
+                                  "contains the other")
 
 
 def default_config_path() -> Optional[str]:

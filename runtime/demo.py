@@ -17,7 +17,8 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from runtime.config import Config
-from runtime.controller.controller import SAFE_STATES
+from runtime.controller import operator
+from runtime.controller.safety import SAFE_STATES
 from runtime.metrics import write_json
 
 
@@ -67,7 +68,8 @@ def _load(path: str) -> Dict[str, Any]:
 def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path: Optional[str]) -> Dict[str, Any]:
     errors: List[str] = []
     with tempfile.TemporaryDirectory(prefix="wam-edge-demo-") as tmp:
-        own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state"]
+        own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state",
+               f"transport.control=ipc://{tmp}/control", f"controller.latch_file={tmp}/estop.latched"]
         all_overrides = list(overrides) + own
         files = {k: os.path.join(tmp, k) for k in ("controller.json", "runtime.json", "controller.ready",
                                                        "runtime.ready")}
@@ -79,6 +81,10 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
             problem = _wait_files([files["controller.ready"], files["runtime.ready"]], procs,
                                   cfg["demo"]["startup_timeout_s"])
             startup_s = time.monotonic() - t_start
+            if not problem:  # the demo stands in for the person who arms the robot
+                reply = operator.send(f"ipc://{tmp}/control", "arm", "wam-edge demo", timeout_s=5.0)
+                if not reply.ok:
+                    problem = f"arming refused: {reply.detail}"
             if problem:
                 errors.append(f"start-up: {problem}")
             else:
@@ -91,7 +97,13 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
             # the runtime goes first: the controller must hold, then stop on its own (the watchdog path)
             rc_runtime = _stop(runtime, 15.0)
             c = cfg["controller"]
-            time.sleep(c["chunk_timeout_s"] + c["hold_s"] + 0.3)
+            stop_s = c["stop_ramp_s"] if c["mode"] == "arm_sdk" else c["hold_before_damp_s"]
+            deadline = time.monotonic() + c["chunk_timeout_s"] + c["hold_s"] + stop_s + 2.0
+            while time.monotonic() < deadline:
+                reply = operator.send(f"ipc://{tmp}/control", "status", "wam-edge demo", timeout_s=1.0)
+                if reply.state in SAFE_STATES:
+                    break
+                time.sleep(0.1)
             rc_controller = _stop(controller, 10.0)
         finally:
             for p in procs:
@@ -129,6 +141,7 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         "chunks_sent": rt.get("chunks_sent", 0),
         "chunks_dropped": rt.get("chunks_dropped", 0),
         "chunks_received": ct.get("chunks_received", 0),
+        "chunks_applied": ct.get("chunks_applied", 0),
         "control_ticks": ct.get("control_ticks", 0),
         "controller_overruns": ct.get("overruns", 0),
         "latency_ms": {
@@ -159,7 +172,8 @@ def print_summary(s: Dict[str, Any], out=sys.stdout) -> None:
     lines = [
         f"wam-edge demo: {'OK' if s['ok'] else 'FAILED'} after {s['seconds']:.1f} s (start-up {s['startup_s']:.1f} s)",
         f"  frames in {s['frames']} (used {s['frames_used']}), chunks sent {s['chunks_sent']}, "
-        f"received {s['chunks_received']}, control ticks {s['control_ticks']} (overruns {s['controller_overruns']})",
+        f"received {s['chunks_received']} (applied {s['chunks_applied']}), control ticks {s['control_ticks']} "
+        f"(overruns {s['controller_overruns']})",
         f"  frame -> chunk: {pct(lat['frame_to_chunk'])}",
         f"  inference:      {pct(lat['inference'])}",
         f"  preprocess:     {pct(lat['preprocess'])}",

@@ -25,7 +25,7 @@ def test_demo_runs_the_loop_and_ends_safe(tmp_path):
         lat = s["latency_ms"][key]
         assert lat["count"] >= 10 and 0 < lat["p50"] <= lat["p99"]
     assert s["final_state"] == "stopped"
-    assert [stop["to"] for stop in s["stops"]] == ["holding", "stopped"]
+    assert [stop["to"] for stop in s["stops"]] == ["holding", "stopping", "stopped"]
     assert "stopping" in s["stops"][0]["reason"]  # the runtime said it was going; the controller held
     assert s["limiter"]["max_step_rad"] <= s["limiter"]["max_step_allowed_rad"] + 1e-9
     assert "OK" in r.stdout and "frame -> chunk" in r.stdout

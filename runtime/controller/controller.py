@@ -1,24 +1,37 @@
-"""`wam-edge controller`: receives action chunks and drives the robot at its control rate.
+"""`wam-edge controller`: receives action chunks and drives the robot at its control rate, safely.
 
-Each tick is read -> update -> write (ros2_control's shape): read the robot, take in new messages, compute the
-target from the executing chunk, pass it through the one JointLimiter, write it, and now and then publish the robot
-state back. The first watchdog: when chunks stop arriving (or the policy reports a fault) the controller holds its
-last safe targets, and if chunks do not resume it stops; a stop is latched for the life of the process. It never
-jumps: the limiter bounds every step.
+Each tick is read -> update -> write (ros2_control's shape): read the robot; take in chunks, heartbeats, operator
+commands and the remote's buttons; run the monitors; let the safety state machine (safety.py, the one owner of
+transitions) advance; shape the command the state calls for; pass positions through the one JointLimiter; write.
+docs/safety.md describes every state, trigger and what each mode commands.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import zmq
 
 from runtime.config import Config
 from runtime.controller.limits import JointLimiter
+from runtime.controller.remote import RemoteControls
+from runtime.controller.safety import (
+    ACCEPTS_CHUNKS,
+    ARMING,
+    ESTOP,
+    HOLDING,
+    IDLE,
+    RUNNING,
+    SAFE_STATES,
+    STOPPED,
+    STOPPING,
+    SafetyStateMachine,
+)
 from runtime.controller.schedule import ChunkSchedule
 from runtime.metrics import LatencyRecorder
 from runtime.protocol import (
@@ -26,19 +39,20 @@ from runtime.protocol import (
     DecodeError,
     Heartbeat,
     RejectCounter,
+    Reply,
     RobotState,
     decode,
+    encode_reply,
     encode_state,
     sockets,
 )
 from runtime.robot import g1
-from runtime.robot.sim_g1 import SimulatedG1
+from runtime.robot.driver import ARM_SDK, RobotDriver, RobotReading
 
 log = logging.getLogger("wam_edge.controller")
 
-WAITING, RUNNING, HOLDING, STOPPED = "waiting", "running", "holding", "stopped"
-#: States in which the robot is not being driven by the policy: where a run may end.
-SAFE_STATES = (WAITING, HOLDING, STOPPED)
+__all__ = ["SAFE_STATES", "Controller", "make_driver", "main"]
+
 #: Messages taken in per tick at most; the rest wait for the next tick (bounded work per tick).
 MAX_MESSAGES_PER_TICK = 8
 
@@ -46,61 +60,105 @@ MAX_MESSAGES_PER_TICK = 8
 class Controller:
     """The control loop; ``tick(now)`` is one read -> update -> write cycle, ``run()`` paces it."""
 
-    def __init__(self, cfg: Config, driver: Any, ctx: Optional[zmq.Context] = None) -> None:
-        c = cfg["controller"]
-        t = cfg["transport"]
+    def __init__(self, cfg: Config, driver: RobotDriver, ctx: Optional[zmq.Context] = None) -> None:
+        c, t = cfg["controller"], cfg["transport"]
+        self.c = c
+        self.mode = c["mode"]
         self.rate_hz = c["rate_hz"]
         self.period = 1.0 / self.rate_hz
-        self.chunk_timeout_s = c["chunk_timeout_s"]
-        self.hold_s = c["hold_s"]
-        self.max_chunk_age_s = c["max_chunk_age_s"]
         self.driver = driver
         self.limiter = JointLimiter(self.rate_hz, c["max_velocity"], c["position_margin"])
         self.schedule = ChunkSchedule()
+        self.remote = RemoteControls(cfg["remote"])
+        self.tasks = list(c["tasks"])
+        self.task_index = 0
+        self.latch_file = c["latch_file"]
+        arm_sdk = self.mode == ARM_SDK
+        self.sm = SafetyStateMachine(
+            arm_s=c["arm_ramp_s"], hold_s=c["hold_s"],
+            stop_s=c["stop_ramp_s"] if arm_sdk else c["hold_before_damp_s"],
+            immediate_stop_s=c["estop_ramp_s"] if arm_sdk else 0.0,
+            estop_latched=os.path.exists(self.latch_file), now=time.monotonic())
+
         self._ctx = ctx or zmq.Context.instance()
         self._inbox = sockets.pull_bound(self._ctx, t["chunks"], hwm=16, max_bytes=t["max_message_bytes"])
         self._state_pub = sockets.pub_bound(self._ctx, t["state"], hwm=4)
+        self._control = sockets.rep_bound(self._ctx, t["control"])
         self._max_bytes = t["max_message_bytes"]
         self._publish_every = max(1, int(round(self.rate_hz / c["state_publish_hz"])))
         self.rejects = RejectCounter(log.warning, "message")
 
-        q, _ = driver.read(time.monotonic())
-        self.command = q.copy()  # the last command written: the limiter's reference, never a jump from here
-        self._target = q.copy()
-        self.state = WAITING
-        self.state_since = time.monotonic()
+        r = driver.read(time.monotonic())
+        self.q_cmd = r.q.copy()  # the last position command: the limiter's reference, never a jump from here
+        self._target = r.q.copy()
+        self._rejections_in_a_row = 0
+        self.session: Optional[str] = None  # the runtime session driving since arming
         self.last_chunk_at = 0.0
+        self.last_heartbeat_at = 0.0
+        self.policy_health = "unknown"
         self.ticks = 0
         self.state_seq = 0
         self.chunks_received = 0
-        self.chunks_superseded = 0
+        self.chunks_applied = 0
+        self.chunks_ignored = 0  # valid, but arrived while the controller does not accept chunks
         self.heartbeats = 0
-        self.policy_health = "unknown"
-        self.stops: List[Dict[str, Any]] = []
+        self.commands = 0
         self.period_error = LatencyRecorder()
         self.overruns = 0
+        self._late_in_a_row = 0
         self._max_step = 0.0
         self._step = np.zeros(g1.NUM_JOINTS)
-        self._stop_requested: Optional[str] = None
+        self._absdq = np.zeros(g1.NUM_JOINTS)
+        self._signal: Optional[str] = None
 
-    # -- state machine -------------------------------------------------------------------------------------------
+    # -- operator actions (remote, control socket, signals) --------------------------------------------------------
 
-    def _enter(self, state: str, now: float, reason: str) -> None:
-        if state == self.state:
-            return
-        log.info("controller %s -> %s: %s", self.state, state, reason)
-        if state in (HOLDING, STOPPED):
-            self.stops.append({"t": round(now, 4), "from": self.state, "to": state, "reason": reason})
-        self.state = state
-        self.state_since = now
-        if state != RUNNING:
-            self.schedule.active = False
+    def _operator(self, action: str, now: float, who: str) -> Reply:
+        sm = self.sm
+        problem: Optional[str] = None
+        if action == "arm":
+            if now - self.driver.reading.stamp > self.c["state_timeout_s"]:
+                problem = "robot state is stale: cannot arm"
+            else:
+                problem = sm.arm(now, who)
+                if problem is None:
+                    np.copyto(self.q_cmd, self.driver.reading.q)  # arm from where the robot is
+                    np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
+                    self.session = None
+                    self.schedule.active = False
+                    self._rejections_in_a_row = 0
+        elif action == "stop":
+            sm.stop(now, f"stop by {who}")
+        elif action == "estop":
+            sm.estop(now, f"e-stop by {who}")
+            self._latch(True)
+        elif action == "clear_estop":
+            problem = sm.clear_estop(now, who)
+            if problem is None:
+                self._latch(False)
+        elif action in ("next_task", "prev_task"):
+            self.task_index = (self.task_index + (1 if action == "next_task" else -1)) % len(self.tasks)
+            log.info("task %d: %s", self.task_index, self.tasks[self.task_index])
+        if problem:
+            log.warning("%s by %s refused: %s", action, who, problem)
+        return Reply(problem is None, sm.state, problem or self.tasks[self.task_index])
+
+    def _latch(self, on: bool) -> None:
+        try:
+            if on:
+                os.makedirs(os.path.dirname(self.latch_file) or ".", exist_ok=True)
+                with open(self.latch_file, "w") as f:
+                    f.write(f"e-stop latched at {time.time():.3f}: {self.sm.reason}\n")
+            elif os.path.exists(self.latch_file):
+                os.remove(self.latch_file)
+        except OSError as exc:  # the latch in memory still holds; say that the file failed
+            log.error("e-stop latch file %s: %s", self.latch_file, exc)
 
     def request_stop(self, reason: str) -> None:
-        """Safe to call from a signal handler: the loop acts on it at its next tick."""
-        self._stop_requested = reason
+        """Safe from a signal handler: the loop stops the robot at its next tick, then returns."""
+        self._signal = reason
 
-    # -- messages -------------------------------------------------------------------------------------------------
+    # -- messages ---------------------------------------------------------------------------------------------------
 
     def _take_messages(self, now: float) -> None:
         newest: Optional[ActionChunk] = None
@@ -114,78 +172,183 @@ class Controller:
                 if isinstance(msg, Heartbeat):
                     self._on_heartbeat(msg, now)
                     continue
+                self.chunks_received += 1
+                if self.sm.state not in ACCEPTS_CHUNKS:
+                    self.chunks_ignored += 1
+                    continue
                 self._check_chunk(msg, now)
             except DecodeError as err:
                 self.rejects.reject(err)
+                if err.reason not in ("malformed", "bad_version", "unexpected_type", "too_large"):
+                    self._rejections_in_a_row += 1
                 continue
-            self.chunks_received += 1
-            if newest is not None:
-                self.chunks_superseded += 1
+            self._rejections_in_a_row = 0
             newest = msg
         if newest is not None:
-            self._on_chunk(newest, now)
+            self.schedule.load(newest, self.schedule.joint_indices(newest.joints))
+            self.chunks_applied += 1
+            self.last_chunk_at = now
+            self.sm.chunk_arrived(now)
+        if self._rejections_in_a_row >= self.c["max_rejections"]:
+            self.sm.stop(now, f"{self._rejections_in_a_row} chunks rejected in a row")
+            self._rejections_in_a_row = 0
 
     def _check_chunk(self, chunk: ActionChunk, now: float) -> None:
+        c = self.c
         try:
-            self.schedule.joint_indices(chunk.joints)
+            joints = self.schedule.joint_indices(chunk.joints)
         except KeyError as exc:
             raise DecodeError("unknown_joint", f"chunk.joints: {exc.args[0]}") from None
+        if self.mode == ARM_SDK and not g1.UPPER_BODY_MASK[joints].all():
+            raise DecodeError("joint_not_driven", "chunk drives legs, which arm_sdk mode leaves to Unitree's "
+                              "controller")
         age = now - chunk.obs_stamp
-        if age > self.max_chunk_age_s:
-            raise DecodeError("stale_chunk", f"answers a robot state {age:.3f} s old (limit {self.max_chunk_age_s})")
+        if age > c["max_chunk_age_s"]:
+            raise DecodeError("stale_chunk", f"answers a robot state {age:.3f} s old (limit {c['max_chunk_age_s']})")
         if age < -self.period:
             raise DecodeError("future_chunk", f"obs_stamp {chunk.obs_stamp:.3f} is after now {now:.3f}")
-
-    def _on_chunk(self, chunk: ActionChunk, now: float) -> None:
-        if self.state == STOPPED:
-            self.rejects.reject(DecodeError("stopped", "controller is stopped (latched); chunk ignored"))
-            return
-        self.schedule.load(chunk, self.schedule.joint_indices(chunk.joints))
-        self.last_chunk_at = now
-        if self.state != RUNNING:
-            self._enter(RUNNING, now, "chunk received")
+        if not self.limiter.within_limits(chunk.actions, joints):
+            raise DecodeError("outside_limits", "an action lies outside the joint position limits")
+        i = min(max(int(age / chunk.step_s), 0), chunk.actions.shape[0] - 1)
+        first = float(np.abs(chunk.actions[i] - self.q_cmd[joints]).max())
+        if first > c["max_first_step"]:
+            raise DecodeError("first_step_too_far", f"the current action is {first:.3f} rad from the commanded "
+                              f"pose (limit {c['max_first_step']})")
+        if self.session is None:
+            self.session = chunk.session
+        elif chunk.session != self.session:
+            self.sm.stop(now, f"policy runtime restarted (session {chunk.session}, armed with {self.session})")
+            raise DecodeError("new_session", "a chunk from another runtime session than the one armed with")
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
         self.heartbeats += 1
+        self.last_heartbeat_at = now
         self.policy_health = hb.health
-        if hb.health in ("fault", "stopping") and self.state == RUNNING:
-            self._enter(HOLDING, now, f"policy heartbeat says {hb.health}: {hb.detail}")
+        if hb.health in ("fault", "stopping"):
+            self.sm.hold(now, f"policy heartbeat says {hb.health}: {hb.detail}")
 
-    # -- the tick ---------------------------------------------------------------------------------------------------
+    def _take_commands(self, now: float) -> None:
+        try:
+            raw = self._control.recv(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return
+        self.commands += 1
+        try:
+            cmd = decode(raw, ("command",), 4096)
+        except DecodeError as err:
+            self.rejects.reject(err)
+            reply = Reply(False, self.sm.state, str(err))
+        else:
+            reply = self._operator(cmd.cmd, now, cmd.who) if cmd.cmd != "status" else \
+                Reply(True, self.sm.state, self.sm.reason)
+        self._control.send(encode_reply(reply))  # REP must answer every request
+
+    # -- monitors ---------------------------------------------------------------------------------------------------
+
+    def _monitor(self, now: float, r: RobotReading) -> None:
+        sm, c = self.sm, self.c
+        if sm.state in SAFE_STATES:
+            return
+        age = now - r.stamp
+        if age > c["state_timeout_s"]:
+            sm.stop(now, f"robot state is {age * 1000:.0f} ms old (limit {c['state_timeout_s'] * 1000:.0f} ms)",
+                    immediate=True)
+            return
+        tilt = max(abs(r.rpy[0]), abs(r.rpy[1]))
+        if tilt > c["max_tilt"]:
+            sm.stop(now, f"tilt {tilt:.2f} rad (limit {c['max_tilt']})", immediate=True)
+        np.abs(r.dq, out=self._absdq)
+        j = int(self._absdq.argmax())
+        if self._absdq[j] > c["max_joint_velocity"]:
+            sm.stop(now, f"{g1.JOINT_NAMES[j]} moves at {self._absdq[j]:.1f} rad/s (limit {c['max_joint_velocity']})")
+        j = int(r.temperature.argmax())
+        if r.temperature[j] > c["max_temperature"]:
+            sm.stop(now, f"{g1.JOINT_NAMES[j]} at {r.temperature[j]:.0f} C (limit {c['max_temperature']})")
+        if self._late_in_a_row >= c["max_missed_ticks"]:
+            sm.stop(now, f"{self._late_in_a_row} control ticks late in a row")
+        if sm.state == RUNNING:
+            since = max(self.last_chunk_at, sm.since)
+            if now - since > c["chunk_timeout_s"]:
+                sm.hold(now, f"no chunk for {c['chunk_timeout_s']} s")
+            elif now - max(self.last_heartbeat_at, sm.since) > c["heartbeat_timeout_s"]:
+                sm.hold(now, f"no policy heartbeat for {c['heartbeat_timeout_s']} s")
+
+    # -- the command each state calls for ----------------------------------------------------------------------------
+
+    def _shape(self, now: float, state: str, r: RobotReading) -> bool:
+        """Fill the driver's command for ``state``; False when nothing is to be sent (idle)."""
+        cmd, c = self.driver.command, self.c
+        arm_sdk = self.mode == ARM_SDK
+        if state == IDLE:
+            np.copyto(self.q_cmd, r.q)  # track the robot so that arming starts from where it is
+            np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
+            return False
+        target = self._target
+        np.copyto(target, self.q_cmd)
+        if state == RUNNING and self.schedule.active:
+            if not self.schedule.target_at(now, target):
+                self.sm.hold(now, "chunk ran out")
+        damp = not arm_sdk and (state in (STOPPED, ESTOP) or (state == STOPPING and self.sm.immediate))
+        if damp:
+            np.copyto(target, r.q)  # kp is 0: the position is not pulled anywhere
+            np.clip(target, self.limiter.lo, self.limiter.hi, out=target)
+            np.copyto(self.q_cmd, target)
+        else:
+            self.limiter.apply(target, self.q_cmd)  # limits, in one place
+            np.subtract(target, self.q_cmd, out=self._step)
+            step = float(np.abs(self._step).max())
+            if step > self._max_step:
+                self._max_step = step
+            np.copyto(self.q_cmd, target)
+        np.copyto(cmd.q, self.q_cmd)
+        cmd.dq[:] = 0.0
+        cmd.tau[:] = 0.0
+        cmd.enable[:] = True
+        if arm_sdk:
+            np.copyto(cmd.kp, g1.DEFAULT_KP)
+            np.copyto(cmd.kd, g1.DEFAULT_KD)
+            if state == ARMING:
+                cmd.weight = self.sm.progress(now, c["arm_ramp_s"])
+            elif state in (RUNNING, HOLDING):
+                cmd.weight = 1.0
+            else:  # stopping, stopped, e-stop: release the upper body to Unitree's controller, never abruptly
+                ramp = c["estop_ramp_s"] if (state == ESTOP or self.sm.immediate) else c["stop_ramp_s"]
+                cmd.weight = max(0.0, cmd.weight - (self.period / ramp if ramp > 0 else 1.0))
+        elif damp:
+            cmd.kp[:] = 0.0
+            cmd.kd[:] = c["damping_kd"]
+        else:
+            scale = self.sm.progress(now, c["arm_ramp_s"]) if state == ARMING else 1.0
+            np.multiply(g1.DEFAULT_KP, scale, out=cmd.kp)
+            np.copyto(cmd.kd, g1.DEFAULT_KD)
+        return True
+
+    # -- the tick -----------------------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        q, dq = self.driver.read(now)  # read
+        r = self.driver.read(now)  # read
         self._take_messages(now)
-
-        target = self._target  # update
-        np.copyto(target, self.command)
-        if self._stop_requested is not None and self.state != STOPPED:
-            self._enter(STOPPED, now, self._stop_requested)
-        if self.state == RUNNING:
-            if now - self.last_chunk_at > self.chunk_timeout_s:
-                self._enter(HOLDING, now, f"no chunk for {self.chunk_timeout_s} s")
-            elif not self.schedule.target_at(now, target):
-                self._enter(HOLDING, now, "chunk ran out")
-        elif self.state == HOLDING and now - self.state_since >= self.hold_s:
-            self._enter(STOPPED, now, f"chunks did not resume within {self.hold_s} s")
-
-        self.limiter.apply(target, self.command)  # limits, in one place
-        np.subtract(target, self.command, out=self._step)
-        step = float(np.abs(self._step).max())
-        if step > self._max_step:
-            self._max_step = step
-        np.copyto(self.command, target)
-        self.driver.write(self.command)  # write
-
+        self._take_commands(now)
+        action = self.remote.poll(r.buttons, now)
+        if action is not None:
+            self._operator(action, now, "remote")
+        if self._signal is not None:
+            self.sm.stop(now, self._signal)
+        self._monitor(now, r)
+        state = self.sm.update(now)  # update
+        if self._shape(now, state, r):
+            self.driver.write()  # write
         if self.ticks % self._publish_every == 0:
             self.state_seq += 1
-            sockets.try_send(self._state_pub, encode_state(RobotState(self.state_seq, now, self.state, q, dq)))
+            sockets.try_send(self._state_pub, encode_state(RobotState(
+                self.state_seq, now, state, r.q, r.dq, self.tasks[self.task_index])))
         self.ticks += 1
 
     def run(self, should_continue=lambda: True) -> None:
-        """Pace ticks on absolute deadlines; a late tick is counted and the schedule re-anchored (no bursts)."""
+        """Pace ticks on absolute deadlines; a late tick is counted and the schedule re-anchored (no bursts).
+        After a signal, keeps ticking until the robot is in a safe state, then returns."""
         next_tick = time.monotonic()
-        while should_continue() and not (self.state == STOPPED and self._stop_requested is not None):
+        while should_continue() and not (self._signal is not None and self.sm.safe):
             now = time.monotonic()
             delay = next_tick - now
             if delay > 0:
@@ -195,63 +358,77 @@ class Controller:
             self.period_error.add(error * 1000.0)
             if error > self.period:
                 self.overruns += 1
+                self._late_in_a_row += 1
                 next_tick = now
+            else:
+                self._late_in_a_row = 0
             self.tick(now)
             next_tick += self.period
 
     def report(self) -> Dict[str, Any]:
         return {
-            "state": self.state,
-            "safe": self.state in SAFE_STATES,
+            "state": self.sm.state,
+            "safe": self.sm.safe,
+            "mode": self.mode,
             "control_ticks": self.ticks,
             "chunks_received": self.chunks_received,
-            "chunks_superseded": self.chunks_superseded,
+            "chunks_applied": self.chunks_applied,
+            "chunks_ignored": self.chunks_ignored,
             "heartbeats": self.heartbeats,
+            "commands": self.commands,
             "policy_health": self.policy_health,
             "rejected": dict(self.rejects.counts),
-            "stops": list(self.stops),
+            "stops": [t for t in self.sm.transitions() if t["to"] in (HOLDING, STOPPING, STOPPED, ESTOP)],
+            "transitions": self.sm.transitions(),
             "overruns": self.overruns,
             "period_error_ms": self.period_error.summary(),
             "limiter": {"clamped_ticks": self.limiter.clamped_ticks,
                         "non_finite_ticks": self.limiter.non_finite_ticks,
                         "max_step_rad": round(self._max_step, 6),
                         "max_step_allowed_rad": round(self.limiter.max_step, 6)},
-            "final_q": [round(float(v), 5) for v in self.command],
+            "task": self.tasks[self.task_index],
+            "final_q": [round(float(v), 5) for v in self.q_cmd],
         }
 
     def close(self) -> None:
         self._inbox.close(0)
         self._state_pub.close(0)
+        self._control.close(0)
         self.driver.close()
 
 
-def make_driver(cfg: Config) -> Any:
-    s = cfg["sim"]
-    if cfg["controller"]["driver"] == "sim":
-        return SimulatedG1(time_constant_s=s["time_constant_s"], initial_pose=s["initial_pose"])
-    raise ValueError(f"controller.driver: unknown driver {cfg['controller']['driver']!r}")
+def make_driver(cfg: Config) -> RobotDriver:
+    c, s = cfg["controller"], cfg["sim"]
+    if c["driver"] == "sim":
+        from runtime.robot.sim_g1 import SimulatedG1
+
+        return SimulatedG1(mode=c["mode"], time_constant_s=s["time_constant_s"], initial_pose=s["initial_pose"])
+    from runtime.robot.dds.driver import DdsG1Driver
+
+    d = cfg["dds"]
+    return DdsG1Driver(mode=c["mode"], domain_id=d["domain_id"], interface=d["interface"] or None)
 
 
 def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[str] = None,
          seconds: Optional[float] = None) -> int:
-    """Run until SIGTERM/SIGINT (or ``seconds``); end stopped; write the report. 0 when it ended safe."""
+    """Run until SIGTERM/SIGINT (or ``seconds``), bring the robot to a safe state, write the report.
+    Exit 0 when it ended safe."""
     from runtime.metrics import write_json
 
     controller = Controller(cfg, make_driver(cfg))
     signal.signal(signal.SIGTERM, lambda *_: controller.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: controller.request_stop("SIGINT"))
     deadline = None if seconds is None else time.monotonic() + seconds
-    if deadline is not None:
-        def keep_going() -> bool:
-            if time.monotonic() >= deadline:
-                controller.request_stop("time limit")
-            return True
-    else:
-        def keep_going() -> bool:
-            return True
+
+    def keep_going() -> bool:
+        if deadline is not None and time.monotonic() >= deadline:
+            controller.request_stop("time limit")
+        return True
+
     if ready_file:
         open(ready_file, "w").close()
-    log.info("controller ready at %.0f Hz (driver %s)", controller.rate_hz, cfg["controller"]["driver"])
+    log.info("controller ready at %.0f Hz, %s mode, driver %s, state %s", controller.rate_hz, controller.mode,
+             cfg["controller"]["driver"], controller.sm.state)
     try:
         controller.run(keep_going)
     finally:

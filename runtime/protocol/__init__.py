@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 from runtime.protocol.wire import (  # noqa: F401
+    COMMANDS,
     HEALTH,
     MAX_FRAME_BYTES,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     ActionChunk,
+    Command,
     DecodeError,
     Frame,
     Heartbeat,
     RejectCounter,
+    Reply,
     RobotState,
     decode,
     decode_array,
     encode_array,
     encode_chunk,
+    encode_command,
     encode_frame,
     encode_heartbeat,
+    encode_reply,
     encode_state,
 )

@@ -8,6 +8,7 @@ subscribes with CONFLATE, so it always reads the newest state.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import zmq
 
@@ -68,3 +69,27 @@ def try_send(sock: zmq.Socket, payload: bytes) -> bool:
         return True
     except zmq.Again:
         return False
+
+
+def rep_bound(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """The controller's operator socket: one request, one reply, polled without blocking."""
+    sock = _socket(ctx, zmq.REP, 4)
+    sock.setsockopt(zmq.MAXMSGSIZE, 4096)
+    _prepare(endpoint)
+    sock.bind(endpoint)
+    return sock
+
+
+def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout_s: float) -> Optional[bytes]:
+    """One request on a fresh REQ socket, so a late reply can never be taken as the answer to the next request.
+    None when no reply came within ``timeout_s``."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(payload)
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        return sock.recv()
+    finally:
+        sock.close(0)

@@ -174,17 +174,44 @@ class Heartbeat:
 
 
 class RobotState:
-    """Joint positions and velocities the controller publishes back, stamped on the controller's clock."""
+    """Joint positions and velocities the controller publishes back, stamped on the controller's clock, with its
+    safety state and the task instruction the operator selected."""
 
-    __slots__ = ("seq", "stamp", "safety", "joints_count", "q", "dq")
+    __slots__ = ("seq", "stamp", "safety", "task", "joints_count", "q", "dq")
 
-    def __init__(self, seq: int, stamp: float, safety: str, q: np.ndarray, dq: np.ndarray) -> None:
+    def __init__(self, seq: int, stamp: float, safety: str, q: np.ndarray, dq: np.ndarray, task: str = "") -> None:
         self.seq = seq
         self.stamp = stamp
         self.safety = safety
+        self.task = task
         self.joints_count = int(q.shape[0])
         self.q = q
         self.dq = dq
+
+
+#: What an operator (a person, or the demo standing in for one) may ask of the controller.
+COMMANDS = ("arm", "stop", "estop", "clear_estop", "status", "next_task", "prev_task")
+
+
+class Command:
+    """An operator command to the controller's control socket."""
+
+    __slots__ = ("cmd", "who")
+
+    def __init__(self, cmd: str, who: str) -> None:
+        self.cmd = cmd
+        self.who = who
+
+
+class Reply:
+    """The controller's answer to a Command: whether it was done, the state after it, and why not."""
+
+    __slots__ = ("ok", "state", "detail")
+
+    def __init__(self, ok: bool, state: str, detail: str = "") -> None:
+        self.ok = ok
+        self.state = state
+        self.detail = detail
 
 
 class Frame:
@@ -217,9 +244,17 @@ def encode_heartbeat(h: Heartbeat) -> bytes:
     })
 
 
+def encode_command(c: Command) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "type": "command", "cmd": c.cmd, "who": c.who})
+
+
+def encode_reply(r: Reply) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "type": "reply", "ok": r.ok, "state": r.state, "detail": r.detail})
+
+
 def encode_state(s: RobotState) -> bytes:
     return _pack({
-        "v": PROTOCOL_VERSION, "type": "state", "seq": s.seq, "stamp": s.stamp, "safety": s.safety,
+        "v": PROTOCOL_VERSION, "type": "state", "seq": s.seq, "stamp": s.stamp, "safety": s.safety, "task": s.task,
         "q": encode_array(np.asarray(s.q, dtype=np.float32)), "dq": encode_array(np.asarray(s.dq, dtype=np.float32)),
     })
 
@@ -264,13 +299,28 @@ def _decode_heartbeat(m: Dict[str, Any]) -> Heartbeat:
 
 def _decode_state(m: Dict[str, Any]) -> RobotState:
     w = "state"
-    _keys(m, w, {"seq", "stamp", "safety", "q", "dq"})
+    _keys(m, w, {"seq", "stamp", "safety", "task", "q", "dq"})
     q = decode_array(_get(m, "q", (dict,), w), "state.q", ndim=1, max_elements=MAX_JOINTS)
     dq = decode_array(_get(m, "dq", (dict,), w), "state.dq", ndim=1, max_elements=MAX_JOINTS)
     if q.shape != dq.shape:
         raise DecodeError("bad_shape", f"state.dq: shape {dq.shape} differs from state.q {q.shape}")
     return RobotState(seq=_count(m, "seq", w), stamp=_number(m, "stamp", w, 0.0), safety=_text(m, "safety", w),
-                      q=q, dq=dq)
+                      q=q, dq=dq, task=_text(m, "task", w, 256))
+
+
+def _decode_command(m: Dict[str, Any]) -> Command:
+    w = "command"
+    _keys(m, w, {"cmd", "who"})
+    cmd = _text(m, "cmd", w)
+    if cmd not in COMMANDS:
+        raise DecodeError("out_of_range", f"command.cmd: {cmd!r} not in {list(COMMANDS)}")
+    return Command(cmd, _text(m, "who", w))
+
+
+def _decode_reply(m: Dict[str, Any]) -> Reply:
+    w = "reply"
+    _keys(m, w, {"ok", "state", "detail"})
+    return Reply(_get(m, "ok", (bool,), w), _text(m, "state", w), _text(m, "detail", w, 512))
 
 
 def _decode_frame(m: Dict[str, Any]) -> Frame:
@@ -301,6 +351,8 @@ _DECODERS: Dict[str, Callable[[Dict[str, Any]], Any]] = {
     "heartbeat": _decode_heartbeat,
     "state": _decode_state,
     "frame": _decode_frame,
+    "command": _decode_command,
+    "reply": _decode_reply,
 }
 
 
@@ -346,5 +398,6 @@ class RejectCounter:
 __all__: List[str] = [
     "PROTOCOL_VERSION", "DTYPES", "HEALTH", "DecodeError", "ActionChunk", "Heartbeat", "RobotState", "Frame",
     "encode_array", "decode_array", "encode_chunk", "encode_heartbeat", "encode_state", "encode_frame", "decode",
-    "RejectCounter", "MAX_MESSAGE_BYTES", "MAX_FRAME_BYTES",
+    "RejectCounter", "MAX_MESSAGE_BYTES", "MAX_FRAME_BYTES", "COMMANDS", "Command", "Reply", "encode_command",
+    "encode_reply",
 ]

@@ -1,0 +1,123 @@
+"""The safety state machine: the one place that owns every transition of the controller (docs/safety.md).
+
+    idle -> arming -> running <-> holding -> stopping -> stopped -> (arm) -> arming ...
+    any state -> estop (latched: only a person clears it, and only to stopped)
+
+Pure logic on a clock the caller passes in: no I/O, so every transition is tested exactly. What each state commands
+(hold, weight ramp, damping) is the controller's business; this class only says which state we are in, since when,
+why, and how far a ramp has come.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP = (
+    "idle", "arming", "running", "holding", "stopping", "stopped", "estop")
+STATES = (IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP)
+#: States in which the policy does not drive the robot: where a run may end.
+SAFE_STATES = (IDLE, STOPPED, ESTOP)
+#: States in which chunks are executed (holding resumes on a fresh chunk).
+ACCEPTS_CHUNKS = (RUNNING, HOLDING)
+
+
+class Transition:
+    __slots__ = ("t", "src", "dst", "reason")
+
+    def __init__(self, t: float, src: str, dst: str, reason: str) -> None:
+        self.t, self.src, self.dst, self.reason = t, src, dst, reason
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"t": round(self.t, 4), "from": self.src, "to": self.dst, "reason": self.reason}
+
+
+class SafetyStateMachine:
+    """Transitions and their timers. ``update(now)`` advances the timed ones (arming done, hold over, stop done)."""
+
+    def __init__(self, arm_s: float, hold_s: float, stop_s: float, immediate_stop_s: float = 0.0,
+                 estop_latched: bool = False, now: float = 0.0, max_log: int = 1000) -> None:
+        self.arm_s = arm_s
+        self.hold_s = hold_s
+        self.stop_s = stop_s  # a gentle stop: arm_sdk weight ramp, or lowcmd hold before damping
+        self.immediate_stop_s = immediate_stop_s  # no holding: stale state, tilt
+        self.state = ESTOP if estop_latched else IDLE
+        self.since = now
+        self.reason = "e-stop latched from an earlier run" if estop_latched else "started"
+        self.immediate = estop_latched  # this stop must not hold first (stale state, e-stop)
+        self.log: List[Transition] = []
+        self._max_log = max_log
+
+    # -- transitions ---------------------------------------------------------------------------------------------
+
+    def _go(self, dst: str, now: float, reason: str) -> bool:
+        if dst == self.state:
+            return False
+        if len(self.log) < self._max_log:
+            self.log.append(Transition(now, self.state, dst, reason))
+        self.state, self.since, self.reason = dst, now, reason
+        return True
+
+    def arm(self, now: float, who: str) -> Optional[str]:
+        """A person arms: from idle or stopped only. Returns None, or why arming was refused."""
+        if self.state == ESTOP:
+            return "e-stop is latched: clear it first"
+        if self.state not in (IDLE, STOPPED):
+            return f"cannot arm while {self.state}"
+        self.immediate = False
+        self._go(ARMING, now, f"armed by {who}")
+        return None
+
+    def chunk_arrived(self, now: float) -> None:
+        """A valid chunk: holding resumes running (arming, stopped and the rest ignore it)."""
+        if self.state == HOLDING:
+            self._go(RUNNING, now, "chunks resumed")
+
+    def hold(self, now: float, reason: str) -> None:
+        """Pause the policy, keep the last targets; stops by itself if nothing resumes within hold_s."""
+        if self.state == RUNNING:
+            self._go(HOLDING, now, reason)
+
+    def stop(self, now: float, reason: str, immediate: bool = False) -> None:
+        """Bring the robot to a safe state; ``immediate`` skips holding (nothing to hold on: stale state)."""
+        if self.state in (ARMING, RUNNING, HOLDING):
+            self.immediate = immediate
+            self._go(STOPPING, now, reason)
+        elif self.state == STOPPING and immediate and not self.immediate:
+            self.immediate = True  # escalate a gentle stop already under way
+            self.reason = reason
+
+    def estop(self, now: float, reason: str) -> None:
+        """Latched: from any state. Only ``clear_estop`` by a person leaves it."""
+        self.immediate = True
+        self._go(ESTOP, now, reason)
+
+    def clear_estop(self, now: float, who: str) -> Optional[str]:
+        if self.state != ESTOP:
+            return "no e-stop to clear"
+        self.immediate = True
+        self._go(STOPPED, now, f"e-stop cleared by {who}")
+        return None
+
+    def update(self, now: float) -> str:
+        """Advance timed transitions; returns the state."""
+        elapsed = now - self.since
+        if self.state == ARMING and elapsed >= self.arm_s:
+            self._go(RUNNING, now, "armed")
+        elif self.state == HOLDING and elapsed >= self.hold_s:
+            self._go(STOPPING, now, f"chunks did not resume within {self.hold_s} s")
+        elif self.state == STOPPING and elapsed >= (self.immediate_stop_s if self.immediate else self.stop_s):
+            self._go(STOPPED, now, "stop complete")
+        return self.state
+
+    def progress(self, now: float, duration: float) -> float:
+        """How far (0..1) the current state's ramp has come."""
+        if duration <= 0.0:
+            return 1.0
+        return min(1.0, max(0.0, (now - self.since) / duration))
+
+    @property
+    def safe(self) -> bool:
+        return self.state in SAFE_STATES
+
+    def transitions(self) -> List[Dict[str, Any]]:
+        return [t.to_dict() for t in self.log]

@@ -1,0 +1,165 @@
+"""The safety state machine, transition by transition, and the remote's field controls."""
+
+import pytest
+
+from runtime.config import BUTTONS, load_config
+from runtime.controller.remote import RemoteControls, button_mask, decode_buttons, pressed
+from runtime.controller.safety import (
+    ARMING,
+    ESTOP,
+    HOLDING,
+    IDLE,
+    RUNNING,
+    STOPPED,
+    STOPPING,
+    SafetyStateMachine,
+)
+
+
+def sm(**kw):
+    args = dict(arm_s=1.0, hold_s=0.5, stop_s=2.0, immediate_stop_s=0.3)
+    args.update(kw)
+    return SafetyStateMachine(**args)
+
+
+def run_to_running(m, t=0.0):
+    assert m.arm(t, "test") is None
+    m.update(t + 1.0)
+    assert m.state == RUNNING
+    return t + 1.0
+
+
+def test_idle_arming_running_by_time():
+    m = sm()
+    assert m.state == IDLE and m.safe
+    assert m.arm(0.0, "alice") is None
+    assert m.state == ARMING and not m.safe
+    assert m.update(0.99) == ARMING and m.progress(0.5, 1.0) == 0.5
+    assert m.update(1.0) == RUNNING
+    assert [t["to"] for t in m.transitions()] == [ARMING, RUNNING]
+    assert m.transitions()[0]["reason"] == "armed by alice"
+
+
+def test_hold_resume_and_hold_timeout_to_stopping_to_stopped():
+    m = sm()
+    t = run_to_running(m)
+    m.hold(t + 0.1, "no chunk")
+    assert m.state == HOLDING
+    m.chunk_arrived(t + 0.2)
+    assert m.state == RUNNING
+    m.hold(t + 0.3, "no chunk")
+    assert m.update(t + 0.79) == HOLDING
+    assert m.update(t + 0.8) == STOPPING and not m.immediate
+    assert m.update(t + 2.79) == STOPPING
+    assert m.update(t + 2.81) == STOPPED and m.safe
+
+
+def test_immediate_stop_is_short_and_escalates_a_gentle_one():
+    m = sm()
+    t = run_to_running(m)
+    m.stop(t, "operator")
+    assert m.state == STOPPING and not m.immediate
+    m.stop(t + 0.1, "robot state stale", immediate=True)
+    assert m.immediate and m.reason == "robot state stale"
+    assert m.update(t + 0.29) == STOPPING  # the stop's clock still runs from when it began
+    assert m.update(t + 0.3) == STOPPED
+
+
+@pytest.mark.parametrize("state_after", [IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED])
+def test_estop_from_anywhere_is_latched_until_a_person_clears_it(state_after):
+    m = sm()
+    path = {IDLE: [], ARMING: ["arm"], RUNNING: ["arm", "run"], HOLDING: ["arm", "run", "hold"],
+            STOPPING: ["arm", "run", "stop"], STOPPED: ["arm", "run", "stop", "done"]}[state_after]
+    t = 0.0
+    for step in path:
+        if step == "arm":
+            m.arm(t, "x")
+        elif step == "run":
+            t += 1.0
+            m.update(t)
+        elif step == "hold":
+            m.hold(t, "h")
+        elif step == "stop":
+            m.stop(t, "s")
+        elif step == "done":
+            t += 2.0
+            m.update(t)
+    assert m.state == state_after
+    m.estop(t, "remote")
+    assert m.state == ESTOP and m.safe
+    for later in (t + 1, t + 100):
+        assert m.update(later) == ESTOP
+    assert m.arm(t + 1, "x") == "e-stop is latched: clear it first"
+    m.chunk_arrived(t + 1)
+    m.stop(t + 1, "again")
+    assert m.state == ESTOP
+    assert m.clear_estop(t + 2, "bob") is None
+    assert m.state == STOPPED  # cleared to stopped, never to running
+    assert m.clear_estop(t + 2, "bob") == "no e-stop to clear"
+    assert m.arm(t + 3, "bob") is None
+
+
+def test_latched_at_start():
+    m = sm(estop_latched=True)
+    assert m.state == ESTOP and "latched" in m.reason
+
+
+def test_arming_is_refused_while_driving_and_stop_does_nothing_when_safe():
+    m = sm()
+    t = run_to_running(m)
+    assert m.arm(t, "x") == "cannot arm while running"
+    m2 = sm()
+    m2.stop(0.0, "x")
+    m2.hold(0.0, "x")
+    m2.chunk_arrived(0.0)
+    assert m2.state == IDLE and m2.transitions() == []
+
+
+def test_chunks_never_start_motion_outside_running():
+    m = sm()
+    for s in (IDLE,):
+        m.chunk_arrived(0.0)
+        assert m.state == s
+    m.arm(0.0, "x")
+    m.chunk_arrived(0.5)
+    assert m.state == ARMING
+
+
+# -- remote ---------------------------------------------------------------------------------------------------------
+
+def _raw(*names):
+    bits = button_mask(list(names))
+    raw = bytearray(40)
+    raw[2], raw[3] = bits & 0xFF, bits >> 8
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("name", BUTTONS)
+def test_each_button_decodes_from_raw_bytes(name):
+    assert pressed(decode_buttons(_raw(name))) == [name]
+
+
+def test_button_bit_positions_match_the_wire_notes():
+    # bytes 2-3 little-endian: bit 0 R1 ... bit 8 A, bit 15 left
+    assert decode_buttons(bytes([0, 0, 0x01, 0x00] + [0] * 36)) == button_mask(["R1"])
+    assert decode_buttons(bytes([0, 0, 0x00, 0x01] + [0] * 36)) == button_mask(["A"])
+    assert decode_buttons(bytes([0, 0, 0x00, 0x80] + [0] * 36)) == button_mask(["left"])
+    with pytest.raises(ValueError):
+        decode_buttons(b"\0\0")
+
+
+def test_remote_combos_fire_once_on_press_and_held_ones_need_holding():
+    r = RemoteControls(load_config(None)["remote"])
+    arm = decode_buttons(_raw("L1", "A"))
+    assert r.poll(arm, 0.0) is None
+    assert r.poll(arm, 0.49) is None
+    assert r.poll(arm, 0.5) == "arm"
+    assert r.poll(arm, 0.6) is None  # not again while held
+    assert r.poll(0, 0.7) is None
+    assert r.poll(decode_buttons(_raw("select")), 0.8) == "estop"  # at once
+    assert r.poll(decode_buttons(_raw("select")), 0.9) is None
+    both = decode_buttons(_raw("B", "select"))
+    assert r.poll(0, 1.0) is None
+    assert r.poll(both, 1.1) == "estop"  # e-stop wins the tick
+    assert r.poll(both, 1.2) == "stop"  # and stop fires the next one, once
+    assert r.poll(decode_buttons(_raw("right")), 2.0) == "next_task"
