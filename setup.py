@@ -1,5 +1,7 @@
 """wam-edge: the on-robot runtime for one-step world action models on the Unitree G1."""
 
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -27,5 +29,6 @@ setup(
         "camera": ["opencv-python-headless>=4.5"],  # V4L2 cameras
         "dev": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.4", "vermin>=1.6"],
     },
+    data_files=[("share/wam-edge/systemd", sorted(glob.glob("systemd/*.in")))],  # found by `wam-edge install-units`
     entry_points={"console_scripts": ["wam-edge=runtime.cli:main"]},
 )

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the controller's answer")
         p.set_defaults(operator_cmd=cmd)
 
+    p = sub.add_parser("install-units", help="install the systemd units for this machine (docs/systemd.md)")
+    from runtime.service import install
+
+    install.add_arguments(p)
+
     p = sub.add_parser("config", help="print the effective configuration, or the documented defaults")
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print the schema's defaults as commented YAML")
@@ -69,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "install-units":  # takes its own --config; no --set
+        from runtime.service import install
+
+        return install.run(args)
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "config" and args.defaults:

@@ -34,6 +34,7 @@ from runtime.protocol import (
     sockets,
 )
 from runtime.robot import g1
+from runtime.service.notify import Notifier
 
 log = logging.getLogger("wam_edge.runtime")
 
@@ -177,10 +178,12 @@ class PolicyRuntime:
         for name, ms in self.policy.last_stage_ms.items():
             self.lat_stage[name].add(ms)
 
-    def run(self, should_continue) -> None:
+    def run(self, should_continue, pinger=None) -> None:
         while should_continue():
             now = time.monotonic()
             self.step(now)
+            if pinger is not None and self.health != "fault":
+                pinger.ping(now)
             wake = min(self.next_infer, self.next_heartbeat)
             delay = wake - time.monotonic()
             if delay > 0:
@@ -221,6 +224,7 @@ class PolicyRuntime:
 def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[str] = None,
          seconds: Optional[float] = None) -> int:
     """Run until SIGTERM/SIGINT (or ``seconds``), then send a stopping heartbeat and write the report."""
+    notifier = Notifier.from_env(unset_environment=True)
     runtime = PolicyRuntime(cfg)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
@@ -231,8 +235,11 @@ def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[st
         runtime.start(cfg["policy"]["warmup_runs"])
         if ready_file:
             open(ready_file, "w").close()
-        log.info("runtime ready: model %s, pid %d", runtime.policy.manifest.name, os.getpid())
-        runtime.run(lambda: not stopping and (deadline is None or time.monotonic() < deadline))
+        notifier.ready(runtime.policy.describe())
+        log.info("runtime ready: %s, pid %d", runtime.policy.describe(), os.getpid())
+        runtime.run(lambda: not stopping and (deadline is None or time.monotonic() < deadline),
+                    notifier.watchdog_pinger())
+        notifier.stopping()
         runtime.stop()
     except Exception:
         ok = False

@@ -48,6 +48,7 @@ from runtime.protocol import (
 )
 from runtime.robot import g1
 from runtime.robot.driver import ARM_SDK, RobotDriver, RobotReading
+from runtime.service.notify import Notifier
 
 log = logging.getLogger("wam_edge.controller")
 
@@ -344,9 +345,17 @@ class Controller:
                 self.state_seq, now, state, r.q, r.dq, self.tasks[self.task_index])))
         self.ticks += 1
 
-    def run(self, should_continue=lambda: True) -> None:
+    def run(self, should_continue=lambda: True, notifier: Optional[Notifier] = None) -> None:
         """Pace ticks on absolute deadlines; a late tick is counted and the schedule re-anchored (no bursts).
-        After a signal, keeps ticking until the robot is in a safe state, then returns."""
+        After a signal, keeps ticking until the robot is in a safe state, then returns.
+
+        systemd: READY after the first tick that saw fresh robot state; a watchdog ping on every tick while the
+        loop keeps its deadlines. Stale robot state does not withhold pings: the controller handles it itself (it
+        stops the robot and keeps commanding the stop), and a watchdog kill would end that.
+        """
+        notifier = notifier or Notifier(None)
+        pinger = notifier.watchdog_pinger()
+        ready = False
         next_tick = time.monotonic()
         while should_continue() and not (self._signal is not None and self.sm.safe):
             now = time.monotonic()
@@ -364,6 +373,12 @@ class Controller:
                 self._late_in_a_row = 0
             self.tick(now)
             next_tick += self.period
+            if not ready and now - self.driver.reading.stamp <= self.c["state_timeout_s"]:
+                ready = True
+                notifier.ready(f"{self.sm.state}, {self.rate_hz:.0f} Hz, {self.mode}")
+                pinger.reset()
+            if ready and self._late_in_a_row < self.c["max_missed_ticks"]:
+                pinger.ping(now)
 
     def report(self) -> Dict[str, Any]:
         return {
@@ -397,6 +412,23 @@ class Controller:
         self.driver.close()
 
 
+def lock_memory() -> bool:
+    """mlockall, so the control loop never waits on a page fault; only where the limit allows all of it (the
+    systemd unit sets LimitMEMLOCK=infinity): with a small limit, MCL_FUTURE would make later allocations fail."""
+    import ctypes
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != resource.RLIM_INFINITY:
+        log.info("memory not locked: RLIMIT_MEMLOCK is %d bytes (the systemd unit sets it unlimited)", soft)
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(1 | 2) != 0:  # MCL_CURRENT | MCL_FUTURE
+        log.warning("mlockall failed: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
 def make_driver(cfg: Config) -> RobotDriver:
     c, s = cfg["controller"], cfg["sim"]
     if c["driver"] == "sim":
@@ -415,9 +447,15 @@ def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[st
     Exit 0 when it ended safe."""
     from runtime.metrics import write_json
 
+    notifier = Notifier.from_env(unset_environment=True)
+    lock_memory()
     controller = Controller(cfg, make_driver(cfg))
-    signal.signal(signal.SIGTERM, lambda *_: controller.request_stop("SIGTERM"))
-    signal.signal(signal.SIGINT, lambda *_: controller.request_stop("SIGINT"))
+
+    def on_signal(signum, _frame) -> None:
+        controller.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     deadline = None if seconds is None else time.monotonic() + seconds
 
     def keep_going() -> bool:
@@ -430,8 +468,9 @@ def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[st
     log.info("controller ready at %.0f Hz, %s mode, driver %s, state %s", controller.rate_hz, controller.mode,
              cfg["controller"]["driver"], controller.sm.state)
     try:
-        controller.run(keep_going)
+        controller.run(keep_going, notifier)
     finally:
+        notifier.stopping()
         report = controller.report()
         controller.close()
         if report_path:
