@@ -127,6 +127,10 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                                lo=0.01, hi=10.0),
         "state_max_age_s": Key(0.2, float, "robot state older than this is not used", lo=0.005, hi=10.0),
         "warmup_runs": Key(2, int, "inferences run before the loop starts (first runs are slow)", lo=0, hi=100),
+        "frame_fault_s": Key(1.0, float, "no fresh frame for this long: the runtime reports a fault", lo=0.05,
+                             hi=30.0),
+        "max_inference_s": Key(1.0, float, "an inference longer than this is an overrun: its chunk is not sent "
+                               "and the runtime reports a fault", lo=0.001, hi=30.0),
     },
     "camera": {
         "source": Key("synthetic", str, "synthetic | replay | image_server (Unitree's JPEG server) | raw_zmq | v4l2",

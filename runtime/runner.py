@@ -61,6 +61,9 @@ class PolicyRuntime:
         self.session = uuid.uuid4().hex[:12]
         self.episode = 0
         self.frame_max_age_s = p["frame_max_age_s"]
+        self.frame_fault_s = p["frame_fault_s"]
+        self.max_inference_s = p["max_inference_s"]
+        self.last_fresh_frame_at = 0.0
         self.state_max_age_s = p["state_max_age_s"]
         self.infer_period = 1.0 / p["rate_hz"]
         self.heartbeat_period = 1.0 / t["heartbeat_hz"]
@@ -83,11 +86,19 @@ class PolicyRuntime:
         self.last_frame_seq = -1
         self.counters = {"chunks_sent": 0, "chunks_dropped": 0, "frames_used": 0, "skipped_no_frame": 0,
                          "skipped_stale_frame": 0, "skipped_no_state": 0, "skipped_stale_state": 0,
-                         "policy_errors": 0}
+                         "policy_errors": 0, "overruns": 0, "faults": 0}
         self.lat_frame_to_chunk = LatencyRecorder()
         self.lat_inference = LatencyRecorder()
         self.lat_preprocess = LatencyRecorder()
         self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
+
+    def _fault(self, now: float, detail: str) -> None:
+        """Report at once (the next heartbeat goes now) and send no chunk until the cause clears."""
+        if self.health != "fault" or self.detail != detail:
+            log.error("fault: %s", detail)
+            self.counters["faults"] += 1
+        self.health, self.detail = "fault", detail[:256]
+        self.next_heartbeat = now
 
     def start(self, warmup_runs: int, first_frame_timeout_s: float = 10.0) -> None:
         """Start the camera and warm the policy up on a real frame (its sizes and memory layout)."""
@@ -97,6 +108,7 @@ class PolicyRuntime:
             raise RuntimeError(f"no camera frame within {first_frame_timeout_s} s from {self.camera.stats()}")
         self.policy.warmup(warmup_runs, images=frame.images)
         self.health = "ok"
+        self.last_fresh_frame_at = time.monotonic()
 
     # -- inputs ----------------------------------------------------------------------------------------------------
 
@@ -135,12 +147,12 @@ class PolicyRuntime:
     def _infer_and_send(self, now: float) -> None:
         c = self.counters
         frame = self.camera.latest()
-        if frame is None:
-            c["skipped_no_frame"] += 1
+        if frame is None or now - frame.stamp > self.frame_max_age_s:
+            c["skipped_no_frame" if frame is None else "skipped_stale_frame"] += 1
+            if now - self.last_fresh_frame_at > self.frame_fault_s:
+                self._fault(now, f"no fresh camera frame for {now - self.last_fresh_frame_at:.1f} s")
             return
-        if now - frame.stamp > self.frame_max_age_s:
-            c["skipped_stale_frame"] += 1
-            return
+        self.last_fresh_frame_at = now
         state = self.robot_state
         if state is None:
             c["skipped_no_state"] += 1
@@ -155,10 +167,13 @@ class PolicyRuntime:
             actions = self.policy.infer(frame.images, self._state_vec)
         except PolicyError as exc:
             c["policy_errors"] += 1
-            self.health, self.detail = "degraded", str(exc)[:256]
-            log.error("policy: %s", exc)
+            self._fault(now, f"policy: {exc}")
             return
         t1 = time.perf_counter()
+        if t1 - t0 > self.max_inference_s:
+            c["overruns"] += 1
+            self._fault(now, f"inference took {(t1 - t0) * 1000:.0f} ms (limit {self.max_inference_s * 1000:.0f} ms)")
+            return  # its answer is already old: never send it
         self.health, self.detail = "ok", ""
         if frame.seq != self.last_frame_seq:
             c["frames_used"] += 1

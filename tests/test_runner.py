@@ -108,3 +108,34 @@ def test_malformed_state_is_dropped_and_counted(rig):
     time.sleep(0.05)
     rt._poll_state(time.monotonic())
     assert rt.robot_state is None and rt.rejects.counts == {"malformed": 1}
+
+
+def _heartbeats(pull):
+    out = []
+    while pull.poll(50):
+        msg = decode(pull.recv(), ("chunk", "heartbeat"))
+        if not hasattr(msg, "actions"):
+            out.append(msg)
+    return out
+
+
+def test_frozen_camera_is_a_fault_reported_at_once(rig):
+    rt, pull, pub = rig("camera.fps=0.5", "policy.frame_fault_s=0.2", "policy.frame_max_age_s=0.05")
+    _publish_state(pub, rt, 2.0)
+    time.sleep(0.3)
+    now = time.monotonic()
+    rt.step(now)
+    hbs = _heartbeats(pull)
+    assert rt.health == "fault" and "no fresh camera frame" in rt.detail
+    assert hbs and hbs[-1].health == "fault" and "camera" in hbs[-1].detail
+    assert rt.counters["chunks_sent"] == 0
+
+
+def test_inference_overrun_sends_no_chunk_and_reports_a_fault(rig):
+    rt, pull, pub = rig("policy.max_inference_s=0.001")
+    rt.policy.infer = lambda images, state, _real=rt.policy.infer: (time.sleep(0.005), _real(images, state))[1]
+    _publish_state(pub, rt, 3.0)
+    rt.step(time.monotonic())
+    msgs = _heartbeats(pull)
+    assert rt.counters["overruns"] == 1 and rt.counters["chunks_sent"] == 0
+    assert msgs[-1].health == "fault" and "inference took" in msgs[-1].detail
