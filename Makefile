@@ -10,7 +10,7 @@ PYTHON38 ?= $(shell for p in $(HOME)/.pyenv/versions/3.8*/bin/python3.8 python3.
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null && { command -v $$p; break; }; done)
 VENV38 ?= .venv38
 
-.PHONY: demo test test-py38 lint reference clean
+.PHONY: demo demo-dds test test-py38 lint reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,23 @@ $(VENV)/.dev: setup.py $(VENV)/.runtime
 	$(BIN)/pip install -q -e '.[cpu,export,camera,dev]'
 	touch $@
 
+# the DDS link's Python binding (cyclonedds 0.10.2), built against the CycloneDDS C library (Debian cyclonedds-dev)
+$(VENV)/.dds: tools/install_dds.sh $(VENV)/.runtime
+	tools/install_dds.sh $(VENV)
+	touch $@
+
 demo: $(VENV)/.runtime
 	$(BIN)/wam-edge demo --report reports/demo.json
+
+# the same loop with the controller speaking DDS to a simulated G1 in its own process (on loopback)
+demo-dds: $(VENV)/.dds
+	$(BIN)/wam-edge demo --set controller.driver=dds --report reports/demo-dds.json
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check runtime tools tests
 	$(BIN)/vermin -q --no-tips --violations --eval-annotations -t=3.8- runtime
 
-test: lint
+test: lint $(VENV)/.dds
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-py38
 
@@ -43,6 +52,7 @@ ifeq ($(PYTHON38),)
 else
 	test -x $(VENV38)/bin/python || $(PYTHON38) -m venv $(VENV38)
 	$(VENV38)/bin/pip install -q -e '.[cpu]' "numpy<2" pytest pytest-timeout hypothesis
+	tools/install_dds.sh $(VENV38)
 	$(VENV38)/bin/python -m pytest -q -p no:cacheprovider
 endif
 
@@ -51,4 +61,4 @@ reference: $(VENV)/.dev
 	$(BIN)/python -m tools.make_reference
 
 clean:
-	rm -rf $(VENV) $(VENV38) reports .pytest_cache
+	rm -rf $(VENV) $(VENV38) reports .pytest_cache build/cyclonedds-home

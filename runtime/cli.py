@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print the schema's defaults as commented YAML")
 
+    p = sub.add_parser("sim", help="a simulated G1 (not the robot) on the G1's DDS topics, for HIL rigs and tests: "
+                       "uses dds.domain_id, dds.interface and sim.*")
+    _common(p)
+    p.add_argument("--seconds", type=float, help="run this long (default: until SIGTERM)")
+    p.add_argument("--summary", metavar="PATH", help="write what it received (counts, unsafe commands) here")
+
     p = sub.add_parser("image-server-sim", help="a simulation of Unitree's image server: synthetic side-by-side "
                        "JPEG frames over ZeroMQ, laid out as camera.layout says")
     _common(p)
@@ -112,6 +118,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = demo.run_demo(cfg, args.overrides, args.seconds or cfg["demo"]["seconds"], args.report)
         demo.print_summary(summary)
         return 0 if summary["ok"] else 1
+    if args.command == "sim":
+        from runtime.robot.dds import sim
+
+        d, s = cfg["dds"], cfg["sim"]
+        sim.main(d["domain_id"], d["interface"] or None, s["rate_hz"], args.seconds, s["mode_machine"],
+                 s["control"], None, args.summary)
+        return 0
     if args.command == "image-server-sim":
         from runtime.cameras.image_server_sim import serve
 

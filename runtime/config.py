@@ -14,6 +14,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import yaml
 
+from runtime.robot.remote import BUTTONS as REMOTE_BUTTONS
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file (or --set) and the key."""
@@ -85,8 +87,8 @@ def _endpoint(value: str) -> str:
     raise ValueError(f"{value!r} is not an ipc:// or tcp:// endpoint")
 
 
-#: Wireless remote button names, in bit order (../shared/notes/g1-wire.md).
-BUTTONS = ("R1", "L1", "start", "select", "R2", "L2", "F1", "F2", "A", "B", "X", "Y", "up", "right", "down", "left")
+#: Wireless remote button names, in bit order (runtime/robot/remote.py holds the bits).
+BUTTONS = tuple(sorted(REMOTE_BUTTONS, key=REMOTE_BUTTONS.__getitem__))
 
 
 def _combo(value: Any) -> List[str]:
@@ -225,6 +227,11 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                                hi=5.0),
         "initial_pose": Key("nominal", str, "simulated G1 starts at: nominal (arms slightly bent) | zero",
                             choices=("nominal", "zero")),
+        "rate_hz": Key(500.0, float, "`wam-edge sim`: rt/lowstate publishing rate", lo=10.0, hi=2000.0),
+        "mode_machine": Key(5, int, "`wam-edge sim`: the robot variant id it reports (controllers echo it)",
+                            lo=0, hi=255),
+        "control": Key("ipc:///tmp/wam-edge/sim", str, "`wam-edge sim`: fault-injection socket (press buttons, "
+                       "tilt, heat, freeze the state stream)", check=_endpoint),
     },
     "demo": {
         "seconds": Key(10.0, float, "how long `wam-edge demo` runs the loop", lo=1.0, hi=3600.0),

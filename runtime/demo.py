@@ -22,14 +22,17 @@ from runtime.controller.safety import SAFE_STATES
 from runtime.metrics import write_json
 
 
+def _config_args(config_path: Optional[str], overrides: Sequence[str]) -> List[str]:
+    args = ["--config", config_path] if config_path else []
+    for o in overrides:
+        args += ["--set", o]
+    return args
+
+
 def _spawn(role: str, config_path: Optional[str], overrides: Sequence[str], report: str,
            ready: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "runtime.cli", role, "--report", report, "--ready-file", ready]
-    if config_path:
-        cmd += ["--config", config_path]
-    for o in overrides:
-        cmd += ["--set", o]
-    return subprocess.Popen(cmd)
+    return subprocess.Popen(cmd + _config_args(config_path, overrides))
 
 
 def _wait_files(paths: List[str], procs: List[subprocess.Popen], timeout: float) -> Optional[str]:
@@ -69,14 +72,22 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
     errors: List[str] = []
     with tempfile.TemporaryDirectory(prefix="wam-edge-demo-") as tmp:
         own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state",
-               f"transport.control=ipc://{tmp}/control", f"controller.latch_file={tmp}/estop.latched"]
+               f"transport.control=ipc://{tmp}/control", f"controller.latch_file={tmp}/estop.latched",
+               f"sim.control=ipc://{tmp}/sim"]
+        dds = cfg["controller"]["driver"] == "dds"
+        if dds:  # the demo never drives a real robot: a simulated G1 on loopback, in its own process
+            own.append("dds.interface=lo")
         all_overrides = list(overrides) + own
         files = {k: os.path.join(tmp, k) for k in ("controller.json", "runtime.json", "controller.ready",
-                                                       "runtime.ready")}
+                                                       "runtime.ready", "sim.json")}
         t_start = time.monotonic()
+        sim = None
+        if dds:
+            sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "sim", "--summary", files["sim.json"]]
+                                   + _config_args(cfg.path, all_overrides), stdout=subprocess.DEVNULL)
         controller = _spawn("controller", cfg.path, all_overrides, files["controller.json"], files["controller.ready"])
         runtime = _spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"])
-        procs = [controller, runtime]
+        procs = [controller, runtime] + ([sim] if sim else [])
         try:
             problem = _wait_files([files["controller.ready"], files["runtime.ready"]], procs,
                                   cfg["demo"]["startup_timeout_s"])
@@ -105,6 +116,8 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
                     break
                 time.sleep(0.1)
             rc_controller = _stop(controller, 10.0)
+            if sim is not None:
+                _stop(sim, 10.0)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -112,6 +125,7 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
                     p.wait()
         rt = _load(files["runtime.json"])
         ct = _load(files["controller.json"])
+        wire = _load(files["sim.json"]) if dds else {}
 
     if rc_runtime != 0:
         errors.append(f"runtime exited with code {rc_runtime}")
@@ -127,6 +141,15 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         errors.append(f"policy errors: {rt['policy_errors']}")
     if ct.get("limiter", {}).get("non_finite_ticks"):
         errors.append("non-finite targets reached the limiter")
+    if dds:  # what the simulated G1 saw on the DDS wire
+        if not wire:
+            errors.append("the simulated G1 wrote no summary")
+        unsafe = {k: wire.get(k) for k in ("bad_crc", "non_finite", "out_of_limits") if wire.get(k)}
+        if unsafe:
+            errors.append(f"unsafe commands on the DDS wire: {unsafe}")
+        allowed = ct.get("limiter", {}).get("max_step_allowed_rad", 0.0)
+        if wire and max(wire.get("max_q_step_arm_sdk", [0.0]) + wire.get("max_q_step_lowcmd", [0.0])) > allowed + 1e-5:
+            errors.append("a command on the DDS wire stepped farther than the velocity limit allows")
     final_state = ct.get("state", "unknown")
     if final_state not in SAFE_STATES:
         errors.append(f"ended in an unsafe state: {final_state}")
@@ -153,9 +176,11 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         },
         "stops": ct.get("stops", []),
         "final_state": final_state,
+        "driver": cfg["controller"]["driver"],
         "limiter": ct.get("limiter", {}),
         "runtime": rt,
         "controller": ct,
+        "dds_wire": wire,
     }
     if report_path:
         write_json(report_path, summary)

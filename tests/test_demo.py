@@ -67,3 +67,20 @@ def test_demo_through_the_image_server_jpeg_path(tmp_path):
     cam = s["runtime"]["camera"]
     assert cam["source"] == "image_server" and cam["dropped"] == 0
     assert s["frames"] > 20 and s["chunks_received"] >= 5 and s["final_state"] == "stopped"
+
+
+@pytest.mark.slow
+def test_demo_over_dds_with_the_simulated_g1_process(tmp_path):
+    """controller -> rt/arm_sdk over real DDS (loopback) -> `wam-edge sim` in its own process; the wire stays safe."""
+    pytest.importorskip("cyclonedds", reason="the DDS binding is installed by tools/install_dds.sh (make test does)")
+    report = tmp_path / "demo.json"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "demo", "--seconds", "3", "--report", str(report),
+                        "--set", "controller.driver=dds", "--set", "dds.domain_id=77"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(report.read_text())
+    wire = s["dds_wire"]
+    assert s["driver"] == "dds" and s["chunks_applied"] >= 5 and s["final_state"] == "stopped"
+    assert wire["arm_sdk"] > 1000 and wire["lowcmd"] == 0  # arm_sdk mode publishes on rt/arm_sdk only
+    assert wire["bad_crc"] == 0 and wire["non_finite"] == 0 and wire["out_of_limits"] == 0
+    assert max(wire["max_q_step_arm_sdk"]) <= s["limiter"]["max_step_allowed_rad"] + 1e-5

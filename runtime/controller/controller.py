@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import zmq
@@ -345,7 +345,8 @@ class Controller:
                 self.state_seq, now, state, r.q, r.dq, self.tasks[self.task_index])))
         self.ticks += 1
 
-    def run(self, should_continue=lambda: True, notifier: Optional[Notifier] = None) -> None:
+    def run(self, should_continue=lambda: True, notifier: Optional[Notifier] = None,
+            on_ready: Optional[Callable[[], None]] = None) -> None:
         """Pace ticks on absolute deadlines; a late tick is counted and the schedule re-anchored (no bursts).
         After a signal, keeps ticking until the robot is in a safe state, then returns.
 
@@ -377,6 +378,8 @@ class Controller:
                 ready = True
                 notifier.ready(f"{self.sm.state}, {self.rate_hz:.0f} Hz, {self.mode}")
                 pinger.reset()
+                if on_ready is not None:
+                    on_ready()
             if ready and self._late_in_a_row < self.c["max_missed_ticks"]:
                 pinger.ping(now)
 
@@ -463,12 +466,14 @@ def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[st
             controller.request_stop("time limit")
         return True
 
-    if ready_file:
-        open(ready_file, "w").close()
-    log.info("controller ready at %.0f Hz, %s mode, driver %s, state %s", controller.rate_hz, controller.mode,
-             cfg["controller"]["driver"], controller.sm.state)
+    def on_ready() -> None:  # robot state is fresh: only now may a person arm
+        if ready_file:
+            open(ready_file, "w").close()
+        log.info("controller ready at %.0f Hz, %s mode, driver %s, state %s", controller.rate_hz, controller.mode,
+                 cfg["controller"]["driver"], controller.sm.state)
+
     try:
-        controller.run(keep_going, notifier)
+        controller.run(keep_going, notifier, on_ready)
     finally:
         notifier.stopping()
         report = controller.report()

@@ -7,28 +7,15 @@ brush against the remote does neither. E-stop and stop are checked first and fir
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from runtime.config import BUTTONS
+from runtime.robot.remote import button_mask, decode_buttons, pressed
+
+__all__ = ["ACTIONS", "RemoteControls", "button_mask", "decode_buttons", "pressed"]
 
 #: Checked in this order; the first that fires wins the tick.
 ACTIONS = ("estop", "stop", "clear_estop", "arm", "next_task", "prev_task")
 HELD_ACTIONS = ("clear_estop", "arm")
-
-
-def button_mask(names: List[str]) -> int:
-    return sum(1 << BUTTONS.index(b) for b in names)
-
-
-def decode_buttons(wireless_remote: bytes) -> int:
-    """The 16 button bits from LowState.wireless_remote (40 bytes): a little-endian u16 at bytes 2-3."""
-    if len(wireless_remote) < 4:
-        raise ValueError(f"wireless_remote holds {len(wireless_remote)} bytes, expected 40")
-    return wireless_remote[2] | (wireless_remote[3] << 8)
-
-
-def pressed(buttons: int) -> List[str]:
-    return [name for i, name in enumerate(BUTTONS) if buttons >> i & 1]
 
 
 class RemoteControls:

@@ -17,6 +17,7 @@ import numpy as np
 
 from runtime.robot import g1
 from runtime.robot.driver import ARM_SDK, JointCommand, RobotDriver, RobotReading
+from runtime.robot.remote import button_mask
 
 
 class G1Physics:
@@ -96,9 +97,7 @@ class SimulatedG1(RobotDriver):
 
     def press(self, *buttons: str) -> None:
         """Hold these remote buttons (names as in config: R1, L1, start, select, ..., none to release)."""
-        from runtime.config import BUTTONS
-
-        self.reading.buttons = sum(1 << BUTTONS.index(b) for b in buttons)
+        self.reading.buttons = button_mask(buttons)
 
     def tilt(self, roll: float, pitch: float = 0.0) -> None:
         self.reading.rpy[0], self.reading.rpy[1] = roll, pitch

@@ -1,0 +1,473 @@
+"""SimulatedG1Dds: a simulation, not the robot. A stand-in G1 on the real DDS topics, in its own process or thread.
+
+It subscribes rt/lowcmd and rt/arm_sdk, drops commands with a bad CRC (counted, as the robot does), and in
+rt/lowcmd also those whose mode_machine is not its own (reports say the robot ignores them; Unitree's arm_sdk
+example sends 0, so rt/arm_sdk is not checked). It publishes rt/lowstate at ``rate_hz`` with an increasing tick,
+its mode_machine, IMU, motor temperatures and a wireless-remote field whose buttons a test can press.
+
+Dynamics (no contact, no gravity, not physics): a joint with kp > 0 follows its target with a first-order lag;
+kp = 0 and kd > 0 damps its velocity to rest; a disabled joint (mode 0, or kp = kd = 0) is limp and, with no gravity,
+coasts to a stop. Before any command, and for the legs while rt/arm_sdk is in use, "Unitree's controller" holds the
+nominal pose; rt/arm_sdk's targets blend with that hold by the weight in motor_cmd[29].q. The first valid rt/lowcmd
+puts it in debug mode for good: rt/lowcmd then owns every joint, and its last command persists (no firmware watchdog
+is documented, so none is simulated).
+
+Every received command is recorded (counts, a ring of the last ``log_size`` commands, running worst cases) so a
+fault-injection harness can check afterwards that nothing unsafe was ever published: see ``summary()``.
+
+Control socket (optional, ``control`` = a ZeroMQ endpoint such as ``ipc:///tmp/g1sim.ipc``): REP, one msgpack map
+per request, answered with a msgpack map ({"ok": true, ...} or {"ok": false, "error": ...}). Keys, all optional,
+applied in this order:
+  "press": [button names]        buttons held from now on (replaces; [] releases all; names in remote.BUTTONS)
+  "sticks": {"lx": f, ...}       stick values (lx, rx, ry, l2, ly)
+  "tilt": [roll, pitch, yaw]     IMU attitude, rad
+  "gyro": [x, y, z]              IMU angular velocity, rad/s
+  "temperature": t or [29 t]     winding temperature, deg C (casing follows 10 degrees lower)
+  "freeze": bool                 stop / resume publishing rt/lowstate (lost robot state)
+  "mode_machine": n              the mode_machine it publishes and expects
+  "summary": true or {"since": t}  answer includes "summary" (see summary())
+  "stop": true                   end the run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from runtime.robot import g1
+from runtime.robot.dds import transport
+from runtime.robot.dds.unitree_hg import LowCmd_, LowState_
+from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer
+from runtime.robot.remote import REMOTE_BYTES, encode_remote
+
+_N = g1.NUM_JOINTS
+_UPPER = g1.UPPER_BODY_MASK
+_LOWCMD, _ARM_SDK = 0, 1
+_TOPIC_NAMES = ("lowcmd", "arm_sdk")
+
+
+class CommandLog:
+    """What the simulator received: counts, running worst cases, and a ring of the last ``size`` commands."""
+
+    def __init__(self, size: int = 10000) -> None:
+        self.size = size
+        self.t = np.zeros(size)
+        self.topic = np.zeros(size, dtype=np.int8)
+        self.crc_ok = np.zeros(size, dtype=bool)
+        self.applied = np.zeros(size, dtype=bool)
+        self.q = np.zeros((size, _N), dtype=np.float32)
+        self.kp = np.zeros((size, _N), dtype=np.float32)
+        self.kd = np.zeros((size, _N), dtype=np.float32)
+        self.weight = np.zeros(size, dtype=np.float32)
+        self.n = 0  # commands received in total (ring index = n % size)
+        self.counts = [0, 0]  # per topic
+        self.bad_crc = 0
+        self.wrong_mode_machine = 0
+        self.non_finite = 0
+        self.out_of_limits = 0
+        self.max_step = np.zeros((2, _N))  # per topic: max |q - previous q| over consecutive valid commands
+        self._prev_q = np.zeros((2, _N))
+        self._have_prev = [False, False]
+        self._step = np.zeros(_N)
+
+    def record(self, t: float, topic: int, cmd: LowCmdBuffer, crc_ok: bool, applied: bool, finite: bool) -> None:
+        i = self.n % self.size
+        self.n += 1
+        self.counts[topic] += 1
+        self.t[i] = t
+        self.topic[i] = topic
+        self.crc_ok[i] = crc_ok
+        self.applied[i] = applied
+        self.q[i] = cmd.q[:_N]
+        self.kp[i] = cmd.kp[:_N]
+        self.kd[i] = cmd.kd[:_N]
+        self.weight[i] = cmd.q[g1.ARM_SDK_WEIGHT_SLOT]
+        if not crc_ok:
+            self.bad_crc += 1
+            return
+        if not finite:
+            self.non_finite += 1
+            return
+        joints = _UPPER if topic == _ARM_SDK else slice(None)
+        q = cmd.q[:_N]
+        if np.any((q < g1.POSITION_MIN)[joints] | (q > g1.POSITION_MAX)[joints]):
+            self.out_of_limits += 1
+        if self._have_prev[topic]:
+            np.subtract(q, self._prev_q[topic], out=self._step)
+            np.abs(self._step, out=self._step)
+            if topic == _ARM_SDK:
+                self._step[~_UPPER] = 0.0
+            np.maximum(self.max_step[topic], self._step, out=self.max_step[topic])
+        self._prev_q[topic] = q
+        self._have_prev[topic] = True
+
+    def first_after(self, since: float) -> Optional[float]:
+        """Receipt time of the first command at or after ``since`` (time.monotonic(), any process on this host)."""
+        t = self._ring_times()
+        later = t[t >= since]
+        return float(later.min()) if len(later) else None
+
+    def _ring_times(self) -> np.ndarray:
+        return self.t[:min(self.n, self.size)]
+
+    def summary(self, since: Optional[float] = None) -> Dict[str, Any]:
+        """JSON-safe account of every command received (worst cases over all, times over the ring)."""
+        t = self._ring_times()
+        out: Dict[str, Any] = {
+            "commands": self.n,
+            "lowcmd": self.counts[_LOWCMD],
+            "arm_sdk": self.counts[_ARM_SDK],
+            "bad_crc": self.bad_crc,
+            "wrong_mode_machine": self.wrong_mode_machine,
+            "non_finite": self.non_finite,
+            "out_of_limits": self.out_of_limits,
+            "max_q_step": [float(x) for x in self.max_step.max(axis=0)],
+            "max_q_step_lowcmd": [float(x) for x in self.max_step[_LOWCMD]],
+            "max_q_step_arm_sdk": [float(x) for x in self.max_step[_ARM_SDK]],
+            "first_command_t": float(t.min()) if len(t) else None,
+            "last_command_t": float(t.max()) if len(t) else None,
+            "logged": int(len(t)),
+        }
+        if since is not None:
+            out["since"] = since
+            out["first_command_after"] = self.first_after(since)
+            out["commands_after"] = int(np.count_nonzero(t >= since))
+        return out
+
+    def last(self, k: int = 1) -> List[Dict[str, Any]]:
+        """The last ``k`` commands, oldest first (for tests)."""
+        out = []
+        for n in range(max(self.n - min(k, self.size), 0), self.n):
+            i = n % self.size
+            out.append({"t": float(self.t[i]), "topic": _TOPIC_NAMES[self.topic[i]], "crc_ok": bool(self.crc_ok[i]),
+                        "applied": bool(self.applied[i]), "q": self.q[i].tolist(), "kp": self.kp[i].tolist(),
+                        "kd": self.kd[i].tolist(), "weight": float(self.weight[i])})
+        return out
+
+
+class SimulatedG1Dds:
+    """A simulation, not the robot: a G1 stand-in on rt/lowcmd, rt/arm_sdk and rt/lowstate.
+
+    ``start()`` runs it in a thread of this process; ``run(seconds)`` in the calling thread (``main`` does that in
+    its own process). The setters (press, set_tilt, ...) are safe to call from another thread.
+    """
+
+    def __init__(self, domain_id: int = 1, interface: Optional[str] = "lo", rate_hz: float = 500.0,
+                 mode_machine: int = 5, loopback: Optional[bool] = None, time_constant_s: float = 0.03,
+                 log_size: int = 10000, control: Optional[str] = None) -> None:
+        self.rate_hz = rate_hz
+        self.time_constant_s = time_constant_s
+        self.participant = transport.open_participant(domain_id, interface, loopback)
+        self._readers = (transport.reader(self.participant, transport.LOWCMD_TOPIC, LowCmd_, depth=64),
+                         transport.reader(self.participant, transport.ARM_SDK_TOPIC, LowCmd_, depth=64))
+        self._writer = transport.writer(self.participant, transport.LOWSTATE_TOPIC, LowState_)
+        self.log = CommandLog(log_size)
+        self.state = LowStateBuffer()
+        self._cmd = LowCmdBuffer()
+        self._floats = self._cmd.rec["motor_cmd"][0].view(np.float32).reshape(-1, 7)[:, 1:6]
+        # joint state
+        self.hold = g1.NOMINAL_POSE.copy()  # what "Unitree's controller" holds
+        self.q = self.hold.copy()
+        self.dq = np.zeros(_N)
+        # latest applied commands, per topic
+        self._target = np.zeros((2, _N))
+        self._kp = np.zeros((2, _N))
+        self._kd = np.zeros((2, _N))
+        self._enabled = np.zeros((2, _N), dtype=bool)
+        self._weight = 0.0
+        self._have = [False, False]
+        self.debug_mode = False  # True once a valid rt/lowcmd arrived
+        # things a test sets
+        self.mode_machine = mode_machine
+        self.frozen = False
+        self._remote = np.zeros(REMOTE_BYTES, dtype=np.uint8)
+        self._tilt = np.zeros(3)
+        self._gyro = np.zeros(3)
+        self._temperature = np.full(_N, 40.0)
+        self.tick = 0
+        self.published = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._control = None
+        if control:
+            import zmq
+
+            self._zmq = zmq
+            self._control = zmq.Context.instance().socket(zmq.REP)
+            self._control.setsockopt(zmq.LINGER, 0)
+            self._control.bind(control)
+        # scratch, so a tick allocates (almost) nothing of ours
+        self._eff_target = np.zeros(_N)
+        self._eff_kp = np.zeros(_N)
+        self._eff_kd = np.zeros(_N)
+        self._eff_on = np.zeros(_N, dtype=bool)
+        self._prev_q = np.zeros(_N)
+        self._tau = np.zeros(_N)
+
+    # ---- what a test sets -------------------------------------------------------------------------------------
+
+    def press(self, buttons: Iterable[str] = (), **sticks: float) -> None:
+        """Hold ``buttons`` (replacing those held) and set stick values, from the next published state on."""
+        self._remote = np.frombuffer(encode_remote(buttons, **sticks), dtype=np.uint8)
+
+    def set_tilt(self, roll: float = 0.0, pitch: float = 0.0, yaw: float = 0.0) -> None:
+        self._tilt = np.array([roll, pitch, yaw], dtype=np.float64)
+
+    def set_gyro(self, x: float = 0.0, y: float = 0.0, z: float = 0.0) -> None:
+        self._gyro = np.array([x, y, z], dtype=np.float64)
+
+    def set_temperature(self, value: Union[float, Sequence[float]]) -> None:
+        """Winding temperature of every joint (a number) or per joint (29 numbers), deg C."""
+        t = np.broadcast_to(np.asarray(value, dtype=np.float64), (_N,))
+        self._temperature = t.copy()
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) publishing rt/lowstate: the controller sees its robot state go stale."""
+        self.frozen = bool(frozen)
+
+    def set_mode_machine(self, value: int) -> None:
+        self.mode_machine = int(value) & 0xFF
+
+    def summary(self, since: Optional[float] = None) -> Dict[str, Any]:
+        with self._lock:
+            out = self.log.summary(since)
+        out.update(published=self.published, tick=self.tick, debug_mode=self.debug_mode,
+                   mode_machine=self.mode_machine, q=[float(x) for x in self.q])
+        return out
+
+    def last(self, k: int = 1) -> List[Dict[str, Any]]:
+        """The last ``k`` commands received, oldest first: t, topic, crc_ok, applied, q, kp, kd, weight."""
+        with self._lock:
+            return self.log.last(k)
+
+    # ---- running ------------------------------------------------------------------------------------------------
+
+    def start(self) -> "SimulatedG1Dds":
+        """Run in a daemon thread of this process until stop()."""
+        self._thread = threading.Thread(target=self.run, name="SimulatedG1Dds", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def close(self) -> None:
+        self.stop()
+        if self._control is not None:
+            self._control.close(linger=0)
+            self._control = None
+        transport.delete(self._writer, *self._readers, self.participant)
+
+    def run(self, seconds: Optional[float] = None) -> None:
+        """Step, publish and serve commands at ``rate_hz`` until stop() or ``seconds`` pass."""
+        period = 1.0 / self.rate_hz
+        start = last = time.monotonic()
+        next_t = start
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if seconds is not None and now - start >= seconds:
+                break
+            self.step(now, now - last)
+            last = now
+            if self._control is not None:
+                self._serve_control()
+            next_t += period
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -period:
+                next_t = time.monotonic()  # fell behind: do not try to catch up with a burst
+
+    def step(self, now: float, dt: float) -> None:
+        """One tick: take commands, advance the joints by ``dt``, publish rt/lowstate (unless frozen)."""
+        for topic, rd in enumerate(self._readers):
+            for data in transport.take_raw(rd, 64):
+                self._receive(now, topic, data)
+        if dt > 0.0:
+            self._advance(dt)
+        if not self.frozen:
+            self._publish()
+
+    def _receive(self, now: float, topic: int, data: bytes) -> None:
+        cmd = self._cmd
+        if not cmd.load(data):
+            return
+        crc_ok = cmd.crc_ok()
+        finite = bool(np.isfinite(self._floats).all())
+        mode_ok = topic == _ARM_SDK or int(cmd.mode_machine[0]) == self.mode_machine
+        applied = crc_ok and finite and mode_ok
+        with self._lock:
+            if crc_ok and finite and not mode_ok:
+                self.log.wrong_mode_machine += 1
+            self.log.record(now, topic, cmd, crc_ok, applied, finite)
+        if not applied:
+            return
+        self._target[topic] = cmd.q[:_N]
+        self._kp[topic] = cmd.kp[:_N]
+        self._kd[topic] = cmd.kd[:_N]
+        self._enabled[topic] = cmd.mode[:_N] == 1
+        if topic == _ARM_SDK:
+            w = float(cmd.q[g1.ARM_SDK_WEIGHT_SLOT])
+            self._weight = min(max(w, 0.0), 1.0)
+        else:
+            self.debug_mode = True
+        self._have[topic] = True
+
+    def _advance(self, dt: float) -> None:
+        target, kp, kd, on = self._eff_target, self._eff_kp, self._eff_kd, self._eff_on
+        if self.debug_mode:
+            target[:] = self._target[_LOWCMD]
+            kp[:] = self._kp[_LOWCMD]
+            kd[:] = self._kd[_LOWCMD]
+            on[:] = self._enabled[_LOWCMD]
+        else:  # Unitree's controller holds everything; arm_sdk blends the upper body by its weight
+            target[:] = self.hold
+            kp[:] = g1.DEFAULT_KP
+            kd[:] = g1.DEFAULT_KD
+            on[:] = True
+            if self._have[_ARM_SDK] and self._weight > 0.0:
+                w = self._weight
+                target[_UPPER] = (1.0 - w) * self.hold[_UPPER] + w * self._target[_ARM_SDK][_UPPER]
+        np.copyto(self._prev_q, self.q)
+        stiff = on & (kp > 0.0)
+        damped = on & (kp <= 0.0) & (kd > 0.0)
+        limp = ~(stiff | damped)
+        alpha = 1.0 - math.exp(-dt / self.time_constant_s)
+        self.q[stiff] += alpha * (target[stiff] - self.q[stiff])
+        self.dq[stiff] = (self.q[stiff] - self._prev_q[stiff]) / dt
+        if damped.any():  # velocity decays at kd / inertia (0.1 kg m^2, about an arm), position coasts to rest
+            self.dq[damped] *= np.exp(-dt * kd[damped] / 0.1)
+            self.q[damped] += self.dq[damped] * dt
+        if limp.any():  # frictional coasting; no gravity, so it ends up holding still
+            self.dq[limp] *= math.exp(-dt / 0.2)
+            self.q[limp] += self.dq[limp] * dt
+        np.clip(self.q, g1.POSITION_MIN, g1.POSITION_MAX, out=self.q)
+        np.clip(kp * (target - self.q) - kd * self.dq, -g1.TORQUE_LIMIT, g1.TORQUE_LIMIT, out=self._tau)
+
+    def _publish(self) -> None:
+        st = self.state
+        self.tick += 1
+        st.tick[0] = self.tick & 0xFFFFFFFF
+        st.mode_machine[0] = self.mode_machine
+        st.mode[:_N] = 1
+        st.q[:_N] = self.q
+        st.dq[:_N] = self.dq
+        st.tau_est[:_N] = self._tau
+        st.temperature[:_N, 1] = self._temperature
+        st.temperature[:_N, 0] = self._temperature - 10.0
+        roll, pitch, yaw = self._tilt
+        st.rpy[:] = self._tilt
+        st.quaternion[:] = _quaternion(roll, pitch, yaw)
+        st.gyroscope[:] = self._gyro
+        st.accelerometer[:] = (0.0, 0.0, 9.81)
+        st.wireless_remote[:] = self._remote
+        st.seal()
+        transport.write_raw(self._writer, st.cdr)
+        self.published += 1
+
+    def _serve_control(self) -> None:
+        zmq = self._zmq
+        sock = self._control
+        if not sock.poll(0, zmq.POLLIN):
+            return
+        import msgpack
+
+        try:
+            request = msgpack.unpackb(sock.recv(), raw=False)
+            reply = self.apply(request)
+        except Exception as exc:  # noqa: BLE001 - a bad request must not kill the simulator
+            reply = {"ok": False, "error": "{}: {}".format(type(exc).__name__, exc)}
+        sock.send(msgpack.packb(reply, use_bin_type=True))
+
+    def apply(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """Apply one control request (the map the control socket takes); returns the reply map."""
+        if not isinstance(request, dict):
+            raise TypeError("a control request is a map")
+        unknown = set(request) - {"press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine",
+                                  "summary", "stop"}
+        if unknown:
+            raise KeyError("unknown control keys: {}".format(", ".join(sorted(unknown))))
+        if "press" in request or "sticks" in request:
+            self.press(request.get("press") or (), **(request.get("sticks") or {}))
+        if "tilt" in request:
+            self.set_tilt(*request["tilt"])
+        if "gyro" in request:
+            self.set_gyro(*request["gyro"])
+        if "temperature" in request:
+            self.set_temperature(request["temperature"])
+        if "freeze" in request:
+            self.freeze(request["freeze"])
+        if "mode_machine" in request:
+            self.set_mode_machine(request["mode_machine"])
+        reply: Dict[str, Any] = {"ok": True, "tick": self.tick}
+        summary = request.get("summary")
+        if summary:
+            reply["summary"] = self.summary(summary.get("since") if isinstance(summary, dict) else None)
+        if request.get("stop"):
+            self._stop.set()
+        return reply
+
+
+def _quaternion(roll: float, pitch: float, yaw: float):
+    """(w, x, y, z) of intrinsic roll-pitch-yaw (ZYX) angles."""
+    cr, sr = math.cos(roll / 2), math.sin(roll / 2)
+    cp, sp = math.cos(pitch / 2), math.sin(pitch / 2)
+    cy, sy = math.cos(yaw / 2), math.sin(yaw / 2)
+    return (cr * cp * cy + sr * sp * sy, sr * cp * cy - cr * sp * sy,
+            cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy)
+
+
+def main(domain_id: int = 1, interface: Optional[str] = "lo", rate_hz: float = 500.0,
+         seconds: Optional[float] = None, mode_machine: int = 5, control: Optional[str] = None,
+         loopback: Optional[bool] = None, summary_path: Optional[str] = None) -> Dict[str, Any]:
+    """Run a simulated G1 in this process until ``seconds`` pass (None: until a "stop" request, SIGTERM or Ctrl-C).
+
+    Prints one JSON line on start ({"sim": "ready", ...}) and the summary as JSON at the end (also written to
+    ``summary_path`` when given); returns the summary.
+    """
+    sim = SimulatedG1Dds(domain_id, interface, rate_hz, mode_machine, loopback, control=control)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, Popen.terminate) ends it cleanly
+        signal.signal(signal.SIGTERM, lambda signum, frame: sim._stop.set())
+    print(json.dumps({"sim": "ready", "note": "a simulation, not the robot", "domain_id": domain_id,
+                      "interface": interface, "rate_hz": rate_hz, "control": control}), flush=True)
+    from runtime.service.notify import Notifier
+
+    notifier = Notifier.from_env(unset_environment=True)
+    notifier.ready("a simulated G1 (not the robot)")
+    try:
+        sim.run(seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        summary = sim.summary()
+        sim.close()
+    text = json.dumps(summary)
+    if summary_path:
+        with open(summary_path, "w") as f:
+            f.write(text)
+    print(text, flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A simulated G1 on DDS (a simulation, not the robot).")
+    parser.add_argument("--domain-id", type=int, default=1)
+    parser.add_argument("--interface", default="lo")
+    parser.add_argument("--rate-hz", type=float, default=500.0)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--mode-machine", type=int, default=5)
+    parser.add_argument("--control", default=None)
+    parser.add_argument("--summary-path", default=None)
+    a = parser.parse_args()
+    main(a.domain_id, a.interface, a.rate_hz, a.seconds, a.mode_machine, a.control, None, a.summary_path)
