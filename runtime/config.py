@@ -205,6 +205,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_missed_ticks": Key(10, int, "this many late control ticks in a row stop the robot", lo=1, hi=10000),
         "latch_file": Key("/tmp/wam-edge/estop.latched", str, "an e-stop is written here and survives restarts "
                           "until a person clears it"),
+        "release_motion_control": Key(False, bool, "lowcmd over DDS: release Unitree's motion controller at start "
+                                      "through unitree_sdk2py's motion switcher, where it is installed (else the "
+                                      "operator does it with the remote: zero-torque mode, then L2+R2)"),
         "tasks": Key(["pick up the cup"], list, "task instructions the remote cycles through", check=_tasks),
     },
     "remote": {

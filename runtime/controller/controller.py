@@ -438,9 +438,15 @@ def make_driver(cfg: Config) -> RobotDriver:
         from runtime.robot.sim_g1 import SimulatedG1
 
         return SimulatedG1(mode=c["mode"], time_constant_s=s["time_constant_s"], initial_pose=s["initial_pose"])
-    from runtime.robot.dds.driver import DdsG1Driver
+    from runtime.robot.dds.driver import DdsG1Driver, release_motion_control
 
     d = cfg["dds"]
+    if c["mode"] == "lowcmd" and c["release_motion_control"]:
+        try:  # before our link: unitree_sdk2py opens its own DDS domain
+            was = release_motion_control(d["domain_id"], d["interface"] or None)
+            log.info("Unitree's motion controller released (was %r)", was or "none")
+        except RuntimeError as exc:
+            log.warning("lowcmd mode: %s", exc)
     return DdsG1Driver(mode=c["mode"], domain_id=d["domain_id"], interface=d["interface"] or None)
 
 
