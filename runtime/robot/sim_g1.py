@@ -2,8 +2,8 @@
 
 ``G1Physics`` is the joint model, shared by the in-process driver here and the DDS simulation (`wam-edge sim`):
 an enabled joint with kp > 0 follows its position target with a first-order response (a stiff PD loop seen from
-outside); kp 0 with kd > 0 damps (velocity decays, the joint comes to rest where it is); a disabled joint stays where it
-is (there is no gravity here). In arm_sdk mode the upper body blends Unitree's own hold pose with our target by the
+outside); kp 0 with kd > 0 damps (velocity decays, the joint comes to rest where it is); a disabled joint coasts to
+rest (there is no gravity here). In arm_sdk mode the upper body blends Unitree's own hold pose with our target by the
 weight, and the legs always stay Unitree's. Good enough to see commands take effect and to measure what a controller
 sends; not a physics model. Faults (tilt, heat, buttons, lost state) are injected by tests and the HIL suite.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -21,44 +22,69 @@ from runtime.robot.remote import button_mask
 
 
 class G1Physics:
-    """Joint positions and velocities of a simulated G1, advanced by ``step(dt, command, mode)``."""
+    """Joint positions and velocities of a simulated G1. Say who drives it (``unitree_holds`` or ``commanded``),
+    then ``advance(dt)``. Both simulations use this one model: the in-process driver and `wam-edge sim`."""
 
     def __init__(self, time_constant_s: float = 0.03, initial_pose: str = "nominal") -> None:
-        self.tau = time_constant_s
-        self.q = (g1.NOMINAL_POSE if initial_pose == "nominal" else np.zeros(g1.NUM_JOINTS)).copy()
-        self.dq = np.zeros(g1.NUM_JOINTS)
-        self.hold_pose = self.q.copy()  # what Unitree's own controller holds (arm_sdk weight 0, legs)
-        self._target = self.q.copy()
-        self._prev = self.q.copy()
-        self._follow = np.zeros(g1.NUM_JOINTS, dtype=bool)
-        self._damp = np.zeros(g1.NUM_JOINTS, dtype=bool)
-        self.commanded = False  # no command yet: Unitree's controller (or nothing) holds the pose
+        n = g1.NUM_JOINTS
+        self.time_constant_s = time_constant_s
+        self.hold = g1.NOMINAL_POSE.copy() if initial_pose == "nominal" else np.zeros(n)  # Unitree's hold pose
+        self.q = self.hold.copy()
+        self.dq = np.zeros(n)
+        self.tau_est = np.zeros(n)
+        # the effective command: what the joints follow this step
+        self.target = self.hold.copy()
+        self.kp = g1.DEFAULT_KP.copy()
+        self.kd = g1.DEFAULT_KD.copy()
+        self.on = np.ones(n, dtype=bool)
+        self._prev = np.zeros(n)
+        self._stiff = np.zeros(n, dtype=bool)
+        self._damped = np.zeros(n, dtype=bool)
+        self._limp = np.zeros(n, dtype=bool)
 
-    def step(self, dt: float, command: JointCommand, mode: str) -> None:
+    def unitree_holds(self, weight: float = 0.0, arm_target: Optional[np.ndarray] = None) -> None:
+        """Unitree's controller drives: every joint stiff at its hold pose; arm_sdk blends the upper body toward
+        ``arm_target`` by ``weight`` (motor_cmd[29].q)."""
+        np.copyto(self.target, self.hold)
+        np.copyto(self.kp, g1.DEFAULT_KP)
+        np.copyto(self.kd, g1.DEFAULT_KD)
+        self.on[:] = True
+        w = min(max(weight, 0.0), 1.0)
+        if arm_target is not None and w > 0.0:
+            upper = g1.UPPER_BODY_MASK
+            self.target[upper] = (1.0 - w) * self.hold[upper] + w * arm_target[upper]
+
+    def commanded(self, q: np.ndarray, kp: np.ndarray, kd: np.ndarray, enabled: np.ndarray) -> None:
+        """Our low-level commands drive every joint (lowcmd, debug mode)."""
+        np.copyto(self.target, q)
+        np.copyto(self.kp, kp)
+        np.copyto(self.kd, kd)
+        np.copyto(self.on, enabled)
+
+    def advance(self, dt: float) -> None:
+        """Stiff joints follow their target with a first-order response; kp 0 with kd > 0 damps (velocity decays at
+        kd over an assumed 0.1 kg m^2, about an arm); disabled joints coast to rest (no gravity here)."""
         if dt <= 0.0:
             return
+        stiff, damped, limp = self._stiff, self._damped, self._limp
+        np.logical_and(self.on, self.kp > 0.0, out=stiff)
+        np.logical_and(self.on, self.kp <= 0.0, out=damped)
+        damped &= self.kd > 0.0
+        np.logical_or(stiff, damped, out=limp)
+        np.logical_not(limp, out=limp)
         np.copyto(self._prev, self.q)
-        if self.commanded:
-            if mode == ARM_SDK:
-                w = min(1.0, max(0.0, command.weight))
-                np.copyto(self._target, self.hold_pose)
-                upper = g1.UPPER_BODY_MASK
-                self._target[upper] = (1.0 - w) * self.hold_pose[upper] + w * command.q[upper]
-                self._follow[:] = True  # Unitree's controller keeps every joint stiff
-                self._damp[:] = False
-            else:
-                np.copyto(self._target, command.q)
-                np.logical_and(command.enable, command.kp > 0.0, out=self._follow)
-                np.logical_and(command.enable, command.kp <= 0.0, out=self._damp)
-                self._damp &= command.kd > 0.0
-            alpha = 1.0 - math.exp(-dt / self.tau)
-            follow = self._follow
-            self.q[follow] += alpha * (self._target[follow] - self.q[follow])
-            # damping: the joint keeps a decaying share of its velocity
-            decay = math.exp(-dt / self.tau)
-            self.q[self._damp] += self.dq[self._damp] * dt * decay
-        np.subtract(self.q, self._prev, out=self.dq)
-        self.dq /= dt
+        alpha = 1.0 - math.exp(-dt / self.time_constant_s)
+        self.q[stiff] += alpha * (self.target[stiff] - self.q[stiff])
+        self.dq[stiff] = (self.q[stiff] - self._prev[stiff]) / dt
+        if damped.any():
+            self.dq[damped] *= np.exp(-dt * self.kd[damped] / 0.1)
+            self.q[damped] += self.dq[damped] * dt
+        if limp.any():
+            self.dq[limp] *= math.exp(-dt / 0.2)
+            self.q[limp] += self.dq[limp] * dt
+        np.clip(self.q, g1.POSITION_MIN, g1.POSITION_MAX, out=self.q)
+        np.clip(self.kp * (self.target - self.q) - self.kd * self.dq, -g1.TORQUE_LIMIT, g1.TORQUE_LIMIT,
+                out=self.tau_est)
 
 
 class SimulatedG1(RobotDriver):
@@ -70,6 +96,7 @@ class SimulatedG1(RobotDriver):
         self.reading = RobotReading()
         self.command = JointCommand()
         self._last = time.monotonic()
+        self.commanded = False  # nothing written yet: Unitree's controller holds the pose
         self.writes = 0
         self.frozen = False  # fault injection: robot state stops updating (a lost state stream)
         self.temperature = 25.0
@@ -78,11 +105,19 @@ class SimulatedG1(RobotDriver):
         dt = now - self._last
         if dt > 0.0:
             self._last = now
-            self.physics.step(dt, self.command, self.mode)
+            c, p = self.command, self.physics
+            if not self.commanded:
+                p.unitree_holds()
+            elif self.mode == ARM_SDK:
+                p.unitree_holds(c.weight, c.q)
+            else:
+                p.commanded(c.q, c.kp, c.kd, c.enable)
+            p.advance(dt)
         if not self.frozen:
             r = self.reading
             np.copyto(r.q, self.physics.q)
             np.copyto(r.dq, self.physics.dq)
+            np.copyto(r.tau, self.physics.tau_est)
             r.temperature[:] = self.temperature
             r.tick += 1
             r.count += 1
@@ -90,7 +125,7 @@ class SimulatedG1(RobotDriver):
         return self.reading
 
     def write(self) -> None:
-        self.physics.commanded = True
+        self.commanded = True
         self.writes += 1
 
     # -- fault injection (tests, HIL) -----------------------------------------------------------------------------

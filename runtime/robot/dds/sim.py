@@ -45,6 +45,7 @@ from runtime.robot.dds import transport
 from runtime.robot.dds.unitree_hg import LowCmd_, LowState_
 from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer
 from runtime.robot.remote import REMOTE_BYTES, encode_remote
+from runtime.robot.sim_g1 import G1Physics
 
 _N = g1.NUM_JOINTS
 _UPPER = g1.UPPER_BODY_MASK
@@ -162,7 +163,6 @@ class SimulatedG1Dds:
                  mode_machine: int = 5, loopback: Optional[bool] = None, time_constant_s: float = 0.03,
                  log_size: int = 10000, control: Optional[str] = None) -> None:
         self.rate_hz = rate_hz
-        self.time_constant_s = time_constant_s
         self.participant = transport.open_participant(domain_id, interface, loopback)
         self._readers = (transport.reader(self.participant, transport.LOWCMD_TOPIC, LowCmd_, depth=64),
                          transport.reader(self.participant, transport.ARM_SDK_TOPIC, LowCmd_, depth=64))
@@ -171,10 +171,10 @@ class SimulatedG1Dds:
         self.state = LowStateBuffer()
         self._cmd = LowCmdBuffer()
         self._floats = self._cmd.rec["motor_cmd"][0].view(np.float32).reshape(-1, 7)[:, 1:6]
-        # joint state
-        self.hold = g1.NOMINAL_POSE.copy()  # what "Unitree's controller" holds
-        self.q = self.hold.copy()
-        self.dq = np.zeros(_N)
+        # joint state: the one simulated-G1 joint model, shared with the in-process driver
+        self.physics = G1Physics(time_constant_s)
+        self.q = self.physics.q  # views the model updates in place
+        self.dq = self.physics.dq
         # latest applied commands, per topic
         self._target = np.zeros((2, _N))
         self._kp = np.zeros((2, _N))
@@ -203,13 +203,6 @@ class SimulatedG1Dds:
             self._control = zmq.Context.instance().socket(zmq.REP)
             self._control.setsockopt(zmq.LINGER, 0)
             self._control.bind(control)
-        # scratch, so a tick allocates (almost) nothing of ours
-        self._eff_target = np.zeros(_N)
-        self._eff_kp = np.zeros(_N)
-        self._eff_kd = np.zeros(_N)
-        self._eff_on = np.zeros(_N, dtype=bool)
-        self._prev_q = np.zeros(_N)
-        self._tau = np.zeros(_N)
 
     # ---- what a test sets -------------------------------------------------------------------------------------
 
@@ -323,35 +316,12 @@ class SimulatedG1Dds:
         self._have[topic] = True
 
     def _advance(self, dt: float) -> None:
-        target, kp, kd, on = self._eff_target, self._eff_kp, self._eff_kd, self._eff_on
+        p = self.physics
         if self.debug_mode:
-            target[:] = self._target[_LOWCMD]
-            kp[:] = self._kp[_LOWCMD]
-            kd[:] = self._kd[_LOWCMD]
-            on[:] = self._enabled[_LOWCMD]
+            p.commanded(self._target[_LOWCMD], self._kp[_LOWCMD], self._kd[_LOWCMD], self._enabled[_LOWCMD])
         else:  # Unitree's controller holds everything; arm_sdk blends the upper body by its weight
-            target[:] = self.hold
-            kp[:] = g1.DEFAULT_KP
-            kd[:] = g1.DEFAULT_KD
-            on[:] = True
-            if self._have[_ARM_SDK] and self._weight > 0.0:
-                w = self._weight
-                target[_UPPER] = (1.0 - w) * self.hold[_UPPER] + w * self._target[_ARM_SDK][_UPPER]
-        np.copyto(self._prev_q, self.q)
-        stiff = on & (kp > 0.0)
-        damped = on & (kp <= 0.0) & (kd > 0.0)
-        limp = ~(stiff | damped)
-        alpha = 1.0 - math.exp(-dt / self.time_constant_s)
-        self.q[stiff] += alpha * (target[stiff] - self.q[stiff])
-        self.dq[stiff] = (self.q[stiff] - self._prev_q[stiff]) / dt
-        if damped.any():  # velocity decays at kd / inertia (0.1 kg m^2, about an arm), position coasts to rest
-            self.dq[damped] *= np.exp(-dt * kd[damped] / 0.1)
-            self.q[damped] += self.dq[damped] * dt
-        if limp.any():  # frictional coasting; no gravity, so it ends up holding still
-            self.dq[limp] *= math.exp(-dt / 0.2)
-            self.q[limp] += self.dq[limp] * dt
-        np.clip(self.q, g1.POSITION_MIN, g1.POSITION_MAX, out=self.q)
-        np.clip(kp * (target - self.q) - kd * self.dq, -g1.TORQUE_LIMIT, g1.TORQUE_LIMIT, out=self._tau)
+            p.unitree_holds(self._weight if self._have[_ARM_SDK] else 0.0, self._target[_ARM_SDK])
+        p.advance(dt)
 
     def _publish(self) -> None:
         st = self.state
@@ -361,7 +331,7 @@ class SimulatedG1Dds:
         st.mode[:_N] = 1
         st.q[:_N] = self.q
         st.dq[:_N] = self.dq
-        st.tau_est[:_N] = self._tau
+        st.tau_est[:_N] = self.physics.tau_est
         st.temperature[:_N, 1] = self._temperature
         st.temperature[:_N, 0] = self._temperature - 10.0
         roll, pitch, yaw = self._tilt
