@@ -74,7 +74,6 @@ class PolicyRuntime:
         self.rejects = RejectCounter(log.warning, "robot state")
         self.camera = open_camera(camera_cfg)
         self._state_vec = np.zeros(len(manifest.state_joints), dtype=np.float32)
-        self._images: Dict[str, np.ndarray] = {}
         self.robot_state: Optional[RobotState] = None
         self.robot_state_at = 0.0  # local receipt time
         self.health = "starting"

@@ -117,12 +117,17 @@ def test_arming_is_refused_while_driving_and_stop_does_nothing_when_safe():
 
 def test_chunks_never_start_motion_outside_running():
     m = sm()
-    for s in (IDLE,):
-        m.chunk_arrived(0.0)
-        assert m.state == s
+    m.chunk_arrived(0.0)
+    assert m.state == IDLE
     m.arm(0.0, "x")
     m.chunk_arrived(0.5)
     assert m.state == ARMING
+    m.update(1.0)
+    m.stop(1.0, "x")
+    m.update(3.1)
+    assert m.state == STOPPED
+    m.chunk_arrived(3.2)
+    assert m.state == STOPPED
 
 
 # -- remote ---------------------------------------------------------------------------------------------------------

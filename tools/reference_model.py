@@ -77,8 +77,8 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH))
 
 
-class WorldLayer(nn.Module):
-    """Pre-LN self-attention block that also hands out its K and V."""
+class PreLnBlock(nn.Module):
+    """The parts both kinds of layer share: pre-LN attention projections and an MLP."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,6 +87,10 @@ class WorldLayer(nn.Module):
         self.proj = nn.Linear(WIDTH, WIDTH)
         self.norm2 = nn.LayerNorm(WIDTH)
         self.mlp = Mlp()
+
+
+class WorldLayer(PreLnBlock):
+    """Pre-LN self-attention block that also hands out its K and V."""
 
     def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = (split_heads(p) for p in self.qkv(self.norm1(h)).chunk(3, dim=-1))
@@ -122,16 +126,8 @@ class WorldModel(nn.Module):
         return tuple(kv)
 
 
-class ExpertLayer(nn.Module):
+class ExpertLayer(PreLnBlock):
     """Action tokens attend to the world K/V of the same depth plus themselves."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(WIDTH)
-        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
-        self.proj = nn.Linear(WIDTH, WIDTH)
-        self.norm2 = nn.LayerNorm(WIDTH)
-        self.mlp = Mlp()
 
     def forward(self, h: torch.Tensor, world_k: torch.Tensor, world_v: torch.Tensor) -> torch.Tensor:
         q, k, v = (split_heads(p) for p in self.qkv(self.norm1(h)).chunk(3, dim=-1))

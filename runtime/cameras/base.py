@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple, TypeVar
 import numpy as np
 
 from runtime.cameras.layout import ImageSet, Layout
+from runtime.protocol.wire import RejectCounter
 
 log = logging.getLogger("wam_edge.cameras")
 
@@ -89,28 +90,6 @@ class CameraSource(abc.ABC):
         self.close()
 
 
-class DropCounter:
-    """Counts dropped inputs by reason; logs the first of each reason, then every 100th (never floods)."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._lock = threading.Lock()
-        self.reasons: Dict[str, int] = {}
-        self.total = 0
-
-    def drop(self, reason: str, detail: str = "") -> None:
-        with self._lock:
-            n = self.reasons.get(reason, 0) + 1
-            self.reasons[reason] = n
-            self.total += 1
-        if n == 1 or n % 100 == 0:
-            log.warning("%s: dropped input #%d for %s%s", self._what, n, reason, f": {detail}" if detail else "")
-
-    def snapshot(self) -> Tuple[int, Dict[str, int]]:
-        with self._lock:
-            return self.total, dict(self.reasons)
-
-
 class ThreadedCameraSource(CameraSource):
     """Triple buffer, capture thread, stop flag and counters shared by every source.
 
@@ -138,7 +117,7 @@ class ThreadedCameraSource(CameraSource):
         self._seq = 0
         self._received = 0
         self._errors = 0
-        self._counter = DropCounter(f"camera {kind}")
+        self._counter = RejectCounter(log.warning, f"camera {kind} input")
         self._stopping = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._started = False
@@ -242,7 +221,7 @@ class ThreadedCameraSource(CameraSource):
             return self._seq
 
     def _drop(self, reason: str, detail: str = "") -> None:
-        self._counter.drop(reason, detail)
+        self._counter.count(reason, detail)
 
     # ------------------------------------------------------------------------------------------------------------
     # internals

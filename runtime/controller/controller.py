@@ -297,7 +297,8 @@ class Controller:
         else:
             self.limiter.apply(target, self.q_cmd)  # limits, in one place
             np.subtract(target, self.q_cmd, out=self._step)
-            step = float(np.abs(self._step).max())
+            np.abs(self._step, out=self._step)
+            step = float(self._step.max())
             if step > self._max_step:
                 self._max_step = step
             np.copyto(self.q_cmd, target)

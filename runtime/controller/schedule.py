@@ -48,9 +48,6 @@ class ChunkSchedule:
         self.step_s = chunk.step_s
         self.active = True
 
-    def end_time(self) -> float:
-        return self.obs_stamp + (self.horizon - 1) * self.step_s
-
     def target_at(self, now: float, out: np.ndarray) -> bool:
         """Write the interpolated targets of the chunk's joints into ``out`` (29,); False once the chunk is over."""
         f = (now - self.obs_stamp) / self.step_s

@@ -8,6 +8,7 @@ DecodeError naming what was wrong. Nothing is ever unpickled. docs/protocol.md i
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
@@ -379,20 +380,30 @@ def decode(raw: bytes, expect: Tuple[str, ...], max_bytes: int = MAX_MESSAGE_BYT
 
 
 class RejectCounter:
-    """Counts dropped messages by reason and logs the first of each reason, then every 100th (never floods)."""
+    """Counts dropped inputs by reason and logs the first of each reason, then every 100th (never floods).
+    Thread-safe: a camera's receive thread counts while the loop reads the totals."""
 
     def __init__(self, log: Callable[[str], None], what: str) -> None:
         self._log = log
         self._what = what
+        self._lock = threading.Lock()
         self.counts: Dict[str, int] = {}
         self.total = 0
 
-    def reject(self, err: DecodeError) -> None:
-        n = self.counts.get(err.reason, 0) + 1
-        self.counts[err.reason] = n
-        self.total += 1
+    def count(self, reason: str, detail: str = "") -> None:
+        with self._lock:
+            n = self.counts.get(reason, 0) + 1
+            self.counts[reason] = n
+            self.total += 1
         if n == 1 or n % 100 == 0:
-            self._log(f"dropped {self._what} #{n} for {err.reason}: {err}")
+            self._log(f"dropped {self._what} #{n} for {reason}" + (f": {detail}" if detail else ""))
+
+    def reject(self, err: DecodeError) -> None:
+        self.count(err.reason, err.detail)
+
+    def snapshot(self) -> Tuple[int, Dict[str, int]]:
+        with self._lock:
+            return self.total, dict(self.counts)
 
 
 __all__: List[str] = [
