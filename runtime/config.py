@@ -203,8 +203,13 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                         hi=1.5),
         "max_temperature": Key(100.0, float, "deg C winding temperature on any joint: stop", lo=20.0, hi=150.0),
         "max_missed_ticks": Key(10, int, "this many late control ticks in a row stop the robot", lo=1, hi=10000),
+        "max_tick_gap_s": Key(0.1, float, "the control loop stalled this long between two ticks (a paused or "
+                              "starved process): stop at once when it runs again", lo=0.005, hi=5.0),
         "latch_file": Key("/tmp/wam-edge/estop.latched", str, "an e-stop is written here and survives restarts "
                           "until a person clears it"),
+        "command_record": Key("/tmp/wam-edge/controller.record", str, "the last command, memory-mapped and "
+                              "updated every tick: a controller restarted after a crash ramps the robot out from "
+                              "there instead of leaving it on its last command; empty disables"),
         "release_motion_control": Key(False, bool, "lowcmd over DDS: release Unitree's motion controller at start "
                                       "through unitree_sdk2py's motion switcher, where it is installed (else the "
                                       "operator does it with the remote: zero-torque mode, then L2+R2)"),
@@ -235,6 +240,24 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                             lo=0, hi=255),
         "control": Key("ipc:///tmp/wam-edge/sim", str, "`wam-edge sim`: fault-injection socket (press buttons, "
                        "tilt, heat, freeze the state stream)", check=_endpoint),
+    },
+    "faults": {
+        "enabled": Key(False, bool, "test rigs only: the policy runtime obeys fault-injection requests from "
+                       "`wam-edge hil` on faults.endpoint (frozen camera, NaN or out-of-limit actions, overruns)"),
+        "endpoint": Key("ipc:///tmp/wam-edge/faults", str, "where the policy runtime binds its fault-injection "
+                        "socket when faults.enabled", check=_endpoint),
+    },
+    "hil": {
+        "robot": Key("sim", str, "sim: `wam-edge hil` starts `wam-edge sim` and injects robot faults through it | "
+                     "stand: a real G1 on a stand (or a simulator started elsewhere): scenarios that need the "
+                     "simulated robot are skipped", choices=("sim", "stand")),
+        "settle_s": Key(1.0, float, "each trial runs the policy this long after arming before the fault",
+                        lo=0.1, hi=60.0),
+        "observe_s": Key(1.0, float, "after the robot is safe, watch the wire this long more: nothing may move",
+                         lo=0.1, hi=60.0),
+        "restart_bound_s": Key(10.0, float, "a killed controller restarted by the harness must command the robot "
+                               "safe within this long of the kill", lo=0.5, hi=120.0),
+        "stall_s": Key(0.3, float, "how long a stalled process is paused (SIGSTOP .. SIGCONT)", lo=0.05, hi=30.0),
     },
     "demo": {
         "seconds": Key(10.0, float, "how long `wam-edge demo` runs the loop", lo=1.0, hi=3600.0),

@@ -73,6 +73,7 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
     with tempfile.TemporaryDirectory(prefix="wam-edge-demo-") as tmp:
         own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state",
                f"transport.control=ipc://{tmp}/control", f"controller.latch_file={tmp}/estop.latched",
+               f"controller.command_record={tmp}/controller.record",
                f"sim.control=ipc://{tmp}/sim"]
         dds = cfg["controller"]["driver"] == "dds"
         if dds:  # the demo never drives a real robot: a simulated G1 on loopback, in its own process

@@ -4,6 +4,7 @@ One thread owns the sockets and the loop; the camera runs on its own thread and 
 A frame or a robot state older than its bound is never used: the runtime waits instead of answering old data.
 Every chunk says which robot state it answers (``obs_stamp``, the controller's own stamp), so the controller can
 place it on its clock. Heartbeats tell the controller the runtime's health.
+With ``faults.enabled`` (test rigs only) the runtime also obeys fault-injection requests: see runtime/faults.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import zmq
 
 from runtime.cameras import open_camera
 from runtime.config import Config
+from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
 from runtime.metrics import LatencyRecorder, write_json
 from runtime.policy import PolicyError, load_policy
 from runtime.protocol import (
@@ -90,6 +92,21 @@ class PolicyRuntime:
         self.lat_inference = LatencyRecorder()
         self.lat_preprocess = LatencyRecorder()
         self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
+        # test rigs only (`wam-edge hil`): the policy and camera go behind fault-injecting stand-ins
+        self.faults: Optional[FaultInjector] = None
+        self._fault_socket: Optional[FaultSocket] = None
+        if cfg["faults"]["enabled"]:
+            endpoint = cfg["faults"]["endpoint"]
+            log.warning("fault injection enabled on %s: a test rig, not for field use", endpoint)
+            self.faults = FaultInjector()
+            self.policy = FaultInjectingPolicy(self.policy, self.faults, self.max_inference_s)
+            self.camera = FaultInjectingCamera(self.camera, self.faults)
+            self._fault_socket = FaultSocket(self._ctx, endpoint, self.faults)
+        # the loop sleeps until the next due time or until robot state (or a fault request) arrives
+        self._poller = zmq.Poller()
+        self._poller.register(self._state_sub, zmq.POLLIN)
+        if self._fault_socket is not None:
+            self._poller.register(self._fault_socket.sock, zmq.POLLIN)
 
     def _fault(self, now: float, detail: str) -> None:
         """Report at once (the next heartbeat goes now) and send no chunk until the cause clears."""
@@ -130,6 +147,8 @@ class PolicyRuntime:
     # -- the loop ----------------------------------------------------------------------------------------------------
 
     def step(self, now: float) -> None:
+        if self._fault_socket is not None:
+            self._fault_socket.serve()
         self._poll_state(now)
         if now >= self.next_infer:
             # keep a regular grid; after a late step (or the first one) re-anchor instead of catching up in a burst
@@ -201,8 +220,8 @@ class PolicyRuntime:
             wake = min(self.next_infer, self.next_heartbeat)
             delay = wake - time.monotonic()
             if delay > 0:
-                # wake early for robot state, which arrives often; bounded by the next due time
-                self._state_sub.poll(timeout=max(1, int(delay * 1000)))
+                # wake early for robot state, which arrives often (and fault requests); bounded by the next due time
+                self._poller.poll(timeout=max(1, int(delay * 1000)))
 
     def stop(self) -> None:
         """Tell the controller we are stopping (it holds, then stops) before the process goes."""
@@ -213,7 +232,7 @@ class PolicyRuntime:
 
     def report(self) -> Dict[str, Any]:
         cam = self.camera.stats()
-        return {
+        out: Dict[str, Any] = {
             "session": self.session,
             "frames": cam.get("frames", 0),
             "camera": cam,
@@ -227,12 +246,17 @@ class PolicyRuntime:
                 "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
             },
         }
+        if self.faults is not None:
+            out["faults_injected"] = dict(self.faults.counts)
+        return out
 
     def close(self) -> None:
         self.camera.close()
         # give what is queued (the last chunk, the stopping heartbeat) a bounded chance to leave
         self._chunks.close(linger=500)
         self._state_sub.close(0)
+        if self._fault_socket is not None:
+            self._fault_socket.close()
 
 
 def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[str] = None,

@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from runtime.config import load_config
 from runtime.controller.controller import Controller
 from runtime.controller.limits import JointLimiter
+from runtime.controller.record import SIZE, STATE_CODES, CommandRecord
 from runtime.controller.safety import ARMING, ESTOP, HOLDING, IDLE, RUNNING, STOPPED, STOPPING
 from runtime.controller.schedule import ChunkSchedule
 from runtime.protocol import ActionChunk, Heartbeat, decode, encode_chunk, encode_heartbeat
@@ -85,13 +86,15 @@ FAST = ["controller.chunk_timeout_s=0.2", "controller.hold_s=0.2", "controller.a
 class Rig:
     """A Controller on the in-process simulated G1, with a real PUSH for chunks and a real SUB for state."""
 
-    def __init__(self, tmp_path, *sets):
+    def __init__(self, tmp_path, *sets, sim=None):
         self.cfg = load_config(None, [f"transport.chunks=ipc://{tmp_path}/chunks",
                                       f"transport.state=ipc://{tmp_path}/state",
                                       f"transport.control=ipc://{tmp_path}/control",
-                                      f"controller.latch_file={tmp_path}/estop.latched", *FAST, *sets])
+                                      f"controller.latch_file={tmp_path}/estop.latched",
+                                      f"controller.command_record={tmp_path}/controller.record", *FAST, *sets])
         self.ctx = zmq.Context()
-        self.sim = SimulatedG1(mode=self.cfg["controller"]["mode"])
+        self.sim = sim or SimulatedG1(mode=self.cfg["controller"]["mode"])  # pass one on: the same robot
+        self.closed = False
         self.controller = Controller(self.cfg, self.sim, self.ctx)
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
@@ -124,10 +127,24 @@ class Rig:
         return np.linspace(start, _arm_target(delta), h).astype(np.float32)
 
     def close(self):
+        if self.closed:
+            return
+        self.closed = True
         self.push.close()
         self.sub.close()
         self.controller.close()
         self.ctx.term()
+
+    def crash(self):
+        """What kill -9 leaves behind: the command record as the last tick wrote it (no final write), the robot on
+        the last command it received."""
+        c = self.controller
+        c.record.close()
+        c.record = None
+        for sock in (c._inbox, c._state_pub, c._control, self.push, self.sub):
+            sock.close(0)
+        self.ctx.term()
+        self.closed = True
 
 
 @pytest.fixture
@@ -409,7 +426,7 @@ def test_controller_process_arms_executes_chunks_and_stops_on_sigterm(tmp_path):
     ready = tmp_path / "ready"
     sets = [f"transport.chunks=ipc://{tmp_path}/c", f"transport.state=ipc://{tmp_path}/s",
             f"transport.control=ipc://{tmp_path}/k", f"controller.latch_file={tmp_path}/latch",
-            "controller.arm_ramp_s=0.1", "controller.stop_ramp_s=0.3"]
+            f"controller.command_record={tmp_path}/record", "controller.arm_ramp_s=0.1", "controller.stop_ramp_s=0.3"]
     cmd = [sys.executable, "-m", "runtime.cli", "controller", "--report", str(report), "--ready-file", str(ready)]
     cmd += [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -444,3 +461,431 @@ def test_controller_process_arms_executes_chunks_and_stops_on_sigterm(tmp_path):
     assert [t["to"] for t in r["transitions"]][-2:] == [STOPPING, STOPPED]
     assert r["limiter"]["max_step_rad"] <= r["limiter"]["max_step_allowed_rad"]
     assert np.allclose(np.array(r["final_q"])[ARM_IDX], _arm_target(0.2), atol=0.05)
+
+
+# -- the command record: a controller killed while driving the robot ----------------------------------------------
+
+def _write(rec, state, weight=1.0, q=None, kp=None, kd=None, immediate=False, stamp=1.0, ticks=7):
+    q = g1.NOMINAL_POSE + 0.1 if q is None else q
+    rec.write(STATE_CODES[state], immediate, weight, q, g1.DEFAULT_KP if kp is None else kp,
+              g1.DEFAULT_KD if kd is None else kd, stamp, ticks)
+
+
+def test_record_round_trip_and_the_newest_update_wins(tmp_path):
+    path = str(tmp_path / "deep" / "er" / "controller.record")  # directories are made
+    rec = CommandRecord(path, "arm_sdk")
+    assert rec.read() is None  # a new file: nothing to take over
+    _write(rec, RUNNING, 1.0, g1.NOMINAL_POSE + 0.05)
+    q = g1.NOMINAL_POSE + np.linspace(-0.2, 0.2, g1.NUM_JOINTS)
+    kp = g1.DEFAULT_KP * 0.5
+    _write(rec, ARMING, 0.375, q, kp=kp, stamp=12.5, ticks=99)
+    rec.close()
+    assert os.path.getsize(path) == SIZE
+    rec = CommandRecord(path, "arm_sdk")
+    snap = rec.read()
+    assert snap.state == ARMING and snap.mode == "arm_sdk" and snap.weight == 0.375 and snap.pid == os.getpid()
+    assert np.array_equal(snap.q, q) and np.array_equal(snap.kp, kp) and np.array_equal(snap.kd, g1.DEFAULT_KD)
+    assert snap.stamp == 12.5 and snap.ticks == 99 and not snap.immediate
+    _write(rec, STOPPING, 0.25, immediate=True)  # a new writer numbers on from the previous one: it wins
+    rec.close()
+    rec = CommandRecord(path, "arm_sdk")
+    snap = rec.read()
+    assert snap.state == STOPPING and snap.weight == 0.25 and snap.immediate
+    rec.close()
+
+
+def test_one_writer_at_a_time(tmp_path):
+    rec = CommandRecord(str(tmp_path / "r"), "lowcmd")
+    try:
+        with pytest.raises(OSError, match="another running controller"):
+            CommandRecord(str(tmp_path / "r"), "lowcmd")
+    finally:
+        rec.close()
+    CommandRecord(str(tmp_path / "r"), "lowcmd").close()  # released with the first
+
+
+def _tear(path, slot):
+    """A writer killed in the middle of an update of ``slot``: begin is stored, end is not."""
+    from runtime.controller.record import HEADER_BYTES, SLOT
+
+    m = np.memmap(path, SLOT, "r+", offset=HEADER_BYTES, shape=(2,))
+    m["begin"][slot] = int(m["end"][slot]) + 2
+    m.flush()
+    del m
+
+
+def test_a_torn_record_is_ignored_and_a_torn_newest_update_falls_back_to_the_one_before(tmp_path, caplog):
+    path = str(tmp_path / "r")
+    rec = CommandRecord(path, "arm_sdk")
+    _write(rec, RUNNING, 1.0, g1.NOMINAL_POSE + 0.01)  # write 1: slot 1
+    _write(rec, RUNNING, 1.0, g1.NOMINAL_POSE + 0.02)  # write 2: slot 0
+    rec.close()
+    _tear(path, 0)
+    rec = CommandRecord(path, "arm_sdk")
+    snap = rec.read()
+    rec.close()
+    assert np.array_equal(snap.q, g1.NOMINAL_POSE + 0.01) and "newest update was torn" in caplog.text
+    _tear(path, 1)
+    rec = CommandRecord(path, "arm_sdk")
+    assert rec.read() is None and "torn" in caplog.text
+    rec.close()
+
+
+@pytest.mark.parametrize("mode,state,weight,taken", [
+    ("arm_sdk", IDLE, 0.0, False),
+    ("arm_sdk", STOPPED, 0.0, False),
+    ("arm_sdk", ESTOP, 0.0, False),
+    ("arm_sdk", ESTOP, 0.4, True),  # killed in the middle of the e-stop ramp: the robot is not released yet
+    ("arm_sdk", STOPPED, 0.1, True),
+    ("lowcmd", STOPPED, 0.0, False),  # damping: safe to be left on
+    ("lowcmd", ESTOP, 0.0, False),
+    ("lowcmd", HOLDING, 0.0, True),
+    ("arm_sdk", STOPPING, 0.5, True),
+])
+def test_a_record_left_safe_is_ignored(tmp_path, mode, state, weight, taken):
+    rec = CommandRecord(str(tmp_path / "r"), mode)
+    _write(rec, state, weight)
+    rec.close()
+    rec = CommandRecord(str(tmp_path / "r"), mode)
+    assert (rec.read() is not None) == taken
+    rec.close()
+
+
+def test_a_record_of_the_other_mode_or_invalid_is_ignored(tmp_path, caplog):
+    rec = CommandRecord(str(tmp_path / "r"), "lowcmd")
+    _write(rec, RUNNING, 0.0)
+    rec.close()
+    rec = CommandRecord(str(tmp_path / "r"), "arm_sdk")
+    assert rec.read() is None and "lowcmd mode" in caplog.text
+    _write(rec, RUNNING, 1.0, q=np.full(g1.NUM_JOINTS, np.nan))
+    rec.close()
+    rec = CommandRecord(str(tmp_path / "r"), "arm_sdk")
+    assert rec.read() is None and "non-finite" in caplog.text
+    rec.close()
+    (tmp_path / "r").write_bytes(b"\x01" * SIZE)  # the right size, not a record
+    rec = CommandRecord(str(tmp_path / "r"), "arm_sdk")
+    assert rec.read() is None and "not a version 1 command record" in caplog.text
+    rec.close()
+
+
+def test_an_unusable_record_path_is_logged_and_the_controller_runs_without_one(rig, tmp_path, caplog):
+    (tmp_path / "a_file").write_text("")
+    r = rig(f"controller.command_record={tmp_path}/a_file/controller.record")
+    assert r.controller.record is None and "running without one" in caplog.text
+    r.arm()
+    assert r.controller.report()["command_record"] is None
+
+
+def test_every_tick_is_recorded_and_a_clean_exit_leaves_safe_behind(rig, tmp_path):
+    r = rig()
+    rec_path = str(tmp_path / "controller.record")
+    r.arm()
+    r.controller._operator("stop", time.monotonic(), "test")
+    r.run(0.5)
+    assert r.controller.sm.state == STOPPED
+    ticks = r.controller.ticks
+    r.close()
+    rec = CommandRecord(rec_path, "arm_sdk")
+    last = rec.last()
+    assert last.state == STOPPED and last.weight == 0.0 and last.ticks == ticks and rec.read() is None
+    rec.close()
+    r2 = Rig(tmp_path)
+    try:
+        assert r2.controller.sm.state == IDLE and r2.controller.took_over is None
+    finally:
+        r2.close()
+
+
+def _recorded(tmp_path, mode):
+    rec = CommandRecord(str(tmp_path / "controller.record"), mode)
+    try:
+        return rec.read()
+    finally:
+        rec.close()
+
+
+def _drive(c, seconds, until=None):
+    """Tick on the real clock; every command written, as (state, q, weight, kp, kd)."""
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (until and until(out)):
+        c.tick(time.monotonic())
+        cmd = c.driver.command
+        out.append((c.sm.state, cmd.q.copy(), cmd.weight, cmd.kp.copy(), cmd.kd.copy()))
+        time.sleep(0.002)
+    return out
+
+
+@pytest.mark.parametrize("when", ["running", "arming"])
+def test_arm_sdk_restart_after_a_crash_ramps_out_from_the_recorded_command(rig, tmp_path, caplog, when):
+    r = rig(*(["controller.arm_ramp_s=0.2"] if when == "arming" else []))
+    if when == "running":
+        r.arm()
+        for i in range(3):
+            r.send(r.toward(0.3, 8), step_s=0.05, seq=i)
+            r.run(0.1)
+    else:
+        r.controller._operator("arm", time.monotonic(), "test")
+        _drive(r.controller, 0.1)
+    assert r.controller.sm.state == (RUNNING if when == "running" else ARMING)
+    r.crash()
+    prev = _recorded(tmp_path, "arm_sdk")
+    assert prev is not None and prev.state == when
+    assert np.array_equal(prev.q, r.controller.q_cmd) and prev.weight == r.sim.command.weight
+    assert (prev.weight == 1.0) if when == "running" else (0.2 < prev.weight < 0.9)
+    r2 = Rig(tmp_path, *FAST, "controller.stop_ramp_s=0.3", sim=r.sim)  # a new controller on the same robot
+    try:
+        c = r2.controller
+        assert c.sm.state == STOPPING
+        reason = f"controller restarted while driving the robot (previous pid {os.getpid()}, state {when})"
+        assert c.sm.reason == reason and reason in caplog.text
+        assert [rec.levelname for rec in caplog.records if reason in rec.message] == ["WARNING"]
+        out = _drive(c, 2.0, until=lambda o: o and o[-1][0] == STOPPED and o[-1][2] == 0.0)
+        state, q, weight, _, _ = out[0]
+        assert state == STOPPING and np.array_equal(q, prev.q)  # exactly where the robot was told to be
+        assert prev.weight - c.period / 0.3 - 1e-12 <= weight < prev.weight  # one tick's share of the ramp
+        weights = [o[2] for o in out]
+        assert np.all(np.diff(weights) <= 0) and weights[-1] == 0.0
+        assert -np.diff([prev.weight] + weights).max() <= c.period / 0.3 + 1e-12
+        qs = np.array([o[1] for o in out])
+        assert np.abs(np.diff(np.vstack([prev.q, qs]), axis=0)).max() <= c.limiter.max_step + 1e-12
+        assert out[-1][0] == STOPPED
+        rep = c.report()
+        assert rep["stops"][0]["reason"] == reason and rep["took_over"]["state"] == when
+        # nothing moves again until a person arms
+        held = c.q_cmd.copy()
+        r2.send(r2.toward(0.1))
+        r2.run(0.2)
+        assert c.sm.state == STOPPED and np.array_equal(c.q_cmd, held) and c.chunks_ignored == 1
+        assert r2.sim.command.weight == 0.0
+        r2.arm()
+    finally:
+        r2.close()
+
+
+def test_lowcmd_restart_after_a_crash_holds_at_the_recorded_gains_then_damps(rig, tmp_path):
+    r = rig("controller.mode=lowcmd", "controller.arm_ramp_s=0.4")
+    r.controller._operator("arm", time.monotonic(), "test")
+    _drive(r.controller, 0.2)  # killed in the middle of arming: the gains are part way up
+    r.crash()
+    prev = _recorded(tmp_path, "lowcmd")
+    assert prev.state == ARMING and 0.2 < prev.kp.max() / g1.DEFAULT_KP.max() < 0.9
+    r2 = Rig(tmp_path, "controller.mode=lowcmd", "controller.hold_before_damp_s=0.2", sim=r.sim)
+    try:
+        c = r2.controller
+        assert c.sm.state == STOPPING and "previous pid" in c.sm.reason
+        t0 = c.sm.since
+        out = _drive(c, 1.0, until=lambda o: len(o) > 20 and o[-20][0] == STOPPED)
+        assert np.array_equal(out[0][1], prev.q)
+        holding = [o for o in out if o[0] == STOPPING]
+        assert holding and c.report()["transitions"][-1]["t"] - t0 >= 0.2
+        for _, q, _, kp, kd in holding:  # the recorded targets at the recorded gains: no step on the wire
+            assert np.array_equal(q, prev.q) and np.array_equal(kp, prev.kp) and np.array_equal(kd, prev.kd)
+        damping = [o for o in out if o[0] == STOPPED]
+        assert all((o[3] == 0).all() and (o[4] == 8.0).all() for o in damping)
+        assert r2.sim.writes >= len(out)  # re-sent every tick
+        r2.send(np.repeat(c.q_cmd[ARM_IDX][None], 8, 0).astype(np.float32))
+        r2.run(0.1)
+        assert c.sm.state == STOPPED and c.chunks_applied == 0 and (r2.sim.command.kp == 0).all()
+    finally:
+        r2.close()
+
+
+@pytest.mark.parametrize("mode", ["arm_sdk", "lowcmd"])
+def test_a_latched_estop_wins_over_the_record(rig, tmp_path, mode):
+    r = rig(f"controller.mode={mode}")
+    r.arm()
+    r.crash()
+    prev = _recorded(tmp_path, mode)
+    assert prev.state == RUNNING
+    (tmp_path / "estop.latched").write_text("latched by hand\n")
+    r2 = Rig(tmp_path, f"controller.mode={mode}", sim=r.sim)
+    try:
+        c = r2.controller
+        assert c.sm.state == ESTOP and "latched" in c.sm.reason
+        out = _drive(c, 0.3)
+        assert all(o[0] == ESTOP for o in out)
+        if mode == "arm_sdk":  # released from the recorded weight at the e-stop ramp, never at once
+            weights = [o[2] for o in out]
+            assert np.array_equal(out[0][1], prev.q) and 1.0 - weights[0] <= c.period / 0.05 + 1e-12
+            assert np.all(np.diff(weights) <= 0) and weights[-1] == 0.0
+        else:  # damping at once
+            assert (out[0][3] == 0).all() and (out[0][4] == 8.0).all()
+        assert not c._operator("arm", time.monotonic(), "test").ok
+    finally:
+        r2.close()
+
+
+def test_a_taken_over_controller_commands_nothing_until_the_robot_state_arrives(rig, tmp_path):
+    r = rig("controller.mode=lowcmd")
+    r.arm()
+    r.crash()
+    prev = _recorded(tmp_path, "lowcmd")
+    r.sim.frozen = True  # no robot state yet for the new controller (DDS discovery, a robot still booting)
+    r2 = Rig(tmp_path, "controller.mode=lowcmd", "controller.hold_before_damp_s=0.3", sim=r.sim)
+    try:
+        c = r2.controller
+        writes = r2.sim.writes
+        out = _drive(c, 0.15)
+        assert r2.sim.writes == writes  # the robot stays on its last command, as with no controller at all
+        assert all(o[0] == STOPPING for o in out) and not c.sm.immediate  # no state yet is not stale state
+        r2.sim.frozen = False
+        t_state = time.monotonic()
+        out = _drive(c, 0.15)
+        assert r2.sim.writes > writes and np.array_equal(out[0][1], prev.q)
+        assert all(o[0] == STOPPING for o in out) and c.sm.since >= t_state  # the hold counts from the state
+        r2.sim.frozen = True  # and state that stops after it came: damping at once
+        time.sleep(0.15)
+        now = time.monotonic()
+        c.tick(now)
+        assert c.sm.state == STOPPED and c.sm.immediate
+        assert (r2.sim.command.kp == 0).all() and (r2.sim.command.kd == 8.0).all()
+        assert "escalated to an immediate stop" in c.sm.transitions()[-2]["reason"]
+        assert c.sm.describe().startswith("stop complete (cause: ")  # a stall or the stale state
+    finally:
+        r2.close()
+
+
+@pytest.mark.parametrize("mode", ["arm_sdk", "lowcmd"])
+def test_a_robot_far_from_the_recorded_command_is_released_at_once(rig, tmp_path, mode):
+    r = rig(f"controller.mode={mode}")
+    r.arm()
+    r.crash()
+    r.sim.command.q[ARM_IDX] += 0.5  # since the crash another program commanded the robot elsewhere
+    r.sim.read(time.monotonic() + 1.0)  # and it went there
+    r2 = Rig(tmp_path, f"controller.mode={mode}", "controller.hold_before_damp_s=5", sim=r.sim)
+    try:
+        c = r2.controller
+        c.tick(time.monotonic())
+        cmd = r2.sim.command
+        if mode == "arm_sdk":  # no jump back to the recorded pose at full weight: released at once
+            assert cmd.weight == 0.0 and c.sm.state == STOPPING
+        else:  # damping at once
+            assert c.sm.immediate and (cmd.kp == 0).all()
+        if mode == "lowcmd":
+            assert "from its recorded command" in c.sm.describe()
+    finally:
+        r2.close()
+
+
+# -- a stalled control loop -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["arm_sdk", "lowcmd"])
+def test_a_stalled_loop_stops_the_robot_at_once(rig, mode):
+    r = rig(f"controller.mode={mode}", "controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    r.arm()
+    c = r.controller
+    t = time.monotonic()
+    c.tick(t)
+    c.tick(t + 0.09)  # late, under the gap: nothing
+    assert c.sm.state == RUNNING
+    c.tick(t + 0.09 + 0.3125)  # the process was paused
+    stop = c.report()["stops"][0]
+    assert stop["from"] == RUNNING and stop["to"] == STOPPING and c.sm.immediate
+    assert stop["reason"] == "control loop stalled for 312 ms (limit 100 ms)"
+    if mode == "lowcmd":  # damping at that tick
+        assert c.sm.state == STOPPED and (r.sim.command.kp == 0).all() and (r.sim.command.kd == 8.0).all()
+    else:  # the e-stop ramp from that tick
+        assert c.sm.state == STOPPING and r.sim.command.weight == 1.0 - c.period / 0.05
+
+
+def test_a_wait_before_the_loop_starts_is_no_stall(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5", "controller.max_tick_gap_s=0.05")
+    r.arm()
+    time.sleep(0.2)
+    r.run(0.05)
+    assert r.controller.sm.state == RUNNING
+
+
+# -- the controller killed as a process --------------------------------------------------------------------------------
+
+def _start_controller(tmp_path, name, *extra):
+    ready = tmp_path / f"{name}.ready"
+    sets = [f"transport.chunks=ipc://{tmp_path}/c", f"transport.state=ipc://{tmp_path}/s",
+            f"transport.control=ipc://{tmp_path}/k", f"controller.latch_file={tmp_path}/latch",
+            f"controller.command_record={tmp_path}/record", "controller.arm_ramp_s=0.1",
+            "controller.chunk_timeout_s=10", "controller.heartbeat_timeout_s=10", *extra]
+    cmd = [sys.executable, "-m", "runtime.cli", "controller", "--report", str(tmp_path / f"{name}.json"),
+           "--ready-file", str(ready)] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert ready.exists(), "the controller process did not get ready"
+    return proc
+
+
+def _until_state(endpoint, ctx, state, seconds=5.0):
+    from runtime.controller import operator
+
+    deadline = time.monotonic() + seconds
+    while True:
+        reply = operator.send(endpoint, "status", "test", ctx=ctx)
+        if reply.state == state or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_controller_process_killed_while_driving_is_stopped_by_the_next_one(tmp_path):
+    from runtime.controller import operator
+
+    endpoint = f"ipc://{tmp_path}/k"
+    ctx = zmq.Context()
+    procs = []
+    try:
+        first = _start_controller(tmp_path, "first")
+        procs.append(first)
+        assert operator.send(endpoint, "arm", "test", ctx=ctx).ok
+        assert _until_state(endpoint, ctx, RUNNING).state == RUNNING
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = _start_controller(tmp_path, "second", "controller.stop_ramp_s=1.0")
+        procs.append(second)
+        reply = operator.send(endpoint, "status", "test", ctx=ctx)
+        reason = f"controller restarted while driving the robot (previous pid {first.pid}, state running)"
+        assert reply.state == STOPPING and reply.detail == reason
+        assert not operator.send(endpoint, "arm", "test", ctx=ctx).ok  # not while stopping
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        ctx.destroy(0)
+    rep = json.loads((tmp_path / "second.json").read_text())
+    assert rep["stops"][0]["from"] == IDLE and rep["stops"][0]["reason"] == reason
+    assert rep["took_over"]["pid"] == first.pid and rep["state"] == STOPPED and rep["safe"] is True
+    rec = CommandRecord(str(tmp_path / "record"), "arm_sdk")
+    try:  # the clean exit left the robot safe behind: a third start would come up idle
+        assert rec.last().state == STOPPED and rec.last().weight == 0.0 and rec.read() is None
+    finally:
+        rec.close()
+
+
+@pytest.mark.slow
+def test_controller_process_paused_while_driving_stops_the_robot_when_it_runs_again(tmp_path):
+    from runtime.controller import operator
+
+    endpoint = f"ipc://{tmp_path}/k"
+    ctx = zmq.Context()
+    proc = None
+    try:
+        proc = _start_controller(tmp_path, "ctl", "controller.estop_ramp_s=1.0")
+        assert operator.send(endpoint, "arm", "test", ctx=ctx).ok
+        assert _until_state(endpoint, ctx, RUNNING).state == RUNNING
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGCONT)
+        reply = _until_state(endpoint, ctx, STOPPING)
+        assert reply.state == STOPPING and reply.detail.startswith("control loop stalled for ")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        ctx.destroy(0)
+    rep = json.loads((tmp_path / "ctl.json").read_text())
+    stop = rep["stops"][0]
+    assert stop["from"] == RUNNING and stop["to"] == STOPPING and "(limit 100 ms)" in stop["reason"]
+    assert int(stop["reason"].split()[4]) >= 250

@@ -168,3 +168,37 @@ def test_remote_combos_fire_once_on_press_and_held_ones_need_holding():
     assert r.poll(both, 1.1) == "estop"  # e-stop wins the tick
     assert r.poll(both, 1.2) == "stop"  # and stop fires the next one, once
     assert r.poll(decode_buttons(_raw("right")), 2.0) == "next_task"
+
+
+# -- taking over from a controller that died driving the robot --------------------------------------------------------
+
+def test_resume_stop_at_start_stops_and_needs_a_person():
+    m = sm()
+    assert m.resume_stop(5.0, "controller restarted while driving the robot (previous pid 7, state running)")
+    assert m.state == STOPPING and not m.immediate and not m.safe
+    assert m.transitions() == [{"t": 5.0, "from": IDLE, "to": STOPPING,
+                                "reason": "controller restarted while driving the robot (previous pid 7, state "
+                                          "running)"}]
+    m.chunk_arrived(5.1)
+    assert m.arm(5.1, "x") == "cannot arm while stopping"
+    assert m.update(6.99) == STOPPING and m.update(7.0) == STOPPED
+    assert m.update(100.0) == STOPPED  # nothing moves again on its own
+    assert m.arm(100.0, "x") is None
+
+
+def test_resume_stop_immediate_uses_the_short_stop():
+    m = sm()
+    assert m.resume_stop(0.0, "restarted", immediate=True)
+    assert m.immediate and m.update(0.29) == STOPPING and m.update(0.3) == STOPPED
+
+
+def test_a_latched_estop_wins_over_resume_stop():
+    m = sm(estop_latched=True)
+    assert not m.resume_stop(0.0, "restarted")
+    assert m.state == ESTOP and m.transitions() == []
+
+
+def test_resume_stop_only_at_start():
+    m = sm()
+    t = run_to_running(m)
+    assert not m.resume_stop(t, "restarted") and m.state == RUNNING

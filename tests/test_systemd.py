@@ -480,7 +480,8 @@ def test_controller_process_notifies_ready_watchdog_and_stopping(tmp_path):
     sock.settimeout(20)
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
     sets = [f"transport.chunks=ipc://{tmp_path}/c", f"transport.state=ipc://{tmp_path}/s",
-            f"transport.control=ipc://{tmp_path}/k", f"controller.latch_file={tmp_path}/latch"]
+            f"transport.control=ipc://{tmp_path}/k", f"controller.latch_file={tmp_path}/latch",
+            f"controller.command_record={tmp_path}/record"]
     cmd = [_sys.executable, "-m", "runtime.cli", "controller"] + [a for s in sets for a in ("--set", s)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = _subprocess.Popen(cmd, cwd=root, env=env)

@@ -2,7 +2,8 @@
 
 Each tick is read -> update -> write (ros2_control's shape): read the robot; take in chunks, heartbeats, operator
 commands and the remote's buttons; run the monitors; let the safety state machine (safety.py, the one owner of
-transitions) advance; shape the command the state calls for; pass positions through the one JointLimiter; write.
+transitions) advance; shape the command the state calls for; pass positions through the one JointLimiter; record it
+(record.py: a restarted controller takes over from it); write.
 docs/safety.md describes every state, trigger and what each mode commands.
 """
 
@@ -19,6 +20,7 @@ import zmq
 
 from runtime.config import Config
 from runtime.controller.limits import JointLimiter
+from runtime.controller.record import STATE_CODES, CommandRecord, Snapshot
 from runtime.controller.remote import RemoteControls
 from runtime.controller.safety import (
     ACCEPTS_CHUNKS,
@@ -75,11 +77,12 @@ class Controller:
         self.task_index = 0
         self.latch_file = c["latch_file"]
         arm_sdk = self.mode == ARM_SDK
+        now = time.monotonic()
         self.sm = SafetyStateMachine(
             arm_s=c["arm_ramp_s"], hold_s=c["hold_s"],
             stop_s=c["stop_ramp_s"] if arm_sdk else c["hold_before_damp_s"],
             immediate_stop_s=c["estop_ramp_s"] if arm_sdk else 0.0,
-            estop_latched=os.path.exists(self.latch_file), now=time.monotonic())
+            estop_latched=os.path.exists(self.latch_file), now=now)
 
         self._ctx = ctx or zmq.Context.instance()
         self._inbox = sockets.pull_bound(self._ctx, t["chunks"], hwm=16, max_bytes=t["max_message_bytes"])
@@ -89,7 +92,7 @@ class Controller:
         self._publish_every = max(1, int(round(self.rate_hz / c["state_publish_hz"])))
         self.rejects = RejectCounter(log.warning, "message")
 
-        r = driver.read(time.monotonic())
+        r = driver.read(now)
         self.q_cmd = r.q.copy()  # the last position command: the limiter's reference, never a jump from here
         self._target = r.q.copy()
         self._rejections_in_a_row = 0
@@ -111,6 +114,80 @@ class Controller:
         self._step = np.zeros(g1.NUM_JOINTS)
         self._absdq = np.zeros(g1.NUM_JOINTS)
         self._signal: Optional[str] = None
+        self._max_gap = c["max_tick_gap_s"]
+        self._last_tick_at: Optional[float] = None  # the previous tick's clock: a longer gap is a stalled loop
+        # a predecessor that died driving the robot: its last command, where this controller's stop starts from
+        self.took_over: Optional[Snapshot] = None
+        self._started_at = now
+        self._awaiting_state = False  # taken over: command nothing until the robot's state says where it is
+        self._resume_since: Optional[float] = None
+        self._resume_kp = np.zeros(g1.NUM_JOINTS)
+        self._resume_kd = np.zeros(g1.NUM_JOINTS)
+        self.record: Optional[CommandRecord] = None
+        if c["command_record"]:
+            try:
+                self.record = CommandRecord(c["command_record"], self.mode)
+            except (OSError, ValueError) as exc:  # like the latch file: say so, and run without one
+                log.error("command record %s: %s: running without one (a controller restarted after this one dies "
+                          "would not know the command the robot was left on)", c["command_record"], exc)
+        self._record_path = self.record.path if self.record is not None else None
+        if self.record is not None:
+            previous = self.record.read()
+            if previous is not None:
+                self._take_over(previous, now)
+                self._awaiting_state = True
+            self._write_record(now, self.sm.state)
+
+    # -- the command record: take over from a predecessor that died driving the robot --------------------------------
+
+    def _take_over(self, previous: Snapshot, now: float) -> None:
+        """Start from the command the robot was left on: the first command is exactly it (no step on the wire);
+        arm_sdk ramps the weight out from the recorded one, lowcmd holds the recorded targets at the recorded gains
+        for hold_before_damp_s and then damps. A latched e-stop wins (the e-stop ramp from the recorded weight)."""
+        self.took_over = previous
+        cmd = self.driver.command
+        np.copyto(self.q_cmd, previous.q)
+        np.copyto(cmd.q, previous.q)
+        np.copyto(cmd.kp, previous.kp)
+        np.copyto(cmd.kd, previous.kd)
+        np.copyto(self._resume_kp, previous.kp)
+        np.copyto(self._resume_kd, previous.kd)
+        if self.mode == ARM_SDK:
+            cmd.weight = previous.weight
+        reason = f"controller restarted while driving the robot (previous pid {previous.pid}, state {previous.state})"
+        if self.sm.resume_stop(now, reason, immediate=previous.immediate or previous.state == ESTOP):
+            self._resume_since = self.sm.since
+            log.warning("%s: stopping from its last command (%s); nothing moves again until a person arms",
+                        reason, previous.describe())
+        else:
+            log.warning("%s, and an e-stop is latched: e-stop from its last command (%s)", reason,
+                        previous.describe())
+
+    def _check_take_over(self, now: float, r: RobotReading) -> None:
+        """The first robot state after taking over: the stop's timer starts now. A robot far from the recorded
+        command is not on it (restarted, or handed back to Unitree's controller since): arm_sdk releases it at once
+        (weight 0, no jump to the recorded pose), lowcmd damps at once."""
+        self._awaiting_state = False
+        self.sm.restart_timer(now)
+        if self._resume_since is not None:
+            self._resume_since = self.sm.since
+        joints = g1.UPPER_BODY_MASK if self.mode == ARM_SDK else slice(None)
+        far = float(np.abs(r.q[joints] - self.q_cmd[joints]).max())
+        if far <= self.c["max_first_step"]:
+            return
+        reason = (f"the robot is {far:.2f} rad from its recorded command (limit {self.c['max_first_step']}): it is "
+                  "not on it")
+        if self.mode == ARM_SDK:
+            self.driver.command.weight = 0.0
+            log.warning("%s; released at once (arm_sdk weight 0)", reason)
+        else:
+            self.sm.stop(now, reason, immediate=True)
+            log.warning("%s; damping at once", reason)
+
+    def _write_record(self, now: float, state: str) -> None:
+        cmd = self.driver.command
+        self.record.write(STATE_CODES[state], self.sm.immediate, cmd.weight, self.q_cmd, cmd.kp, cmd.kd, now,
+                          self.ticks)
 
     # -- operator actions (remote, control socket, signals) --------------------------------------------------------
 
@@ -154,6 +231,12 @@ class Controller:
                 os.remove(self.latch_file)
         except OSError as exc:  # the latch in memory still holds; say that the file failed
             log.error("e-stop latch file %s: %s", self.latch_file, exc)
+
+    @property
+    def released(self) -> bool:
+        """Safe, and in arm_sdk the weight ramp has come down to 0: the robot is no longer on this controller's
+        command (the weight steps by the tick, the stop's timer by the clock: after late ticks it ends first)."""
+        return self.sm.safe and (self.mode != ARM_SDK or self.sm.state == IDLE or self.driver.command.weight <= 0.0)
 
     def request_stop(self, reason: str) -> None:
         """Safe from a signal handler: the loop stops the robot at its next tick, then returns."""
@@ -241,7 +324,7 @@ class Controller:
             reply = Reply(False, self.sm.state, str(err))
         else:
             reply = self._operator(cmd.cmd, now, cmd.who) if cmd.cmd != "status" else \
-                Reply(True, self.sm.state, self.sm.reason)
+                Reply(True, self.sm.state, self.sm.describe())
         self._control.send(encode_reply(reply))  # REP must answer every request
 
     # -- monitors ---------------------------------------------------------------------------------------------------
@@ -250,8 +333,12 @@ class Controller:
         sm, c = self.sm, self.c
         if sm.state in SAFE_STATES:
             return
+        if self._last_tick_at is not None and now - self._last_tick_at > self._max_gap:
+            sm.stop(now, f"control loop stalled for {(now - self._last_tick_at) * 1000:.0f} ms "
+                    f"(limit {self._max_gap * 1000:.0f} ms)", immediate=True)
         age = now - r.stamp
-        if age > c["state_timeout_s"]:
+        # ">=": the stop goes out at the first tick at the bound, within bound + 2 periods of the last state sent
+        if age >= c["state_timeout_s"] and not self._awaiting_state:
             sm.stop(now, f"robot state is {age * 1000:.0f} ms old (limit {c['state_timeout_s'] * 1000:.0f} ms)",
                     immediate=True)
             return
@@ -269,9 +356,9 @@ class Controller:
             sm.stop(now, f"{self._late_in_a_row} control ticks late in a row")
         if sm.state == RUNNING:
             since = max(self.last_chunk_at, sm.since)
-            if now - since > c["chunk_timeout_s"]:
+            if now - since >= c["chunk_timeout_s"]:
                 sm.hold(now, f"no chunk for {c['chunk_timeout_s']} s")
-            elif now - max(self.last_heartbeat_at, sm.since) > c["heartbeat_timeout_s"]:
+            elif now - max(self.last_heartbeat_at, sm.since) >= c["heartbeat_timeout_s"]:
                 sm.hold(now, f"no policy heartbeat for {c['heartbeat_timeout_s']} s")
 
     # -- the command each state calls for ----------------------------------------------------------------------------
@@ -280,6 +367,8 @@ class Controller:
         """Fill the driver's command for ``state``; False when nothing is to be sent (idle)."""
         cmd, c = self.driver.command, self.c
         arm_sdk = self.mode == ARM_SDK
+        if self._awaiting_state:  # the robot stays on its last command, as it was before this process started
+            return False
         if state == IDLE:
             np.copyto(self.q_cmd, r.q)  # track the robot so that arming starts from where it is
             np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
@@ -319,6 +408,9 @@ class Controller:
         elif damp:
             cmd.kp[:] = 0.0
             cmd.kd[:] = c["damping_kd"]
+        elif state == STOPPING and self.sm.since == self._resume_since:  # taken over: hold at the recorded gains
+            np.copyto(cmd.kp, self._resume_kp)
+            np.copyto(cmd.kd, self._resume_kd)
         else:
             scale = self.sm.progress(now, c["arm_ramp_s"]) if state == ARMING else 1.0
             np.multiply(g1.DEFAULT_KP, scale, out=cmd.kp)
@@ -329,6 +421,8 @@ class Controller:
 
     def tick(self, now: float) -> None:
         r = self.driver.read(now)  # read
+        if self._awaiting_state and r.stamp >= self._started_at:
+            self._check_take_over(now, r)
         self._take_messages(now)
         self._take_commands(now)
         action = self.remote.poll(r.buttons, now)
@@ -338,8 +432,12 @@ class Controller:
             self.sm.stop(now, self._signal)
         self._monitor(now, r)
         state = self.sm.update(now)  # update
-        if self._shape(now, state, r):
+        send = self._shape(now, state, r)
+        if self.record is not None:
+            self._write_record(now, state)
+        if send:
             self.driver.write()  # write
+        self._last_tick_at = now
         if self.ticks % self._publish_every == 0:
             self.state_seq += 1
             sockets.try_send(self._state_pub, encode_state(RobotState(
@@ -348,8 +446,9 @@ class Controller:
 
     def run(self, should_continue=lambda: True, notifier: Optional[Notifier] = None,
             on_ready: Optional[Callable[[], None]] = None) -> None:
-        """Pace ticks on absolute deadlines; a late tick is counted and the schedule re-anchored (no bursts).
-        After a signal, keeps ticking until the robot is in a safe state, then returns.
+        """Pace ticks on absolute deadlines; a late tick is counted and the schedule re-anchored (no bursts); a gap
+        over max_tick_gap_s between two ticks (the process was paused or starved) stops the robot at once (_monitor).
+        After a signal, keeps ticking until the robot is in a safe state and released (``released``), then returns.
 
         systemd: READY after the first tick that saw fresh robot state; a watchdog ping on every tick while the
         loop keeps its deadlines. Stale robot state does not withhold pings: the controller handles it itself (it
@@ -358,8 +457,9 @@ class Controller:
         notifier = notifier or Notifier(None)
         pinger = notifier.watchdog_pinger()
         ready = False
+        self._last_tick_at = None  # however long before the loop started, that was no stall
         next_tick = time.monotonic()
-        while should_continue() and not (self._signal is not None and self.sm.safe):
+        while should_continue() and not (self._signal is not None and self.released):
             now = time.monotonic()
             delay = next_tick - now
             if delay > 0:
@@ -407,9 +507,17 @@ class Controller:
                         "max_step_allowed_rad": round(self.limiter.max_step, 6)},
             "task": self.tasks[self.task_index],
             "final_q": [round(float(v), 5) for v in self.q_cmd],
+            "command_record": self._record_path,
+            "took_over": None if self.took_over is None else {
+                "pid": self.took_over.pid, "state": self.took_over.state, "weight": round(self.took_over.weight, 4),
+                "immediate": self.took_over.immediate},
         }
 
     def close(self) -> None:
+        if self.record is not None:  # the final state: a clean exit leaves safe behind (or what the robot is on)
+            self._write_record(time.monotonic(), self.sm.state)
+            self.record.close()
+            self.record = None
         self._inbox.close(0)
         self._state_pub.close(0)
         self._control.close(0)

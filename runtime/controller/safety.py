@@ -1,6 +1,7 @@
 """The safety state machine: the one place that owns every transition of the controller (docs/safety.md).
 
     idle -> arming -> running <-> holding -> stopping -> stopped -> (arm) -> arming ...
+    (start, predecessor died driving) -> stopping
     any state -> estop (latched: only a person clears it, and only to stopped)
 
 Pure logic on a clock the caller passes in: no I/O, so every transition is tested exactly. What each state commands
@@ -44,6 +45,7 @@ class SafetyStateMachine:
         self.since = now
         self.reason = "e-stop latched from an earlier run" if estop_latched else "started"
         self.immediate = estop_latched  # this stop must not hold first (stale state, e-stop)
+        self.cause: Optional[str] = self.reason if estop_latched else None  # why the robot was last held or stopped
         self.log: List[Transition] = []
         self._max_log = max_log
 
@@ -57,6 +59,16 @@ class SafetyStateMachine:
         self.state, self.since, self.reason = dst, now, reason
         return True
 
+    def describe(self) -> str:
+        """The state's reason, and what held or stopped the robot when that is something else (for `status`)."""
+        if self.cause and self.cause != self.reason and self.state not in (ARMING, RUNNING):
+            return f"{self.reason} (cause: {self.cause})"
+        return self.reason
+
+    def restart_timer(self, now: float) -> None:
+        """The current state's timed transition (a ramp, a hold) counts from ``now``."""
+        self.since = now
+
     def arm(self, now: float, who: str) -> Optional[str]:
         """A person arms: from idle or stopped only. Returns None, or why arming was refused."""
         if self.state == ESTOP:
@@ -65,6 +77,7 @@ class SafetyStateMachine:
             return f"cannot arm while {self.state}"
         self.immediate = False
         self._go(ARMING, now, f"armed by {who}")
+        self.cause = None
         return None
 
     def chunk_arrived(self, now: float) -> None:
@@ -76,20 +89,35 @@ class SafetyStateMachine:
         """Pause the policy, keep the last targets; stops by itself if nothing resumes within hold_s."""
         if self.state == RUNNING:
             self._go(HOLDING, now, reason)
+            self.cause = reason
 
     def stop(self, now: float, reason: str, immediate: bool = False) -> None:
         """Bring the robot to a safe state; ``immediate`` skips holding (nothing to hold on: stale state)."""
         if self.state in (ARMING, RUNNING, HOLDING):
             self.immediate = immediate
             self._go(STOPPING, now, reason)
+            self.cause = reason
         elif self.state == STOPPING and immediate and not self.immediate:
             self.immediate = True  # escalate a gentle stop already under way
-            self.reason = reason
+            self.reason = self.cause = reason
+            if len(self.log) < self._max_log:
+                self.log.append(Transition(now, STOPPING, STOPPING, f"escalated to an immediate stop: {reason}"))
+
+    def resume_stop(self, now: float, reason: str, immediate: bool = False) -> bool:
+        """At start only: a controller restarted after its predecessor died while driving the robot (its command
+        record, record.py) takes over in stopping, from the command the robot was left on. Nothing moves again until
+        a person arms. A latched e-stop wins: only from idle. Returns whether it entered stopping."""
+        if self.state != IDLE:
+            return False
+        self.immediate = immediate
+        self.cause = reason
+        return self._go(STOPPING, now, reason)
 
     def estop(self, now: float, reason: str) -> None:
         """Latched: from any state. Only ``clear_estop`` by a person leaves it."""
         self.immediate = True
-        self._go(ESTOP, now, reason)
+        if self._go(ESTOP, now, reason):
+            self.cause = reason
 
     def clear_estop(self, now: float, who: str) -> Optional[str]:
         if self.state != ESTOP:

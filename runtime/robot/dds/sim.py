@@ -27,6 +27,7 @@ applied in this order:
   "mode_machine": n              the mode_machine it publishes and expects
   "summary": true or {"since": t}  answer includes "summary" (see summary())
   "stop": true                   end the run
+Every reply carries "t", the time.monotonic() at which the request took effect (a harness's fault time).
 """
 
 from __future__ import annotations
@@ -140,6 +141,25 @@ class CommandLog:
             out["first_command_after"] = self.first_after(since)
             out["commands_after"] = int(np.count_nonzero(t >= since))
         return out
+
+    def window(self, since: float, until: Optional[float] = None) -> Dict[str, np.ndarray]:
+        """Copies of the logged commands received in [since, until], oldest first, plus the newest one before
+        ``since`` on each topic (flag ``before``): what a harness needs to judge each command against the previous.
+        Keys: t, topic, crc_ok, applied, q, kp, kd, weight, before."""
+        m = min(self.n, self.size)
+        order = (np.arange(self.n - m, self.n) % self.size)  # ring slots, oldest first
+        t = self.t[order]
+        keep = t >= since
+        if until is not None:
+            keep &= t <= until
+        for topic in (_LOWCMD, _ARM_SDK):  # the newest valid command before the window, per topic
+            earlier = np.flatnonzero((t < since) & (self.topic[order] == topic) & self.crc_ok[order])
+            if len(earlier):
+                keep[earlier[-1]] = True
+        sel = order[keep]
+        return {"t": self.t[sel], "topic": self.topic[sel], "crc_ok": self.crc_ok[sel], "applied": self.applied[sel],
+                "q": self.q[sel], "kp": self.kp[sel], "kd": self.kd[sel], "weight": self.weight[sel],
+                "before": self.t[sel] < since}
 
     def last(self, k: int = 1) -> List[Dict[str, Any]]:
         """The last ``k`` commands, oldest first (for tests)."""
@@ -378,7 +398,7 @@ class SimulatedG1Dds:
             self.freeze(request["freeze"])
         if "mode_machine" in request:
             self.set_mode_machine(request["mode_machine"])
-        reply: Dict[str, Any] = {"ok": True, "tick": self.tick}
+        reply: Dict[str, Any] = {"ok": True, "tick": self.tick, "t": time.monotonic()}
         summary = request.get("summary")
         if summary:
             reply["summary"] = self.summary(summary.get("since") if isinstance(summary, dict) else None)
