@@ -203,7 +203,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                         hi=1.5),
         "max_temperature": Key(100.0, float, "deg C winding temperature on any joint: stop", lo=20.0, hi=150.0),
         "max_missed_ticks": Key(10, int, "this many late control ticks in a row stop the robot", lo=1, hi=10000),
-        "max_tick_gap_s": Key(0.1, float, "the control loop stalled this long between two ticks (a paused or "
+        "max_tick_gap_s": Key(0.25, float, "the control loop stalled this long between two ticks (a paused or "
                               "starved process): stop at once when it runs again", lo=0.005, hi=5.0),
         "latch_file": Key("/tmp/wam-edge/estop.latched", str, "an e-stop is written here and survives restarts "
                           "until a person clears it"),
@@ -257,7 +257,8 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                          lo=0.1, hi=60.0),
         "restart_bound_s": Key(10.0, float, "a killed controller restarted by the harness must command the robot "
                                "safe within this long of the kill", lo=0.5, hi=120.0),
-        "stall_s": Key(0.3, float, "how long a stalled process is paused (SIGSTOP .. SIGCONT)", lo=0.05, hi=30.0),
+        "stall_s": Key(0.5, float, "stall_controller: how long the controller is paused (SIGSTOP .. SIGCONT); "
+                       "longer than controller.max_tick_gap_s", lo=0.05, hi=30.0),
     },
     "demo": {
         "seconds": Key(10.0, float, "how long `wam-edge demo` runs the loop", lo=1.0, hi=3600.0),

@@ -782,7 +782,7 @@ def test_a_stalled_loop_stops_the_robot_at_once(rig, mode):
     c.tick(t + 0.09 + 0.3125)  # the process was paused
     stop = c.report()["stops"][0]
     assert stop["from"] == RUNNING and stop["to"] == STOPPING and c.sm.immediate
-    assert stop["reason"] == "control loop stalled for 312 ms (limit 100 ms)"
+    assert stop["reason"] == "control loop stalled for 312 ms (limit 250 ms)"
     if mode == "lowcmd":  # damping at that tick
         assert c.sm.state == STOPPED and (r.sim.command.kp == 0).all() and (r.sim.command.kd == 8.0).all()
     else:  # the e-stop ramp from that tick
@@ -875,7 +875,7 @@ def test_controller_process_paused_while_driving_stops_the_robot_when_it_runs_ag
         assert operator.send(endpoint, "arm", "test", ctx=ctx).ok
         assert _until_state(endpoint, ctx, RUNNING).state == RUNNING
         proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.3)
+        time.sleep(0.4)
         proc.send_signal(signal.SIGCONT)
         reply = _until_state(endpoint, ctx, STOPPING)
         assert reply.state == STOPPING and reply.detail.startswith("control loop stalled for ")
@@ -887,5 +887,5 @@ def test_controller_process_paused_while_driving_stops_the_robot_when_it_runs_ag
         ctx.destroy(0)
     rep = json.loads((tmp_path / "ctl.json").read_text())
     stop = rep["stops"][0]
-    assert stop["from"] == RUNNING and stop["to"] == STOPPING and "(limit 100 ms)" in stop["reason"]
+    assert stop["from"] == RUNNING and stop["to"] == STOPPING and "(limit 250 ms)" in stop["reason"]
     assert int(stop["reason"].split()[4]) >= 250

@@ -337,8 +337,8 @@ class Controller:
             sm.stop(now, f"control loop stalled for {(now - self._last_tick_at) * 1000:.0f} ms "
                     f"(limit {self._max_gap * 1000:.0f} ms)", immediate=True)
         age = now - r.stamp
-        # ">=": the stop goes out at the first tick at the bound, within bound + 2 periods of the last state sent
-        if age >= c["state_timeout_s"] and not self._awaiting_state:
+        # a bound is a deadline: act at the last tick before it passes (age + one period), not the first tick after
+        if age + self.period > c["state_timeout_s"] and not self._awaiting_state:
             sm.stop(now, f"robot state is {age * 1000:.0f} ms old (limit {c['state_timeout_s'] * 1000:.0f} ms)",
                     immediate=True)
             return
@@ -356,9 +356,9 @@ class Controller:
             sm.stop(now, f"{self._late_in_a_row} control ticks late in a row")
         if sm.state == RUNNING:
             since = max(self.last_chunk_at, sm.since)
-            if now - since >= c["chunk_timeout_s"]:
+            if now + self.period - since > c["chunk_timeout_s"]:
                 sm.hold(now, f"no chunk for {c['chunk_timeout_s']} s")
-            elif now - max(self.last_heartbeat_at, sm.since) >= c["heartbeat_timeout_s"]:
+            elif now + self.period - max(self.last_heartbeat_at, sm.since) > c["heartbeat_timeout_s"]:
                 sm.hold(now, f"no policy heartbeat for {c['heartbeat_timeout_s']} s")
 
     # -- the command each state calls for ----------------------------------------------------------------------------
