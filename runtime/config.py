@@ -131,6 +131,20 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "warmup_runs": Key(2, int, "inferences run before the loop starts (first runs are slow)", lo=0, hi=100),
         "frame_fault_s": Key(1.0, float, "no fresh frame for this long: the runtime reports a fault", lo=0.05,
                              hi=30.0),
+        "trigger": Key("latency", str, "when to compute the next chunk: latency = when the executing chunk's "
+                       "remaining actions last no longer than the measured inference latency (running percentile) "
+                       "plus policy.trigger_margin_s, at most policy.rate_hz | fixed = at policy.rate_hz",
+                       choices=("latency", "fixed")),
+        "trigger_margin_s": Key(0.05, float, "trigger = latency: extra time left in the executing chunk when the next "
+                                "inference starts", lo=0.0, hi=10.0),
+        "latency_percentile": Key(95.0, float, "trigger = latency: the percentile of recent inference latencies "
+                                  "taken as the latency", lo=50.0, hi=100.0),
+        "latency_window": Key(50, int, "trigger = latency: how many recent inferences the percentile covers",
+                              lo=1, hi=10000),
+        "cold_runs": Key(2, int, "trigger = latency: the first inferences after start-up, left out of the percentile "
+                         "(cold caches, lazy allocation)", lo=0, hi=100),
+        "inject_latency": Key("", str, "benchmarks and rigs only: extra inference latency, e.g. 0.35 (s), 80% (of "
+                              "a chunk's duration), uniform(0.1,0.35), normal(0.3,0.05); empty = none"),
         "max_inference_s": Key(1.0, float, "an inference longer than this is an overrun: its chunk is not sent "
                                "and the runtime reports a fault", lo=0.001, hi=30.0),
     },
@@ -175,6 +189,14 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "state_publish_hz": Key(100.0, float, "how often the robot state is published to the runtime",
                                 lo=1.0, hi=1000.0),
         "max_velocity": Key(2.0, float, "rad/s: no commanded joint moves faster than this", lo=0.01, hi=10.0),
+        "seam": Key("crossfade", str, "how a new chunk takes over from the executing one: replace (at once; the "
+                    "limiter bounds the step) | crossfade (over controller.crossfade_s) | ensemble (ACT: weighted mean "
+                    "of every live chunk's action for now, weights exp(-m i), i = 0 the oldest)",
+                    choices=("replace", "crossfade", "ensemble")),
+        "crossfade_s": Key(0.1, float, "seam = crossfade: how long the executing chunk hands over to the new one",
+                           lo=0.0, hi=5.0),
+        "ensemble_m": Key(0.01, float, "seam = ensemble: ACT's weight decay m in exp(-m i)", lo=0.0, hi=10.0),
+        "ensemble_chunks": Key(4, int, "seam = ensemble: at most this many chunks take part", lo=1, hi=16),
         "position_margin": Key(0.05, float, "rad kept inside each joint's position limits", lo=0.0, hi=0.5),
         "arm_ramp_s": Key(1.0, float, "arming: arm_sdk weight (or lowcmd gains) ramp from 0 to 1 over this long",
                           lo=0.0, hi=30.0),
