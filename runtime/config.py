@@ -105,6 +105,21 @@ def _tasks(value: Any) -> List[str]:
     return list(value)
 
 
+def _latency_text(value: Any) -> str:
+    """A number (seconds) or a string in policy.inject_latency's grammar (checked in full where it is used)."""
+    if type(value) in (int, float):
+        return repr(float(value))
+    if not isinstance(value, str):
+        raise ValueError(f"expected seconds, a percentage or a distribution, got {type(value).__name__} {value!r}")
+    from runtime.policy.latency import parse_latency
+
+    try:  # the grammar, at load (a percentage is resolved against the model's chunk later)
+        parse_latency(value, 1.0)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("policy.inject_latency: ", "", 1)) from None
+    return value
+
+
 def _any_endpoint(value: str) -> str:
     """A peer we only subscribe to (a camera on the robot's network): any tcp/ipc address."""
     if value.startswith(("ipc://", "tcp://")) and len(value) > 6:
@@ -143,8 +158,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                               lo=1, hi=10000),
         "cold_runs": Key(2, int, "trigger = latency: the first inferences after start-up, left out of the percentile "
                          "(cold caches, lazy allocation)", lo=0, hi=100),
-        "inject_latency": Key("", str, "benchmarks and rigs only: extra inference latency, e.g. 0.35 (s), 80% (of "
-                              "a chunk's duration), uniform(0.1,0.35), normal(0.3,0.05); empty = none"),
+        "inject_latency": Key("", object, "benchmarks and rigs only: extra inference latency, e.g. 0.35 (s), 80% (of "
+                              "a chunk's duration), uniform(0.1,0.35), normal(0.3,0.05); empty = none",
+                              check=_latency_text),
         "max_inference_s": Key(1.0, float, "an inference longer than this is an overrun: its chunk is not sent "
                                "and the runtime reports a fault", lo=0.001, hi=30.0),
     },

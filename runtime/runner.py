@@ -4,6 +4,14 @@ One thread owns the sockets and the loop; the camera runs on its own thread and 
 A frame or a robot state older than its bound is never used: the runtime waits instead of answering old data.
 Every chunk says which robot state it answers (``obs_stamp``, the controller's own stamp), so the controller can
 place it on its clock. Heartbeats tell the controller the runtime's health.
+When to infer (``policy.trigger``): ``fixed`` infers on a regular grid at ``policy.rate_hz``; ``latency`` (the
+default) starts the next inference when the chunk last sent has no more time left than the inference latency
+(a running percentile, ``LatencyEstimate``) plus ``policy.trigger_margin_s`` -- or when the controller's
+``controller.chunk_timeout_s`` since that chunk was sent would otherwise pass first -- never more often than
+``policy.rate_hz``; see ``runtime.policy.latency.next_trigger_time``. A chunk's start on our clock is the local
+receipt time of the robot state it answers (the controller's clock is not ours).
+With ``policy.inject_latency`` (benchmarks and rigs) each inference also sleeps an injected latency; the overrun
+check (``policy.max_inference_s``) measures the whole call, injected latency included.
 With ``faults.enabled`` (test rigs only) the runtime also obeys fault-injection requests: see runtime/faults.py.
 """
 
@@ -24,6 +32,7 @@ from runtime.config import Config
 from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
 from runtime.metrics import LatencyRecorder, write_json
 from runtime.policy import PolicyError, load_policy
+from runtime.policy.latency import LatencyEstimate, LatencyInjectingPolicy, next_trigger_time, parse_latency
 from runtime.protocol import (
     ActionChunk,
     DecodeError,
@@ -39,6 +48,9 @@ from runtime.robot import g1
 from runtime.service.notify import Notifier
 
 log = logging.getLogger("wam_edge.runtime")
+
+#: trigger = latency: how soon to look again when an inference was due but there was nothing fresh to answer
+RETRY_S = 0.01
 
 
 class PolicyRuntime:
@@ -68,6 +80,16 @@ class PolicyRuntime:
         self.last_fresh_frame_at = 0.0
         self.state_max_age_s = p["state_max_age_s"]
         self.infer_period = 1.0 / p["rate_hz"]
+        self.trigger = p["trigger"]
+        self.trigger_margin_s = p["trigger_margin_s"]
+        self.horizon = manifest.horizon
+        self.step_s = manifest.step_s
+        self.latency = LatencyEstimate(p["latency_window"], p["latency_percentile"], p["cold_runs"])
+        self.chunk_start: Optional[float] = None  # the last sent chunk's start: receipt time of the state it answers
+        self.last_infer_start: Optional[float] = None  # ``now`` of the step that last called the policy
+        # the controller holds after this long without a chunk: the next one must leave before (same config file)
+        self.chunk_timeout_s = cfg["controller"]["chunk_timeout_s"]
+        self.last_sent_at: Optional[float] = None
         self.heartbeat_period = 1.0 / t["heartbeat_hz"]
         self._max_bytes = t["max_message_bytes"]
         self._ctx = ctx or zmq.Context.instance()
@@ -92,6 +114,8 @@ class PolicyRuntime:
         self.lat_inference = LatencyRecorder()
         self.lat_preprocess = LatencyRecorder()
         self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
+        self.lat_starts_left = LatencyRecorder()  # time left in the executing chunk when an inference started
+        self.lat_injected: Optional[LatencyRecorder] = None
         # test rigs only (`wam-edge hil`): the policy and camera go behind fault-injecting stand-ins
         self.faults: Optional[FaultInjector] = None
         self._fault_socket: Optional[FaultSocket] = None
@@ -102,6 +126,15 @@ class PolicyRuntime:
             self.policy = FaultInjectingPolicy(self.policy, self.faults, self.max_inference_s)
             self.camera = FaultInjectingCamera(self.camera, self.faults)
             self._fault_socket = FaultSocket(self._ctx, endpoint, self.faults)
+        # benchmarks and rigs: injected latency goes outermost (around any fault-injecting stand-in), so the fault
+        # stand-in still sees the real Policy and the runtime's timing sees real + injected
+        sampler = parse_latency(p["inject_latency"], manifest.horizon * manifest.step_s, seed=p["seed"])
+        self._injecting: Optional[LatencyInjectingPolicy] = None
+        if sampler is not None:
+            log.warning("injected inference latency %s: a benchmark/rig setting, not for field use", sampler.text)
+            self._injecting = LatencyInjectingPolicy(self.policy, sampler)
+            self.policy = self._injecting
+            self.lat_injected = LatencyRecorder()
         # the loop sleeps until the next due time or until robot state (or a fault request) arrives
         self._poller = zmq.Poller()
         self._poller.register(self._state_sub, zmq.POLLIN)
@@ -151,47 +184,67 @@ class PolicyRuntime:
             self._fault_socket.serve()
         self._poll_state(now)
         if now >= self.next_infer:
-            # keep a regular grid; after a late step (or the first one) re-anchor instead of catching up in a burst
-            self.next_infer += self.infer_period
-            if self.next_infer <= now:
-                self.next_infer = now + self.infer_period
-            self._infer_and_send(now)
+            if self.trigger == "fixed":
+                # keep a regular grid; after a late step (or the first one) re-anchor instead of catching up in a burst
+                self.next_infer += self.infer_period
+                if self.next_infer <= now:
+                    self.next_infer = now + self.infer_period
+                self._infer_and_send(now)
+            else:
+                started = self._infer_and_send(now)
+                if started:
+                    self.next_infer = self.next_trigger()
+                else:  # nothing to answer yet (no fresh frame or state): look again soon, not in a busy loop
+                    self.next_infer = now + min(self.infer_period, RETRY_S)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.heartbeat_period
             self.hb_seq += 1
             sockets.try_send(self._chunks, encode_heartbeat(
                 Heartbeat(self.session, self.hb_seq, now, self.health, self.detail)))
 
-    def _infer_and_send(self, now: float) -> None:
+    def next_trigger(self) -> float:
+        """trigger = latency: when the next inference is due (-inf: at once)."""
+        return next_trigger_time(self.chunk_start, self.horizon, self.step_s, self.latency.value,
+                                 self.trigger_margin_s, self.last_infer_start, self.infer_period,
+                                 None if self.last_sent_at is None else self.last_sent_at + self.chunk_timeout_s)
+
+    def _infer_and_send(self, now: float) -> bool:
+        """Infer and send if there is fresh data to answer; True when the policy was called."""
         c = self.counters
         frame = self.camera.latest()
         if frame is None or now - frame.stamp > self.frame_max_age_s:
             c["skipped_no_frame" if frame is None else "skipped_stale_frame"] += 1
             if now - self.last_fresh_frame_at > self.frame_fault_s:
                 self._fault(now, f"no fresh camera frame for {now - self.last_fresh_frame_at:.1f} s")
-            return
+            return False
         self.last_fresh_frame_at = now
-        state = self.robot_state
+        state, state_at = self.robot_state, self.robot_state_at
         if state is None:
             c["skipped_no_state"] += 1
-            return
+            return False
         # the state's age on our clock: time since we received it (stamps are the controller's, maybe another host)
-        if now - self.robot_state_at > self.state_max_age_s:
+        if now - state_at > self.state_max_age_s:
             c["skipped_stale_state"] += 1
-            return
+            return False
         np.take(state.q, self.state_index, out=self._state_vec)
+        if self.chunk_start is not None:
+            self.lat_starts_left.add((self.chunk_start + self.horizon * self.step_s - now) * 1000.0)
+        self.last_infer_start = now
         t0 = time.perf_counter()
         try:
             actions = self.policy.infer(frame.images, self._state_vec)
         except PolicyError as exc:
             c["policy_errors"] += 1
             self._fault(now, f"policy: {exc}")
-            return
+            return True
         t1 = time.perf_counter()
+        self.latency.add(t1 - t0)  # the whole call: injected latency included
+        if self._injecting is not None and self.lat_injected is not None:
+            self.lat_injected.add(self._injecting.last_injected_s * 1000.0)
         if t1 - t0 > self.max_inference_s:
             c["overruns"] += 1
             self._fault(now, f"inference took {(t1 - t0) * 1000:.0f} ms (limit {self.max_inference_s * 1000:.0f} ms)")
-            return  # its answer is already old: never send it
+            return True  # its answer is already old: never send it
         self.health, self.detail = "ok", ""
         if frame.seq != self.last_frame_seq:
             c["frames_used"] += 1
@@ -200,16 +253,21 @@ class PolicyRuntime:
         self.chunk_seq += 1
         payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, state.stamp, frame.stamp,
                                            self.policy.manifest.step_s, self.policy.manifest.action_joints, actions))
-        if sockets.try_send(self._chunks, payload):
+        delivered = sockets.try_send(self._chunks, payload)
+        if delivered:
             c["chunks_sent"] += 1
+            self.chunk_start = state_at  # the chunk starts (on our clock) when its state arrived
         else:
             c["chunks_dropped"] += 1
         sent = time.monotonic()
+        if delivered:
+            self.last_sent_at = sent
         self.lat_frame_to_chunk.add((sent - frame.stamp) * 1000.0)
         self.lat_inference.add((t1 - t0) * 1000.0)
         self.lat_preprocess.add(self.policy.last_preprocess_ms)
         for name, ms in self.policy.last_stage_ms.items():
             self.lat_stage[name].add(ms)
+        return True
 
     def run(self, should_continue, pinger=None) -> None:
         while should_continue():
@@ -246,6 +304,12 @@ class PolicyRuntime:
                 "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
             },
         }
+        est = self.latency.value
+        out["trigger"] = self.trigger
+        out["latency_estimate_ms"] = None if est is None else round(est * 1000.0, 4)
+        out["inference_starts_left_ms"] = self.lat_starts_left.summary()
+        if self.lat_injected is not None:
+            out["injected_latency_ms"] = self.lat_injected.summary()
         if self.faults is not None:
             out["faults_injected"] = dict(self.faults.counts)
         return out

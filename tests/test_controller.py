@@ -889,3 +889,84 @@ def test_controller_process_paused_while_driving_stops_the_robot_when_it_runs_ag
     stop = rep["stops"][0]
     assert stop["from"] == RUNNING and stop["to"] == STOPPING and "(limit 250 ms)" in stop["reason"]
     assert int(stop["reason"].split()[4]) >= 250
+
+
+# -- execution of overlapping chunks: seams, stalls ------------------------------------------------------------------
+
+def _policy_run(rig, seam, every_s, horizon, offset, seconds=1.2, latency=0.03, step_s=0.02, speed=0.15):
+    """Drive the controller on a synthetic clock like a policy with latency would: every ``every_s`` a chunk
+    answering the state ``latency`` ago, along one trajectory, each chunk offset from the one before by ``offset``
+    (alternating sides). Returns the controller and the commanded positions, one row per tick."""
+    r = rig(f"controller.seam={seam}", "controller.heartbeat_timeout_s=30", "controller.chunk_timeout_s=1.0",
+            "controller.hold_s=1.0")
+    c = r.controller
+    t = time.monotonic()
+    c.tick(t)
+    assert c._operator("arm", t, "test").ok
+    while c.sm.state != RUNNING:
+        t += c.period
+        c.tick(t)
+    base = c.q_cmd[ARM_IDX].copy()
+    direction = np.sign((g1.POSITION_MIN + g1.POSITION_MAX)[ARM_IDX] / 2 - base)
+    t0 = t
+    qs, next_chunk, k = [], t, 0
+    while t < t0 + seconds:
+        if t >= next_chunk:
+            obs = t - latency
+            when = obs + step_s * np.arange(horizon)[:, None] - t0
+            side = 0.5 * offset * (1 if k % 2 else -1)
+            actions = base + direction * (speed * np.clip(when, 0, None) + side)
+            r.send(actions.astype(np.float32), step_s, stamp=obs, seq=k)
+            assert c._inbox.poll(1000)  # delivered before the next tick takes messages in
+            next_chunk += every_s
+            k += 1
+        t += c.period
+        c.tick(t)
+        qs.append(c.q_cmd.copy())
+    return c, np.array(qs), k
+
+
+@pytest.mark.parametrize("seam", ["replace", "crossfade", "ensemble"])
+def test_overlapping_chunks_never_stall_and_no_seam_steps_past_the_limit(rig, seam):
+    c, qs, sent = _policy_run(rig, seam, every_s=0.1, horizon=16, offset=0.06)
+    ex = c.report()["execution"]
+    assert c.sm.state == RUNNING and c.chunks_applied == sent
+    assert np.abs(np.diff(qs, axis=0)).max() <= c.limiter.max_step + 1e-12
+    assert ex["seam"] == seam and ex["stalls"] == 0 and ex["seams"] == sent - 1
+    assert 0.0 < ex["seam_max_step_rad"] <= c.limiter.max_step + 1e-12
+    assert ex["seam_max_accel_rad_s2"] > 0 and ex["seam_max_jerk_rad_s3"] > 0
+    age = ex["chunk_age_ms"]  # latency, plus the period until the next tick takes the chunk in
+    assert age["count"] == sent and age["p50"] == pytest.approx(30.0 + c.period * 1000, abs=0.1)
+    assert ex["chunks_dropped"] == 0
+
+
+def test_chunks_arriving_after_the_executing_one_runs_out_are_stalls(rig):
+    c, qs, sent = _policy_run(rig, "crossfade", every_s=0.3, horizon=8, offset=0.0)
+    ex = c.report()["execution"]
+    assert c.chunks_applied == sent and ex["seams"] == sent - 1
+    # each chunk covers 0.14 s - 0.03 s of latency; the next comes 0.3 s after: about 0.19 s of stall each time
+    assert ex["stalls"] >= (sent - 1) * 0.15 * c.rate_hz
+    assert np.abs(np.diff(qs, axis=0)).max() <= c.limiter.max_step + 1e-12
+
+
+def test_crossfade_seams_step_less_than_replace(rig):
+    steps, clamped = {}, {}
+    for seam in ("replace", "crossfade"):
+        c, qs, _ = _policy_run(rig, seam, every_s=0.1, horizon=16, offset=0.06)
+        ex = c.report()["execution"]
+        steps[seam], clamped[seam] = ex["seam_max_step_rad"], ex["seam_clamped_ticks"]
+    assert steps["crossfade"] < steps["replace"]
+    assert clamped["replace"] > 0 and clamped["crossfade"] == 0  # the crossfade needs no help from the limiter
+
+
+def test_chunks_superseded_in_one_tick_or_stale_are_counted_as_dropped(rig):
+    r = rig()
+    r.arm()
+    now = time.monotonic()
+    for i in range(3):
+        r.send(r.toward(0.01), stamp=now, seq=i)
+    r.send(r.toward(0.01), stamp=now - 5.0, seq=9)
+    r.run(0.1)
+    ex = r.controller.report()["execution"]
+    assert r.controller.chunks_applied >= 1
+    assert ex["chunks_dropped"] == 4 - r.controller.chunks_applied

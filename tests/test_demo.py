@@ -80,7 +80,7 @@ def test_demo_over_dds_with_the_simulated_g1_process(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads(report.read_text())
     wire = s["dds_wire"]
-    assert s["driver"] == "dds" and s["chunks_applied"] >= 5 and s["final_state"] == "stopped"
+    assert s["driver"] == "dds" and s["chunks_applied"] >= 3 and s["final_state"] == "stopped"
     assert wire["arm_sdk"] > 1000 and wire["lowcmd"] == 0  # arm_sdk mode publishes on rt/arm_sdk only
     assert wire["bad_crc"] == 0 and wire["non_finite"] == 0 and wire["out_of_limits"] == 0
     assert max(wire["max_q_step_arm_sdk"]) <= s["limiter"]["max_step_allowed_rad"] + 1e-5

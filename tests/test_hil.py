@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -121,7 +122,8 @@ def test_command_log_window_keeps_the_newest_earlier_command_per_topic():
 
 # -- the suite, for real: processes, DDS on loopback, the simulated G1 ----------------------------------------------
 
-FAST = ["controller.arm_ramp_s=0.2", "controller.stop_ramp_s=0.3", "controller.hold_s=0.2",
+_DOMAIN = random.Random().randint(201, 230)  # a DDS domain of its own: no cross-talk with a rig on this host
+FAST = [f"dds.domain_id={_DOMAIN}", "controller.arm_ramp_s=0.2", "controller.stop_ramp_s=0.3", "controller.hold_s=0.2",
         "controller.hold_before_damp_s=0.2", "hil.settle_s=0.5", "hil.observe_s=0.3", "hil.stall_s=0.4",
         "policy.max_inference_s=0.3"]
 

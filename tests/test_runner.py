@@ -139,3 +139,107 @@ def test_inference_overrun_sends_no_chunk_and_reports_a_fault(rig):
     msgs = _heartbeats(pull)
     assert rt.counters["overruns"] == 1 and rt.counters["chunks_sent"] == 0
     assert msgs[-1].health == "fault" and "inference took" in msgs[-1].detail
+
+
+# -- when to infer: trigger = latency (the default) and fixed --------------------------------------------------------
+
+def _run_recording(rt, pub, seconds):
+    """Run the real loop for ``seconds`` with fresh robot state at 100 Hz; record, at each inference start, what the
+    trigger saw: (now, chunk_start, estimate, last_start)."""
+    import threading
+
+    starts = []
+    real = rt._infer_and_send
+
+    def recording(now):
+        seen = (now, rt.chunk_start, rt.latency.value, rt.last_infer_start)
+        started = real(now)
+        if started:
+            starts.append(seen)
+        return started
+
+    rt._infer_and_send = recording
+    stop = threading.Event()
+    q = g1.NOMINAL_POSE.astype(np.float32)
+
+    def publish():
+        k = 0
+        while not stop.is_set():
+            k += 1
+            pub.send(encode_state(RobotState(1, float(k), "running", q, np.zeros_like(q))))
+            time.sleep(0.01)
+
+    th = threading.Thread(target=publish, daemon=True)
+    th.start()
+    end = time.monotonic() + seconds
+    try:
+        rt.run(lambda: time.monotonic() < end)
+    finally:
+        stop.set()
+        th.join()
+    return starts
+
+
+def test_latency_trigger_starts_when_the_time_left_reaches_the_estimate_plus_margin(rig):
+    rt, pull, pub = rig("policy.inject_latency='0.05'", "controller.chunk_timeout_s=5", "policy.cold_runs=1")
+    m = rt.policy.manifest
+    chunk_s = m.horizon * m.step_s
+    margin = rt.trigger_margin_s
+    starts = _run_recording(rt, pub, 2.5)
+    assert len(starts) >= 4
+    judged = 0
+    for now, chunk_start, est, _last in starts:
+        if chunk_start is None or est is None:
+            continue  # the first chunk, and before any estimate: at once
+        left = chunk_start + chunk_s - now
+        assert left <= est + margin + 1e-9  # never early
+        assert left >= est + margin - 0.03  # and not late: the loop woke for it
+        assert est >= 0.05
+        judged += 1
+    assert judged >= 2
+    r = rt.report()
+    assert r["trigger"] == "latency" and r["latency_estimate_ms"] >= 50.0
+    assert r["inference_starts_left_ms"]["count"] == len(starts) - 1
+    assert r["injected_latency_ms"]["count"] == len(starts) and r["injected_latency_ms"]["p50"] == 50.0
+    assert "injected latency 0.05" in r["backend"]
+    assert rt.counters["overruns"] == 0 and len(_chunks(pull)) == rt.counters["chunks_sent"] == len(starts)
+
+
+def test_injected_80_percent_spaces_chunks_by_the_trigger(rig):
+    rt, pull, pub = rig("policy.inject_latency=80%", "controller.chunk_timeout_s=5", "policy.cold_runs=0")
+    m = rt.policy.manifest
+    chunk_s = m.horizon * m.step_s
+    starts = _run_recording(rt, pub, 2.4)
+    assert len(starts) >= 3
+    # latency 0.8 * chunk + margin exceeds what is left after one inference: each starts as soon as the one
+    # before is done, so chunk-to-chunk spacing is one inference (>= 0.8 * chunk), never less than the rate limit
+    gaps = np.diff([s[0] for s in starts])
+    assert (gaps >= 0.8 * chunk_s).all() and (gaps < 0.8 * chunk_s + 0.1).all()
+    for now, chunk_start, est, _last in starts[1:]:
+        assert chunk_start + chunk_s - now <= est + rt.trigger_margin_s
+    r = rt.report()
+    assert r["injected_latency_ms"]["p50"] == pytest.approx(800 * chunk_s)
+    assert r["inference_starts_left_ms"]["max"] < (0.2 * chunk_s + 0.05) * 1000
+
+
+def test_fixed_trigger_keeps_the_grid(rig):
+    rt, pull, pub = rig("policy.trigger=fixed", "policy.rate_hz=10")
+    _publish_state(pub, rt, 1.0)
+    now = time.monotonic()
+    rt.step(now)
+    assert rt.counters["chunks_sent"] == 1 and rt.next_infer == pytest.approx(now + 0.1)
+    rt.step(now + 0.05)
+    assert rt.counters["chunks_sent"] == 1
+    rt.step(now + 0.1)
+    assert rt.counters["chunks_sent"] == 2 and rt.next_infer == pytest.approx(now + 0.2)
+    r = rt.report()
+    assert r["trigger"] == "fixed" and "injected_latency_ms" not in r
+    assert r["latency_estimate_ms"] is None  # cold runs (2) not counted yet
+    assert r["inference_starts_left_ms"]["count"] == 1
+
+
+def test_injected_latency_counts_toward_the_overrun_limit(rig):
+    rt, pull, pub = rig("policy.inject_latency='0.05'", "policy.max_inference_s=0.03")
+    _publish_state(pub, rt, 4.0)
+    rt.step(time.monotonic())
+    assert rt.counters["overruns"] == 1 and rt.counters["chunks_sent"] == 0

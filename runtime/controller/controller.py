@@ -34,7 +34,7 @@ from runtime.controller.safety import (
     STOPPING,
     SafetyStateMachine,
 )
-from runtime.controller.schedule import ChunkSchedule
+from runtime.controller.schedule import ChunkSchedule, start_index
 from runtime.metrics import LatencyRecorder
 from runtime.protocol import (
     ActionChunk,
@@ -71,7 +71,8 @@ class Controller:
         self.period = 1.0 / self.rate_hz
         self.driver = driver
         self.limiter = JointLimiter(self.rate_hz, c["max_velocity"], c["position_margin"])
-        self.schedule = ChunkSchedule()
+        self.seam = c["seam"]
+        self.schedule = ChunkSchedule(c["seam"], c["crossfade_s"], c["ensemble_m"], c["ensemble_chunks"])
         self.remote = RemoteControls(cfg["remote"])
         self.tasks = list(c["tasks"])
         self.task_index = 0
@@ -111,6 +112,20 @@ class Controller:
         self.overruns = 0
         self._late_in_a_row = 0
         self._max_step = 0.0
+        # execution of chunks (report()["execution"]); see docs/safety.md, "Seams between chunks"
+        self.stalls = 0
+        self._starved = False  # the executing chunk ran out while running; until a chunk resumes
+        self.seams = 0
+        self.chunks_dropped = 0
+        self.seam_clamped_ticks = 0
+        self._seam_until = -1.0
+        self._seam_max_step = 0.0
+        self._seam_max_accel = 0.0
+        self._seam_max_jerk = 0.0
+        self.chunk_age_ms = LatencyRecorder(10000)
+        self._hist = [np.zeros(g1.NUM_JOINTS) for _ in range(3)]  # commanded positions 1, 2, 3 ticks ago
+        self._hist_n = 0
+        self._diff = np.zeros(g1.NUM_JOINTS)
         self._step = np.zeros(g1.NUM_JOINTS)
         self._absdq = np.zeros(g1.NUM_JOINTS)
         self._signal: Optional[str] = None
@@ -203,7 +218,7 @@ class Controller:
                     np.copyto(self.q_cmd, self.driver.reading.q)  # arm from where the robot is
                     np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
                     self.session = None
-                    self.schedule.active = False
+                    self.schedule.reset()
                     self._rejections_in_a_row = 0
         elif action == "stop":
             sm.stop(now, f"stop by {who}")
@@ -246,6 +261,7 @@ class Controller:
 
     def _take_messages(self, now: float) -> None:
         newest: Optional[ActionChunk] = None
+        valid = 0
         for _ in range(MAX_MESSAGES_PER_TICK):
             try:
                 raw = self._inbox.recv(zmq.NOBLOCK, copy=True)
@@ -263,13 +279,23 @@ class Controller:
                 self._check_chunk(msg, now)
             except DecodeError as err:
                 self.rejects.reject(err)
+                if err.reason == "stale_chunk":
+                    self.chunks_dropped += 1
                 if err.reason not in ("malformed", "bad_version", "unexpected_type", "too_large"):
                     self._rejections_in_a_row += 1
                 continue
             self._rejections_in_a_row = 0
             newest = msg
+            valid += 1
         if newest is not None:
-            self.schedule.load(newest, self.schedule.joint_indices(newest.joints))
+            self.chunks_dropped += valid - 1  # superseded in this tick: never executed
+            if self.schedule.active:
+                self.seams += 1
+                step = self._seam_window(newest)
+                self._seam_until = now + step
+            self.schedule.load(newest, self.schedule.joint_indices(newest.joints), now)
+            self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
+            self._starved = False
             self.chunks_applied += 1
             self.last_chunk_at = now
             self.sm.chunk_arrived(now)
@@ -293,7 +319,7 @@ class Controller:
             raise DecodeError("future_chunk", f"obs_stamp {chunk.obs_stamp:.3f} is after now {now:.3f}")
         if not self.limiter.within_limits(chunk.actions, joints):
             raise DecodeError("outside_limits", "an action lies outside the joint position limits")
-        i = min(max(int(age / chunk.step_s), 0), chunk.actions.shape[0] - 1)
+        i = start_index(chunk.obs_stamp, chunk.step_s, now, chunk.actions.shape[0])
         first = float(np.abs(chunk.actions[i] - self.q_cmd[joints]).max())
         if first > c["max_first_step"]:
             raise DecodeError("first_step_too_far", f"the current action is {first:.3f} rad from the commanded "
@@ -303,6 +329,12 @@ class Controller:
         elif chunk.session != self.session:
             self.sm.stop(now, f"policy runtime restarted (session {chunk.session}, armed with {self.session})")
             raise DecodeError("new_session", "a chunk from another runtime session than the one armed with")
+
+    def _seam_window(self, chunk: ActionChunk) -> float:
+        """How long after a load the seam counters watch: crossfade_s for a crossfade, else 2 action steps."""
+        if self.seam == "crossfade" and self.c["crossfade_s"] > 0.0:
+            return self.c["crossfade_s"]
+        return 2.0 * chunk.step_s
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
         self.heartbeats += 1
@@ -370,6 +402,7 @@ class Controller:
         if self._awaiting_state:  # the robot stays on its last command, as it was before this process started
             return False
         if state == IDLE:
+            self._hist_n = 0
             np.copyto(self.q_cmd, r.q)  # track the robot so that arming starts from where it is
             np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
             return False
@@ -377,20 +410,31 @@ class Controller:
         np.copyto(target, self.q_cmd)
         if state == RUNNING and self.schedule.active:
             if not self.schedule.target_at(now, target):
+                self._starved = True
                 self.sm.hold(now, "chunk ran out")
+        if self._starved:
+            if state in (RUNNING, HOLDING):
+                self.stalls += 1  # driven by the policy, no fresh action: a stall
+            else:
+                self._starved = False
         damp = not arm_sdk and (state in (STOPPED, ESTOP) or (state == STOPPING and self.sm.immediate))
         if damp:
             np.copyto(target, r.q)  # kp is 0: the position is not pulled anywhere
             np.clip(target, self.limiter.lo, self.limiter.hi, out=target)
             np.copyto(self.q_cmd, target)
+            self._hist_n = 0
         else:
+            clamped = self.limiter.clamped_ticks
             self.limiter.apply(target, self.q_cmd)  # limits, in one place
             np.subtract(target, self.q_cmd, out=self._step)
             np.abs(self._step, out=self._step)
             step = float(self._step.max())
             if step > self._max_step:
                 self._max_step = step
+            if now <= self._seam_until:
+                self._seam_tick(target, step, self.limiter.clamped_ticks != clamped)
             np.copyto(self.q_cmd, target)
+            self._shift_history(target)
         np.copyto(cmd.q, self.q_cmd)
         cmd.dq[:] = 0.0
         cmd.tau[:] = 0.0
@@ -416,6 +460,40 @@ class Controller:
             np.multiply(g1.DEFAULT_KP, scale, out=cmd.kp)
             np.copyto(cmd.kd, g1.DEFAULT_KD)
         return True
+
+    def _seam_tick(self, q: np.ndarray, step: float, clamped: bool) -> None:
+        """Within a seam window: the commanded step, and the second and third differences of the commanded position
+        over the last ticks (per nominal period: rad/s^2 and rad/s^3)."""
+        if clamped:
+            self.seam_clamped_ticks += 1
+        if step > self._seam_max_step:
+            self._seam_max_step = step
+        h1, h2, h3 = self._hist
+        d = self._diff
+        if self._hist_n >= 2:  # q - 2 h1 + h2
+            np.subtract(q, h1, out=d)
+            d -= h1
+            d += h2
+            np.abs(d, out=d)
+            accel = float(d.max()) * self.rate_hz * self.rate_hz
+            if accel > self._seam_max_accel:
+                self._seam_max_accel = accel
+        if self._hist_n >= 3:  # q - 3 h1 + 3 h2 - h3
+            np.subtract(h2, h1, out=d)
+            d *= 3.0
+            d += q
+            d -= h3
+            np.abs(d, out=d)
+            jerk = float(d.max()) * self.rate_hz ** 3
+            if jerk > self._seam_max_jerk:
+                self._seam_max_jerk = jerk
+
+    def _shift_history(self, q: np.ndarray) -> None:
+        h = self._hist
+        h[0], h[1], h[2] = h[2], h[0], h[1]
+        np.copyto(h[0], q)
+        if self._hist_n < 3:
+            self._hist_n += 1
 
     # -- the tick -----------------------------------------------------------------------------------------------------
 
@@ -505,6 +583,18 @@ class Controller:
                         "non_finite_ticks": self.limiter.non_finite_ticks,
                         "max_step_rad": round(self._max_step, 6),
                         "max_step_allowed_rad": round(self.limiter.max_step, 6)},
+            "execution": {
+                "seam": self.seam,
+                "stalls": self.stalls,
+                "seams": self.seams,
+                "seam_max_step_rad": round(self._seam_max_step, 6),
+                "seam_max_accel_rad_s2": round(self._seam_max_accel, 3),
+                "seam_max_jerk_rad_s3": round(self._seam_max_jerk, 1),
+                "seam_clamped_ticks": self.seam_clamped_ticks,
+                "chunk_age_ms": self.chunk_age_ms.summary(),
+                "chunks_dropped": self.chunks_dropped,
+                "chunks_evicted": self.schedule.evicted,
+            },
             "task": self.tasks[self.task_index],
             "final_q": [round(float(v), 5) for v in self.q_cmd],
             "command_record": self._record_path,
