@@ -10,7 +10,7 @@ PYTHON38 ?= $(shell for p in $(HOME)/.pyenv/versions/3.8*/bin/python3.8 python3.
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null && { command -v $$p; break; }; done)
 VENV38 ?= .venv38
 
-.PHONY: demo demo-dds test test-py38 lint reference clean
+.PHONY: demo demo-dds bench test test-py38 lint reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ demo: $(VENV)/.runtime
 # the same loop with the controller speaking DDS to a simulated G1 in its own process (on loopback)
 demo-dds: $(VENV)/.dds
 	$(BIN)/wam-edge demo --set controller.driver=dds --report reports/demo-dds.json
+
+# the loop under injected inference latencies (10 ms, 100 ms, 80% of a chunk): JSON report and PNG plot
+$(VENV)/.bench: setup.py $(VENV)/.runtime
+	$(BIN)/pip install -q -e '.[cpu,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/wam-edge bench --report reports/bench.json
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check runtime tools tests

@@ -27,6 +27,7 @@ setup(
         "robot": ["cyclonedds==0.10.2"],  # what Unitree's SDK pins; needs CYCLONEDDS_HOME at build time
         "export": ["torch>=2.1", "onnx>=1.14", "onnxscript>=0.1"],  # tools/ only; the runtime never imports torch
         "camera": ["opencv-python-headless>=4.5"],  # V4L2 cameras
+        "bench": ["matplotlib>=3.3"],  # `wam-edge bench --plot`; without it the bench writes JSON only
         "dev": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.4", "vermin>=1.6"],
     },
     data_files=[("share/wam-edge/systemd", sorted(glob.glob("systemd/*.in")))],  # found by `wam-edge install-units`

@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="how long to run (default: demo.seconds)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
 
+    p = sub.add_parser("bench", help="the loop under injected inference latencies: stalls, seams, latencies, "
+                       "start-up, memory, watchdog; JSON report and PNG plot")
+    _common(p)
+    p.add_argument("--latency", dest="latencies", action="append", metavar="SPEC",
+                   help="an injected inference latency in policy.inject_latency's grammar (repeatable): 0.35 (s), "
+                   "80%% (of the chunk), uniform(a,b), normal(mu,sigma); default: 0.01, 0.1, 45%%")
+    p.add_argument("--seconds", type=float, default=8.0, help="how long each latency setting runs (default 8)")
+    p.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    p.add_argument("--plot", metavar="PATH", help="write the PNG plot here (default: next to the report, .png; "
+                   "needs matplotlib: the bench extra)")
+
     for name, cmd, text in (
             ("arm", "arm", "arm the controller (a person's decision): the robot starts following the policy"),
             ("stop", "stop", "stop: the robot is brought to a safe state (not latched)"),
@@ -131,6 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = demo.run_demo(cfg, args.overrides, args.seconds or cfg["demo"]["seconds"], args.report)
         demo.print_summary(summary)
         return 0 if summary["ok"] else 1
+    if args.command == "bench":
+        return _bench(cfg, args)
     if args.command == "sim":
         from runtime.robot.dds import sim
 
@@ -148,6 +161,28 @@ def main(argv: Optional[List[str]] = None) -> int:
               args.seconds)
         return 0
     return 2
+
+
+def _bench(cfg, args) -> int:
+    import os
+
+    from runtime.bench import harness
+    from runtime.policy.latency import parse_latency
+
+    latencies = args.latencies or list(harness.DEFAULT_LATENCIES)
+    for spec in latencies:
+        try:
+            parse_latency(spec, 1.0)
+        except ValueError as exc:
+            sys.stderr.write(f"wam-edge bench: --latency {spec}: {exc}\n")
+            return 2
+    if args.seconds <= 0:
+        sys.stderr.write("wam-edge bench: --seconds must be positive\n")
+        return 2
+    plot = args.plot or (os.path.splitext(args.report)[0] + ".png" if args.report else None)
+    report = harness.run_bench(cfg, args.overrides, latencies, args.seconds, args.report, plot, harness.print_row)
+    harness.print_summary(report)
+    return 0 if report["ok"] else 1
 
 
 def _hil(cfg, args) -> int:

@@ -295,6 +295,8 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                          lo=0.1, hi=60.0),
         "restart_bound_s": Key(10.0, float, "a killed controller restarted by the harness must command the robot "
                                "safe within this long of the kill", lo=0.5, hi=120.0),
+        "realtime_priority": Key(80, int, "the controller runs SCHED_FIFO at this priority once it is up, as its "
+                                 "systemd unit runs it, where the host permits; 0 = normal scheduling", lo=0, hi=99),
         "stall_s": Key(0.5, float, "stall_controller: how long the controller is paused (SIGSTOP .. SIGCONT); "
                        "longer than controller.max_tick_gap_s", lo=0.05, hi=30.0),
     },

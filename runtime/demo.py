@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from runtime.config import Config
 from runtime.controller import operator
@@ -68,17 +68,24 @@ def _load(path: str) -> Dict[str, Any]:
         return {}
 
 
-def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path: Optional[str]) -> Dict[str, Any]:
+def loop_overrides(tmp: str, dds: bool) -> List[str]:
+    """The loop's private endpoints and files in the directory ``tmp``."""
+    own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state",
+           f"transport.control=ipc://{tmp}/control", f"controller.latch_file={tmp}/estop.latched",
+           f"controller.command_record={tmp}/controller.record",
+           f"sim.control=ipc://{tmp}/sim"]
+    if dds:  # the demo never drives a real robot: a simulated G1 on loopback, in its own process
+        own.append("dds.interface=lo")
+    return own
+
+
+def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path: Optional[str],
+             watch: Optional[Callable[[Dict[str, int]], None]] = None) -> Dict[str, Any]:
+    """``watch`` (benchmarks): called about every 50 ms during the run with the processes' pids by role."""
     errors: List[str] = []
     with tempfile.TemporaryDirectory(prefix="wam-edge-demo-") as tmp:
-        own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state",
-               f"transport.control=ipc://{tmp}/control", f"controller.latch_file={tmp}/estop.latched",
-               f"controller.command_record={tmp}/controller.record",
-               f"sim.control=ipc://{tmp}/sim"]
         dds = cfg["controller"]["driver"] == "dds"
-        if dds:  # the demo never drives a real robot: a simulated G1 on loopback, in its own process
-            own.append("dds.interface=lo")
-        all_overrides = list(overrides) + own
+        all_overrides = list(overrides) + loop_overrides(tmp, dds)
         files = {k: os.path.join(tmp, k) for k in ("controller.json", "runtime.json", "controller.ready",
                                                        "runtime.ready", "sim.json")}
         t_start = time.monotonic()
@@ -105,6 +112,8 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
                     if any(p.poll() is not None for p in procs):
                         errors.append("a process exited during the run")
                         break
+                    if watch is not None:
+                        watch({"controller": controller.pid, "runtime": runtime.pid})
                     time.sleep(0.05)
             # the runtime goes first: the controller must hold, then stop on its own (the watchdog path)
             rc_runtime = _stop(runtime, 15.0)
@@ -160,6 +169,7 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         "errors": errors,
         "seconds": seconds,
         "startup_s": round(startup_s, 3),
+        "started_t": round(t_start, 4),  # time.monotonic() just before the processes were started
         "frames": rt.get("frames", 0),
         "frames_used": rt.get("frames_used", 0),
         "chunks_sent": rt.get("chunks_sent", 0),

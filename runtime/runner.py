@@ -113,6 +113,7 @@ class PolicyRuntime:
         self.lat_frame_to_chunk = LatencyRecorder()
         self.lat_inference = LatencyRecorder()
         self.lat_preprocess = LatencyRecorder()
+        self.lat_overhead = LatencyRecorder()  # per chunk: frame_to_chunk minus the inference call
         self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
         self.lat_starts_left = LatencyRecorder()  # time left in the executing chunk when an inference started
         self.lat_injected: Optional[LatencyRecorder] = None
@@ -264,6 +265,7 @@ class PolicyRuntime:
             self.last_sent_at = sent
         self.lat_frame_to_chunk.add((sent - frame.stamp) * 1000.0)
         self.lat_inference.add((t1 - t0) * 1000.0)
+        self.lat_overhead.add((sent - frame.stamp - (t1 - t0)) * 1000.0)
         self.lat_preprocess.add(self.policy.last_preprocess_ms)
         for name, ms in self.policy.last_stage_ms.items():
             self.lat_stage[name].add(ms)
@@ -301,6 +303,7 @@ class PolicyRuntime:
                 "frame_to_chunk": self.lat_frame_to_chunk.summary(),
                 "inference": self.lat_inference.summary(),
                 "preprocess": self.lat_preprocess.summary(),
+                "overhead": self.lat_overhead.summary(),
                 "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
             },
         }

@@ -105,6 +105,7 @@ class Controller:
         self.state_seq = 0
         self.chunks_received = 0
         self.chunks_applied = 0
+        self.first_chunk_applied_at: Optional[float] = None  # time.monotonic() of the first chunk applied
         self.chunks_ignored = 0  # valid, but arrived while the controller does not accept chunks
         self.heartbeats = 0
         self.commands = 0
@@ -297,6 +298,8 @@ class Controller:
             self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
             self._starved = False
             self.chunks_applied += 1
+            if self.first_chunk_applied_at is None:
+                self.first_chunk_applied_at = now
             self.last_chunk_at = now
             self.sm.chunk_arrived(now)
         if self._rejections_in_a_row >= self.c["max_rejections"]:
@@ -570,6 +573,8 @@ class Controller:
             "control_ticks": self.ticks,
             "chunks_received": self.chunks_received,
             "chunks_applied": self.chunks_applied,
+            "first_chunk_applied_t": (None if self.first_chunk_applied_at is None
+                                      else round(self.first_chunk_applied_at, 4)),
             "chunks_ignored": self.chunks_ignored,
             "heartbeats": self.heartbeats,
             "commands": self.commands,

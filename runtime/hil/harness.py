@@ -206,6 +206,7 @@ def run_hil(cfg: Config, overrides: Sequence[str], trials: int, names: Optional[
                                            "out_of_limits")},
         "exit_codes": codes,
         "restarts": dict(rig.starts),
+        "scheduling": dict(rig.realtime),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
     }
     if report_path:
@@ -239,6 +240,9 @@ def print_summary(report: Dict[str, Any], out=sys.stdout) -> None:
         out.write(f"  skipped {s['scenario']}: {s['why']}\n")
     for e in report["errors"]:
         out.write(f"  error: {e}\n")
+    for role, how in report["scheduling"].items():
+        if how:
+            out.write(f"  {role}: {how}\n")
     w = report["wire"]
     out.write(f"  wire: {w['commands']} commands ({w['arm_sdk']} arm_sdk, {w['lowcmd']} lowcmd), non-finite "
               f"{w['non_finite']}, outside limits {w['out_of_limits']}, bad CRC {w['bad_crc']} (all injected)\n")

@@ -53,6 +53,7 @@ class HilRig:
         self.starts = {r: 0 for r in ROLES}
         self.ctx = zmq.Context.instance()
         self.startup_timeout = cfg["demo"]["startup_timeout_s"]
+        self.realtime: Dict[str, Optional[str]] = {}  # per role: the scheduling it got, or why not
 
     # -- processes ----------------------------------------------------------------------------------------------
 
@@ -89,6 +90,19 @@ class HilRig:
             self.wait_ready(role)
         return proc
 
+    def _make_realtime(self, pid: int) -> Optional[str]:
+        """SCHED_FIFO for the controller once it is up (hil.realtime_priority, as its systemd unit runs it), so the
+        reactions measured are those of the deployed scheduling. Not during start-up: a CPU-bound import at a
+        real-time priority would starve everything else on its core, the harness's own wire monitor included."""
+        prio = self.cfg["hil"]["realtime_priority"]
+        if prio == 0:
+            return None
+        try:
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(prio))
+        except (OSError, AttributeError) as exc:  # not permitted here (no CAP_SYS_NICE): measured as scheduled
+            return f"normal scheduling (SCHED_FIFO refused: {exc})"
+        return f"SCHED_FIFO {prio}"
+
     def wait_ready(self, role: str) -> None:
         proc = self.procs[role]
         deadline = time.monotonic() + self.startup_timeout
@@ -100,6 +114,8 @@ class HilRig:
                 if self.sim({}, timeout_s=0.2).get("ok"):
                     return
             elif os.path.exists(self.path(f"{role}.ready")):
+                if role == "controller":
+                    self.realtime[role] = self._make_realtime(proc.pid)
                 return
             time.sleep(0.05)
         raise RigError(f"{role} not ready within {self.startup_timeout} s; see {self.log_path(role)}")

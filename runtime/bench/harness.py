@@ -1,0 +1,344 @@
+"""`wam-edge bench`: run the loop (controller + runtime, two processes, as `wam-edge demo` does) once per injected
+inference latency (``policy.inject_latency``) and measure what the robot would feel: stalls, seams between chunks,
+latencies per stage, the controller's timing beside the policy, start-up to the first action, resident memory, and
+the watchdog's reaction to a kill -9 of the runtime.
+
+Every time here is time.monotonic() on this host: the controller's report stamps (transitions, first chunk applied)
+use the same clock, so differences between them and the bench's own stamps are exact (to the reports' 0.1 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from runtime import demo
+from runtime.config import Config, load_config
+from runtime.controller import operator
+from runtime.controller.safety import SAFE_STATES
+from runtime.metrics import write_json
+
+#: the default latencies: a 10 ms and a 100 ms model, and 45 % of the reference model's 0.64 s chunk (0.29 s). One
+#: inference at a time covers a chunk only while the latency stays under half its duration: 80 % needs inferences
+#: in flight together, which is not built yet (docs/bench.md).
+DEFAULT_LATENCIES = ("0.01", "0.1", "45%")
+#: policy.max_inference_s during the bench: above every injected latency, so no chunk is an overrun
+MAX_INFERENCE_S = 2.0
+#: slack for the comparisons of steps with the allowed step (the reports round to 1e-6 rad)
+STEP_TOLERANCE_RAD = 1e-6
+#: the watchdog's hold may come this much after controller.chunk_timeout_s (ticks, scheduling)
+WATCHDOG_MARGIN_S = 0.05
+
+
+# -- pure helpers ----------------------------------------------------------------------------------------------------
+
+def parse_vmrss_kib(status_text: str) -> Optional[int]:
+    """VmRSS (kB, as /proc/<pid>/status writes it; really KiB) from the text of /proc/<pid>/status, or None."""
+    for line in status_text.splitlines():
+        if line.startswith("VmRSS:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                return int(parts[1])
+    return None
+
+
+def first_stop_after(transitions: Sequence[Dict[str, Any]], t: float) -> Optional[Dict[str, Any]]:
+    """The first transition at or after ``t`` into a state that no longer follows the policy (holding or beyond)."""
+    for tr in transitions:
+        if tr.get("t", -1.0) >= t - 1e-4 and tr.get("to") in ("holding", "stopping", "stopped", "estop"):
+            return tr
+    return None
+
+
+def run_ok(stalls: int, seam_max_step_rad: float, allowed_rad: float, loop_ok: bool) -> bool:
+    """A latency setting passes: the loop ran cleanly, no stall after the first chunk, no seam steps too far."""
+    return bool(loop_ok and stalls == 0 and seam_max_step_rad <= allowed_rad + STEP_TOLERANCE_RAD)
+
+
+class RssSampler:
+    """Called with {role: pid} (demo.run_demo's ``watch``): samples VmRSS of each process."""
+
+    def __init__(self) -> None:
+        self.samples: Dict[str, List[int]] = {}
+
+    def __call__(self, pids: Dict[str, int]) -> None:
+        for role, pid in pids.items():
+            try:
+                with open(f"/proc/{pid}/status", "r", encoding="utf-8") as f:
+                    kib = parse_vmrss_kib(f.read())
+            except OSError:  # not Linux, or the process is gone
+                continue
+            if kib is not None:
+                self.samples.setdefault(role, []).append(kib)
+
+    def summary(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for role, s in self.samples.items():
+            out[role] = {"samples": len(s), "max_mib": round(max(s) / 1024.0, 1),
+                         "mean_mib": round(sum(s) / len(s) / 1024.0, 1), "last_mib": round(s[-1] / 1024.0, 1)}
+        return out
+
+
+# -- one latency setting ---------------------------------------------------------------------------------------------
+
+def bench_overrides(overrides: Sequence[str], latency: str) -> List[str]:
+    return list(overrides) + [f"policy.inject_latency={latency}", f"policy.max_inference_s={MAX_INFERENCE_S}"]
+
+
+def run_one(cfg_path: Optional[str], overrides: Sequence[str], latency: str, seconds: float) -> Dict[str, Any]:
+    all_overrides = bench_overrides(overrides, latency)
+    cfg = load_config(cfg_path, all_overrides)
+    rss = RssSampler()
+    s = demo.run_demo(cfg, all_overrides, seconds, None, watch=rss)
+    return summarize_run(latency, cfg, s, rss.summary())
+
+
+def _lat(d: Dict[str, Any]) -> Dict[str, Any]:
+    return {"count": d.get("count", 0), "p50_ms": d.get("p50"), "p99_ms": d.get("p99"), "max_ms": d.get("max")}
+
+
+def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, Any]) -> Dict[str, Any]:
+    """The bench's view of one demo.run_demo summary."""
+    ct, rt = s.get("controller", {}), s.get("runtime", {})
+    ex, lim = ct.get("execution", {}), ct.get("limiter", {})
+    c = cfg["controller"]
+    allowed = lim.get("max_step_allowed_rad", round(c["max_velocity"] / c["rate_hz"], 6))
+    stalls = ex.get("stalls", 0)
+    seam_step = ex.get("seam_max_step_rad", 0.0)
+    first = ct.get("first_chunk_applied_t")
+    lat = rt.get("latency_ms", {})
+    return {
+        "latency": latency,
+        "ok": run_ok(stalls, seam_step, allowed, bool(s.get("ok"))),
+        "errors": s.get("errors", []),
+        "seconds_s": s.get("seconds"),
+        "chunks": {
+            "sent": rt.get("chunks_sent", 0),
+            "received": ct.get("chunks_received", 0),
+            "applied": ct.get("chunks_applied", 0),
+            "ignored_while_not_running": ct.get("chunks_ignored", 0),
+            "dropped_by_runtime": rt.get("chunks_dropped", 0),  # the socket would not take it
+            "dropped_by_controller": ex.get("chunks_dropped", 0),  # superseded in the same tick: never executed
+            "evicted": ex.get("chunks_evicted", 0),
+            "runtime_overruns": rt.get("overruns", 0),
+            "policy_errors": rt.get("policy_errors", 0),
+        },
+        "execution": {
+            "seam": ex.get("seam"),
+            "stalls": stalls,
+            "seams": ex.get("seams", 0),
+            "seam_max_step_rad": seam_step,
+            "max_step_rad": lim.get("max_step_rad"),
+            "max_step_allowed_rad": allowed,
+            "seam_max_accel_rad_s2": ex.get("seam_max_accel_rad_s2"),
+            "seam_max_jerk_rad_s3": ex.get("seam_max_jerk_rad_s3"),
+            "seam_clamped_ticks": ex.get("seam_clamped_ticks", 0),
+            "clamped_ticks": lim.get("clamped_ticks", 0),
+            "chunk_age_ms": _lat(ex.get("chunk_age_ms", {})),
+        },
+        "latency_ms": {
+            "injected": _lat(rt.get("injected_latency_ms", {})),
+            "inference": _lat(lat.get("inference", {})),
+            "preprocess": _lat(lat.get("preprocess", {})),
+            "stages": {k: _lat(v) for k, v in lat.get("stages", {}).items()},
+            "frame_to_chunk": _lat(lat.get("frame_to_chunk", {})),
+            "overhead_per_chunk": _lat(lat.get("overhead", {})),
+            "inference_starts_left": _lat(rt.get("inference_starts_left_ms", {})),
+            "estimate_ms": rt.get("latency_estimate_ms"),
+            "trigger": rt.get("trigger"),
+        },
+        "controller": {
+            "rate_hz": c["rate_hz"],
+            "control_ticks": ct.get("control_ticks", 0),
+            "period_error_ms": _lat(ct.get("period_error_ms", {})),
+            "overruns": ct.get("overruns", 0),
+        },
+        "startup": {
+            "ready_s": s.get("startup_s"),
+            "first_action_s": None if first is None or s.get("started_t") is None
+            else round(first - s["started_t"], 3),
+        },
+        "rss": rss,
+        "final_state": s.get("final_state"),
+    }
+
+
+# -- the watchdog ----------------------------------------------------------------------------------------------------
+
+def watchdog_trial(cfg: Config, overrides: Sequence[str], settle_s: float = 1.0) -> Dict[str, Any]:
+    """Arm, let chunks flow, kill -9 the runtime; the reaction is the kill to the controller's hold, both on
+    time.monotonic() (the hold's time from the controller's transitions). The status poll (every 5 ms) gives a
+    second, coarser number: when the operator link first saw the controller no longer running."""
+    out: Dict[str, Any] = {"reaction_ms": None, "seen_by_status_poll_ms": None, "reason": None, "error": None}
+    if cfg["controller"]["driver"] != "sim":
+        out["error"] = "skipped: needs controller.driver=sim"
+        return out
+    c = cfg["controller"]
+    with tempfile.TemporaryDirectory(prefix="wam-edge-bench-") as tmp:
+        all_overrides = list(overrides) + demo.loop_overrides(tmp, False)
+        files = {k: os.path.join(tmp, k) for k in ("controller.json", "runtime.json", "controller.ready",
+                                                       "runtime.ready")}
+        control = f"ipc://{tmp}/control"
+        controller = demo._spawn("controller", cfg.path, all_overrides, files["controller.json"],
+                                 files["controller.ready"])
+        runtime = demo._spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"])
+        t_kill = None
+        try:
+            problem = demo._wait_files([files["controller.ready"], files["runtime.ready"]], [controller, runtime],
+                                       cfg["demo"]["startup_timeout_s"])
+            if not problem:
+                reply = operator.send(control, "arm", "wam-edge bench", timeout_s=5.0)
+                problem = None if reply.ok else f"arming refused: {reply.detail}"
+            if not problem:
+                deadline = time.monotonic() + c["arm_ramp_s"] + 10.0
+                while time.monotonic() < deadline:
+                    if operator.send(control, "status", "wam-edge bench", timeout_s=1.0).state == "running":
+                        break
+                    time.sleep(0.02)
+                else:
+                    problem = "the controller never reached running"
+            if problem:
+                out["error"] = problem
+            else:
+                time.sleep(settle_s)  # chunks flowing
+                t_kill = time.monotonic()
+                runtime.send_signal(signal.SIGKILL)
+                deadline = t_kill + c["chunk_timeout_s"] + c["heartbeat_timeout_s"] + 5.0
+                while time.monotonic() < deadline:
+                    state = operator.send(control, "status", "wam-edge bench", timeout_s=1.0).state
+                    if state != "running":
+                        out["seen_by_status_poll_ms"] = round((time.monotonic() - t_kill) * 1000.0, 1)
+                        break
+                    time.sleep(0.005)
+                # then let it stop on its own before it goes
+                stop_s = c["stop_ramp_s"] if c["mode"] == "arm_sdk" else c["hold_before_damp_s"]
+                deadline = time.monotonic() + c["hold_s"] + stop_s + 3.0
+                while time.monotonic() < deadline:
+                    if operator.send(control, "status", "wam-edge bench", timeout_s=1.0).state in SAFE_STATES:
+                        break
+                    time.sleep(0.05)
+            demo._stop(controller, 10.0)
+        finally:
+            for p in (controller, runtime):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        ct = demo._load(files["controller.json"])
+    if t_kill is not None:
+        hold = first_stop_after(ct.get("transitions", []), t_kill)
+        if hold is None:
+            out["error"] = "no hold after the kill in the controller's transitions"
+        else:
+            out["reaction_ms"] = round((hold["t"] - t_kill) * 1000.0, 1)
+            out["reason"] = hold.get("reason")
+            out["to"] = hold.get("to")
+    out["bound_ms"] = round((c["chunk_timeout_s"] + WATCHDOG_MARGIN_S) * 1000.0, 1)
+    out["final_state"] = ct.get("state")
+    return out
+
+
+# -- the bench -------------------------------------------------------------------------------------------------------
+
+def run_bench(cfg: Config, overrides: Sequence[str], latencies: Sequence[str], seconds: float,
+              report_path: Optional[str], plot_path: Optional[str],
+              progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    t0 = time.monotonic()
+    notes = [
+        "times are time.monotonic() on this host; the controller's stamps use the same clock",
+        "startup.first_action_s: from just before the processes were started to the controller's first chunk "
+        "applied (its report's first_chunk_applied_t); it includes the bench's arming and controller.arm_ramp_s "
+        "(chunks apply only once running); startup.ready_s: to both ready files",
+        "latency_ms.overhead_per_chunk: per chunk, frame_to_chunk minus the inference call (the frame's age when "
+        "the inference started, plus encoding and sending); decoding of camera frames happens before the frame's "
+        "stamp and is not in it",
+        "latency_ms.inference includes the injected latency (latency_ms.injected); stages and preprocess are the "
+        "real model's",
+        f"policy.max_inference_s={MAX_INFERENCE_S} during the bench, so injected latency is never an overrun",
+        "execution.stalls counts ticks while running or holding after the executing chunk ran out: only possible "
+        "after the first chunk",
+        "the runtime infers one chunk at a time: a chunk answers a state at most its inference latency L old and "
+        "the next one arrives about L later, so a chunk of duration T covers the gap only while 2 L (plus the "
+        "trigger margin and the frame's age) stays below T; above that stalls are expected, not a bug",
+        "rss: VmRSS from /proc/<pid>/status every ~50 ms during the run (MiB)",
+        "watchdog: kill -9 of the runtime after the latency runs (first latency setting); reaction_ms from the kill "
+        "to the controller's first transition to holding (its report), seen_by_status_poll_ms from a 5 ms "
+        "status poll",
+    ]
+    runs = []
+    for latency in latencies:
+        run = run_one(cfg.path, overrides, latency, seconds)
+        runs.append(run)
+        if progress is not None:
+            progress(run)
+    wd_cfg = load_config(cfg.path, bench_overrides(overrides, latencies[0]))
+    watchdog = watchdog_trial(wd_cfg, bench_overrides(overrides, latencies[0]))
+    wd_ok = watchdog["reaction_ms"] is not None and watchdog["reaction_ms"] <= watchdog["bound_ms"]
+    report: Dict[str, Any] = {
+        "ok": bool(runs) and all(r["ok"] for r in runs) and wd_ok,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+                 "platform": platform.platform()},
+        "seconds_per_run_s": seconds,
+        "runs": runs,
+        "watchdog_reaction_ms": watchdog["reaction_ms"],
+        "watchdog": watchdog,
+        "plot": None,
+        "notes": notes,
+    }
+    if plot_path:
+        from runtime.bench import plot
+
+        problem = plot.plot_runs(runs, plot_path)
+        if problem:
+            notes.append(f"plot skipped: {problem}")
+        else:
+            report["plot"] = plot_path
+    report["bench_s"] = round(time.monotonic() - t0, 1)
+    if report_path:
+        write_json(report_path, report)
+    return report
+
+
+def _f(v: Any, fmt: str = "{:.2f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def print_row(r: Dict[str, Any], out=sys.stdout) -> None:
+    lat, ex, ctl = r["latency_ms"], r["execution"], r["controller"]
+    pe = ctl["period_error_ms"]
+    rss = " ".join(f"{k} {v['max_mib']} MiB" for k, v in r["rss"].items())
+    out.write(
+        f"latency {r['latency']}: {'OK' if r['ok'] else 'FAILED'}\n"
+        f"  inference p50/p99 {_f(lat['inference']['p50_ms'])}/{_f(lat['inference']['p99_ms'])} ms, "
+        f"frame->chunk p50/p99 {_f(lat['frame_to_chunk']['p50_ms'])}/{_f(lat['frame_to_chunk']['p99_ms'])} ms, "
+        f"overhead p50/p99 {_f(lat['overhead_per_chunk']['p50_ms'])}/{_f(lat['overhead_per_chunk']['p99_ms'])} ms\n"
+        f"  chunks sent {r['chunks']['sent']} applied {r['chunks']['applied']}, stalls {ex['stalls']}, "
+        f"seams {ex['seams']}, seam max step {ex['seam_max_step_rad']} rad (allowed {ex['max_step_allowed_rad']}), "
+        f"accel {ex['seam_max_accel_rad_s2']} rad/s2, jerk {ex['seam_max_jerk_rad_s3']} rad/s3, "
+        f"chunk age p50 {_f(ex['chunk_age_ms']['p50_ms'])} ms\n"
+        f"  controller {ctl['rate_hz']:.0f} Hz period error p50/p99/max {_f(pe['p50_ms'], '{:.3f}')}"
+        f"/{_f(pe['p99_ms'], '{:.3f}')}/{_f(pe['max_ms'], '{:.3f}')} ms, "
+        f"overruns {ctl['overruns']} of {ctl['control_ticks']} ticks\n"
+        f"  start-up: ready {_f(r['startup']['ready_s'])} s, first action {_f(r['startup']['first_action_s'])} s; "
+        f"RSS {rss}\n")
+    for e in r["errors"]:
+        out.write(f"  error: {e}\n")
+    out.flush()
+
+
+def print_summary(report: Dict[str, Any], out=sys.stdout) -> None:
+    wd = report["watchdog"]
+    out.write(f"watchdog: kill -9 of the runtime -> {wd.get('to')} after {_f(wd['reaction_ms'], '{:.1f}')} ms "
+              f"(bound {wd['bound_ms']} ms; status poll saw it after {_f(wd['seen_by_status_poll_ms'], '{:.1f}')} ms)"
+              f"{'; ' + wd['error'] if wd.get('error') else ''}\n")
+    for n in report["notes"]:
+        if n.startswith("plot skipped"):
+            out.write(f"{n}\n")
+    if report.get("plot"):
+        out.write(f"plot: {report['plot']}\n")
+    out.write(f"wam-edge bench: {'OK' if report['ok'] else 'FAILED'} ({len(report['runs'])} latency settings, "
+              f"{report['bench_s']} s)\n")
