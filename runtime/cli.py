@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--latency", dest="latencies", action="append", metavar="SPEC",
                    help="an injected inference latency in policy.inject_latency's grammar (repeatable): 0.35 (s), "
-                   "80%% (of the chunk), uniform(a,b), normal(mu,sigma); default: 0.01, 0.1, 45%%")
+                   "80%% (of the chunk), uniform(a,b), normal(mu,sigma); default: 0.01, 0.1, 80%%")
     p.add_argument("--seconds", type=float, default=8.0, help="how long each latency setting runs (default 8)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--plot", metavar="PATH", help="write the PNG plot here (default: next to the report, .png; "

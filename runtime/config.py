@@ -161,6 +161,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "inject_latency": Key("", object, "benchmarks and rigs only: extra inference latency, e.g. 0.35 (s), 80% (of "
                               "a chunk's duration), uniform(0.1,0.35), normal(0.3,0.05); empty = none",
                               check=_latency_text),
+        "max_in_flight": Key(1, int, "inferences whose chunks may be pending at once; > 1 only overlaps injected "
+                             "latency (policy.inject_latency): the model itself still runs one inference at a time",
+                             lo=1, hi=16),
         "max_inference_s": Key(1.0, float, "an inference longer than this is an overrun: its chunk is not sent "
                                "and the runtime reports a fault", lo=0.001, hi=30.0),
     },

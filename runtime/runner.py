@@ -12,6 +12,14 @@ default) starts the next inference when the chunk last sent has no more time lef
 receipt time of the robot state it answers (the controller's clock is not ours).
 With ``policy.inject_latency`` (benchmarks and rigs) each inference also sleeps an injected latency; the overrun
 check (``policy.max_inference_s``) measures the whole call, injected latency included.
+In flight (``policy.max_in_flight`` > 1 with injected latency: a pure delay, such as a policy server across a
+network): the real inference runs at once, its chunk is copied into a preallocated ring of ``max_in_flight``
+buffers and sent at its release time, when the call started + the drawn latency (or when the inference finished,
+if later), in release order; meanwhile the loop goes on (heartbeats, state, fault requests, further inferences).
+A chunk released after a newer one (a distribution drew it longer) is dropped. The overrun check and the latency
+estimate take the call's start to the release. A fault drops the pending chunks, and so does stopping (both counted
+in ``chunks_dropped``). The trigger is ``next_trigger_time_in_flight``: the latency rule against the newest chunk
+sent or pending, at most ``max_in_flight`` pending.
 With ``faults.enabled`` (test rigs only) the runtime also obeys fault-injection requests: see runtime/faults.py.
 """
 
@@ -22,7 +30,7 @@ import os
 import signal
 import time
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import zmq
@@ -32,7 +40,13 @@ from runtime.config import Config
 from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
 from runtime.metrics import LatencyRecorder, write_json
 from runtime.policy import PolicyError, load_policy
-from runtime.policy.latency import LatencyEstimate, LatencyInjectingPolicy, next_trigger_time, parse_latency
+from runtime.policy.latency import (
+    LatencyEstimate,
+    LatencyInjectingPolicy,
+    next_trigger_time,
+    next_trigger_time_in_flight,
+    parse_latency,
+)
 from runtime.protocol import (
     ActionChunk,
     DecodeError,
@@ -136,6 +150,22 @@ class PolicyRuntime:
             self._injecting = LatencyInjectingPolicy(self.policy, sampler)
             self.policy = self._injecting
             self.lat_injected = LatencyRecorder()
+        # in flight: chunks computed but held until their release time (a ring of preallocated buffers)
+        self.max_in_flight = p["max_in_flight"]
+        self.in_flight = self._injecting is not None and self.max_in_flight > 1
+        self.in_flight_max = 0  # the most chunks pending at once
+        n = self.max_in_flight if self.in_flight else 0
+        self._ring = np.zeros((n, manifest.horizon, len(manifest.action_joints)), dtype=np.float32)
+        self._r_start = [0.0] * n  # monotonic time the call started
+        self._r_release = [0.0] * n
+        self._r_state_stamp = [0.0] * n
+        self._r_state_at = [0.0] * n
+        self._r_frame_stamp = [0.0] * n
+        self._r_done = [0.0] * n  # monotonic time the real inference finished
+        self._free: List[int] = list(range(n))
+        self._pending: List[int] = []  # slots, in release order
+        self._pending_releases: List[float] = []  # their release times, same order
+        self._newest_start: Optional[float] = None  # start of the newest chunk sent (in flight: drop older ones)
         # the loop sleeps until the next due time or until robot state (or a fault request) arrives
         self._poller = zmq.Poller()
         self._poller.register(self._state_sub, zmq.POLLIN)
@@ -149,6 +179,15 @@ class PolicyRuntime:
             self.counters["faults"] += 1
         self.health, self.detail = "fault", detail[:256]
         self.next_heartbeat = now
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        """In flight: a fault (or stopping) lets none of the pending chunks out."""
+        if self._pending:
+            self.counters["chunks_dropped"] += len(self._pending)
+            self._free.extend(self._pending)
+            del self._pending[:]
+            del self._pending_releases[:]
 
     def start(self, warmup_runs: int, first_frame_timeout_s: float = 10.0) -> None:
         """Start the camera and warm the policy up on a real frame (its sizes and memory layout)."""
@@ -184,6 +223,10 @@ class PolicyRuntime:
         if self._fault_socket is not None:
             self._fault_socket.serve()
         self._poll_state(now)
+        if self._pending and now >= self._pending_releases[0]:
+            self._release_due(now)
+            if self.trigger == "latency":
+                self.next_infer = self.next_trigger()  # a slot is free and the estimate moved
         if now >= self.next_infer:
             if self.trigger == "fixed":
                 # keep a regular grid; after a late step (or the first one) re-anchor instead of catching up in a burst
@@ -205,6 +248,19 @@ class PolicyRuntime:
 
     def next_trigger(self) -> float:
         """trigger = latency: when the next inference is due (-inf: at once)."""
+        if self.in_flight:
+            coverage_end = None
+            last_release = self.last_sent_at
+            if self._pending:
+                newest = max(self._pending, key=lambda i: self._r_start[i])
+                coverage_end = self._r_state_at[newest] + self.horizon * self.step_s
+                last_release = self._pending_releases[-1]
+            elif self.chunk_start is not None:
+                coverage_end = self.chunk_start + self.horizon * self.step_s
+            return next_trigger_time_in_flight(
+                coverage_end, self.latency.value, self.trigger_margin_s, self.last_infer_start, self.infer_period,
+                self._pending_releases, self.max_in_flight,
+                None if last_release is None else last_release + self.chunk_timeout_s)
         return next_trigger_time(self.chunk_start, self.horizon, self.step_s, self.latency.value,
                                  self.trigger_margin_s, self.last_infer_start, self.infer_period,
                                  None if self.last_sent_at is None else self.last_sent_at + self.chunk_timeout_s)
@@ -231,6 +287,8 @@ class PolicyRuntime:
         if self.chunk_start is not None:
             self.lat_starts_left.add((self.chunk_start + self.horizon * self.step_s - now) * 1000.0)
         self.last_infer_start = now
+        if self.in_flight:
+            return self._infer_and_hold(now, frame, state, state_at)
         t0 = time.perf_counter()
         try:
             actions = self.policy.infer(frame.images, self._state_vec)
@@ -271,6 +329,81 @@ class PolicyRuntime:
             self.lat_stage[name].add(ms)
         return True
 
+    def _infer_and_hold(self, now: float, frame: Any, state: RobotState, state_at: float) -> bool:
+        """In flight: run the real inference now; hold its chunk until the call's start + the drawn latency."""
+        c = self.counters
+        assert self._injecting is not None
+        if not self._free:  # the trigger keeps to max_in_flight; never overwrite a pending chunk
+            return False
+        t0 = time.monotonic()
+        try:
+            actions, delay = self._injecting.infer_deferred(frame.images, self._state_vec)
+        except PolicyError as exc:
+            c["policy_errors"] += 1
+            self._fault(now, f"policy: {exc}")
+            return True
+        done = time.monotonic()
+        release = max(done, t0 + delay)
+        if self.lat_injected is not None:
+            self.lat_injected.add(delay * 1000.0)
+        if release - t0 > self.max_inference_s:
+            # the release would come too late: an overrun, known now (its answer would be old: never send it)
+            self.latency.add(release - t0)
+            c["overruns"] += 1
+            self._fault(now, f"inference took {(release - t0) * 1000:.0f} ms "
+                             f"(limit {self.max_inference_s * 1000:.0f} ms)")
+            return True
+        self.health, self.detail = "ok", ""
+        if frame.seq != self.last_frame_seq:
+            c["frames_used"] += 1
+            self.last_frame_seq = frame.seq
+        slot = self._free.pop()
+        np.copyto(self._ring[slot], actions, casting="same_kind")
+        self._r_start[slot], self._r_release[slot], self._r_done[slot] = t0, release, done
+        self._r_state_stamp[slot], self._r_state_at[slot] = state.stamp, state_at
+        self._r_frame_stamp[slot] = frame.stamp
+        # keep release order (a distribution may draw a later start an earlier release)
+        k = len(self._pending_releases)
+        while k > 0 and self._pending_releases[k - 1] > release:
+            k -= 1
+        self._pending.insert(k, slot)
+        self._pending_releases.insert(k, release)
+        self.in_flight_max = max(self.in_flight_max, len(self._pending))
+        self.lat_preprocess.add(self.policy.last_preprocess_ms)
+        for name, ms in self.policy.last_stage_ms.items():
+            self.lat_stage[name].add(ms)
+        return True
+
+    def _release_due(self, now: float) -> None:
+        """In flight: send every pending chunk whose release time has come, in release order."""
+        c = self.counters
+        while self._pending and self._pending_releases[0] <= now:
+            slot = self._pending.pop(0)
+            self._pending_releases.pop(0)
+            self._free.append(slot)
+            t0 = self._r_start[slot]
+            sent_at = time.monotonic()
+            self.latency.add(sent_at - t0)  # start to release
+            if self._newest_start is not None and t0 < self._newest_start:
+                c["chunks_dropped"] += 1  # a newer chunk is already out: this one answers older state
+                continue
+            self.chunk_seq += 1
+            payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, self._r_state_stamp[slot],
+                                               self._r_frame_stamp[slot], self.policy.manifest.step_s,
+                                               self.policy.manifest.action_joints, self._ring[slot]))
+            sent = time.monotonic()
+            if sockets.try_send(self._chunks, payload):
+                c["chunks_sent"] += 1
+                self.chunk_start = self._r_state_at[slot]
+                self.last_sent_at = sent
+                self._newest_start = t0
+            else:
+                c["chunks_dropped"] += 1
+            frame_stamp = self._r_frame_stamp[slot]
+            self.lat_frame_to_chunk.add((sent - frame_stamp) * 1000.0)
+            self.lat_inference.add((sent_at - t0) * 1000.0)
+            self.lat_overhead.add((sent - frame_stamp - (sent_at - t0)) * 1000.0)
+
     def run(self, should_continue, pinger=None) -> None:
         while should_continue():
             now = time.monotonic()
@@ -278,6 +411,8 @@ class PolicyRuntime:
             if pinger is not None and self.health != "fault":
                 pinger.ping(now)
             wake = min(self.next_infer, self.next_heartbeat)
+            if self._pending:
+                wake = min(wake, self._pending_releases[0])
             delay = wake - time.monotonic()
             if delay > 0:
                 # wake early for robot state, which arrives often (and fault requests); bounded by the next due time
@@ -286,6 +421,7 @@ class PolicyRuntime:
     def stop(self) -> None:
         """Tell the controller we are stopping (it holds, then stops) before the process goes."""
         self.health, self.detail = "stopping", "runtime shutting down"
+        self._drop_pending()
         self.hb_seq += 1
         sockets.try_send(self._chunks, encode_heartbeat(
             Heartbeat(self.session, self.hb_seq, time.monotonic(), self.health, self.detail)))
@@ -311,6 +447,8 @@ class PolicyRuntime:
         out["trigger"] = self.trigger
         out["latency_estimate_ms"] = None if est is None else round(est * 1000.0, 4)
         out["inference_starts_left_ms"] = self.lat_starts_left.summary()
+        out["max_in_flight"] = self.max_in_flight
+        out["in_flight_max"] = self.in_flight_max if self.in_flight else (1 if self.counters["chunks_sent"] else 0)
         if self.lat_injected is not None:
             out["injected_latency_ms"] = self.lat_injected.summary()
         if self.faults is not None:

@@ -88,3 +88,29 @@ def test_bench_one_latency(tmp_path):
     else:
         assert b["plot"] == str(plot) and plot.stat().st_size > 1000
     assert "wam-edge bench: OK" in r.stdout
+
+
+def test_in_flight_overrides():
+    assert harness.in_flight_overrides("0.1", 0.64, 0.05) == []
+    assert harness.in_flight_overrides("45%", 0.64, 0.05) == []
+    assert harness.in_flight_overrides("80%", 0.64, 0.05) == ["policy.max_in_flight=8", "policy.rate_hz=50"]
+    # ceil(0.5 / 0.09) + 1
+    assert harness.in_flight_overrides("uniform(0.1,0.5)", 0.64, 0.05)[0] == "policy.max_in_flight=7"
+    assert harness.DEFAULT_LATENCIES == ("0.01", "0.1", "80%")
+
+
+@pytest.mark.slow
+def test_bench_80_percent_in_flight(tmp_path):
+    report = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--latency", "80%", "--seconds", "4",
+                        "--report", str(report)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=240, check=False)
+    b = json.loads(report.read_text())
+    run = b["runs"][0]
+    assert run["in_flight"]["max_in_flight"] == 8 and run["in_flight"]["rate_hz"] == 50.0, r.stdout
+    assert run["in_flight"]["in_flight_max"] >= 2
+    ex = run["execution"]
+    assert ex["stalls"] == 0, r.stdout
+    assert ex["seam_max_step_rad"] <= ex["max_step_allowed_rad"] + 1e-6
+    assert run["ok"] is True and run["latency_ms"]["inference"]["p50_ms"] >= 512.0 - 1
+    assert r.returncode == 0, r.stdout + r.stderr

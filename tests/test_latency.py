@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from runtime.policy.latency import (
     LatencyEstimate,
     LatencyInjectingPolicy,
+    in_flight_needed,
     next_trigger_time,
+    next_trigger_time_in_flight,
+    nominal_max_latency,
     parse_latency,
     time_left,
 )
@@ -150,6 +153,85 @@ def test_next_trigger_time_examples():
     assert next_trigger_time(10.0, 32, 0.02, 0.1, 0.05, 10.0, 0.2, send_by=10.5) == pytest.approx(10.35)
 
 
+# -- several inferences in flight ----------------------------------------------------------------------------------
+
+@given(coverage_end=st.one_of(st.none(), times), latency=maybe, margin=finite,
+       last_start=st.one_of(st.none(), times), min_period=st.floats(0.0, 10.0),
+       pending=st.lists(times, max_size=20).map(sorted), max_in_flight=st.integers(1, 16),
+       send_by=st.one_of(st.none(), times))
+def test_in_flight_trigger_exactly(coverage_end, latency, margin, last_start, min_period, pending, max_in_flight,
+                                   send_by):
+    t = next_trigger_time_in_flight(coverage_end, latency, margin, last_start, min_period, pending, max_in_flight,
+                                    send_by)
+    # nothing pending (or room left): exactly the one-at-a-time rule against the newest chunk's coverage
+    if coverage_end is not None:
+        one = next_trigger_time(coverage_end, 1, 0.0, latency, margin, last_start, min_period, send_by)
+    else:
+        one = next_trigger_time(None, 1, 0.0, latency, margin, last_start, min_period, send_by)
+    if len(pending) < max_in_flight:
+        assert t == one
+    else:  # full: not before enough pending chunks are out to free a slot
+        assert t == max(one, pending[len(pending) - max_in_flight])
+        assert sum(1 for r in pending if r > t) < max_in_flight
+
+
+def _simulate(chunk_s, latency, margin, min_period, max_in_flight, count):
+    """The trigger driving a runtime whose chunks are released ``latency`` after their start (state received at the
+    start): returns the starts and releases."""
+    starts, releases = [], []
+    now, last = 0.0, None
+    while len(starts) < count:
+        pending = sorted(r for r in releases if r > now)
+        coverage_end = starts[-1] + chunk_s if starts else None
+        t = next_trigger_time_in_flight(coverage_end, latency, margin, last, min_period, pending, max_in_flight)
+        if t <= now:
+            starts.append(now)
+            releases.append(now + latency)
+            last = now
+        else:
+            now = t
+    return starts, releases
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunk_s=st.floats(0.05, 5.0), frac=st.floats(0.0, 0.98), margin_frac=st.floats(0.0, 1.0),
+       rate_frac=st.floats(0.0, 1.0), extra=st.integers(0, 3))
+def test_in_flight_steady_state_leaves_no_gap(chunk_s, frac, margin_frac, rate_frac, extra):
+    latency = frac * chunk_s
+    margin = margin_frac * (chunk_s - latency) * 0.99  # leaves spacing > 0
+    spacing = chunk_s - latency - margin
+    min_period = rate_frac * spacing  # the rate limit never binds beyond the trigger's own spacing
+    n = in_flight_needed(latency, chunk_s, margin, cap=10 ** 6) + extra
+    if n > 200:
+        return  # too many to simulate quickly; the arithmetic is the same
+    starts, releases = _simulate(chunk_s, latency, margin, min_period, n, 3 * n + 10)
+    tol = 1e-9 * (1.0 + chunk_s * len(starts))
+    for k in range(1, len(starts)):
+        assert releases[k] <= starts[k - 1] + chunk_s + tol  # arrives before the previous coverage ends
+        assert starts[k] - starts[k - 1] >= min_period - tol
+        assert sum(1 for r in releases[:k] if r > starts[k]) < n  # never more than n pending
+
+
+def test_one_in_flight_above_half_a_chunk_leaves_a_gap():
+    starts, releases = _simulate(0.64, 0.512, 0.05, 0.2, 1, 6)
+    assert any(releases[k] > starts[k - 1] + 0.64 for k in range(1, 6))
+    starts, releases = _simulate(0.64, 0.512, 0.05, 0.02, in_flight_needed(0.512, 0.64, 0.05), 40)
+    assert all(releases[k] <= starts[k - 1] + 0.64 for k in range(1, 40))
+
+
+def test_in_flight_needed_and_nominal_max_latency():
+    assert in_flight_needed(0.512, 0.64, 0.05) == 8  # ceil(0.512 / 0.078) + 1
+    assert in_flight_needed(0.01, 0.64, 0.05) == 2
+    assert in_flight_needed(0.0, 0.64, 0.05) == 1
+    assert in_flight_needed(0.63, 0.64, 0.05) == 16  # no spacing left: the cap
+    assert in_flight_needed(0.6, 0.64, 0.0, cap=4) == 4
+    assert nominal_max_latency("", 0.64) is None
+    assert nominal_max_latency("80%", 0.64) == pytest.approx(0.512)
+    assert nominal_max_latency("0.35", 0.64) == 0.35
+    assert nominal_max_latency("uniform(0.1,0.3)", 0.64) == 0.3
+    assert nominal_max_latency("normal(0.2,0.05)", 0.64) == pytest.approx(0.35)
+
+
 # -- the stand-in ---------------------------------------------------------------------------------------------------
 
 class _FakePolicy:
@@ -173,6 +255,14 @@ class _FakePolicy:
 
     def close(self):
         self.calls.append("close")
+
+
+def test_injecting_policy_defers_without_sleeping():
+    inner = _FakePolicy()
+    p = LatencyInjectingPolicy(inner, parse_latency("0.2", 1.0))
+    t0 = time.perf_counter()
+    actions, delay = p.infer_deferred({}, np.zeros(3))
+    assert time.perf_counter() - t0 < 0.1 and delay == 0.2 and p.last_injected_s == 0.2 and actions.shape[0] >= 1
 
 
 def test_injecting_policy_sleeps_after_inference_and_delegates():

@@ -6,6 +6,7 @@
 ``parse_latency``    the ``policy.inject_latency`` grammar -> a sampler of seconds (or None for "").
 ``LatencyInjectingPolicy``  a benchmark/rig stand-in around a Policy that sleeps a drawn latency after each real
                      inference, so a fast machine can stand in for a slow one.
+``next_trigger_time_in_flight``  the same rule with several chunks pending at once (``policy.max_in_flight``).
 
 policy.inject_latency grammar (whitespace around tokens is ignored):
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -98,6 +99,60 @@ def next_trigger_time(chunk_start: Optional[float], horizon: int, step_s: float,
     if last_start is not None:
         due = max(due, last_start + min_period)
     return due
+
+
+def next_trigger_time_in_flight(coverage_end: Optional[float], latency: Optional[float], margin: float,
+                                last_start: Optional[float], min_period: float, pending_releases: Sequence[float],
+                                max_in_flight: int, send_by: Optional[float] = None) -> float:
+    """When the next inference may start with up to ``max_in_flight`` chunks pending at once (computed, held until
+    their release time); ``now >= next_trigger_time_in_flight(...)`` means start now.
+
+    The rule of ``next_trigger_time`` against the newest chunk *sent or pending*: it covers the robot until
+    ``coverage_end`` (the local receipt time of the state it answers + the chunk's duration), and the next inference
+    is due when ``coverage_end - now <= latency + margin`` (or ``send_by - now <= latency + margin``; ``send_by`` is
+    the controller's chunk timeout after the newest release, sent or pending). At once with no chunk yet
+    (``coverage_end`` None) or no estimate (``latency`` None). Never sooner than ``min_period`` after the last start.
+    ``pending_releases``: the release times of the chunks pending now, sorted ascending; while ``max_in_flight`` or
+    more are pending, not before enough of them have been released to free a slot. Returns -inf when due at once.
+    With nothing pending it equals ``next_trigger_time`` with ``coverage_end = chunk_start + horizon * step_s``."""
+    if coverage_end is None or latency is None:
+        due = -math.inf
+    else:
+        due = coverage_end - (latency + margin)
+        if send_by is not None:
+            due = min(due, send_by - (latency + margin))
+    if last_start is not None:
+        due = max(due, last_start + min_period)
+    n = len(pending_releases)
+    if n >= max_in_flight:
+        due = max(due, pending_releases[n - max_in_flight])
+    return due
+
+
+def in_flight_needed(latency: float, chunk_s: float, margin: float, cap: int = 16) -> int:
+    """How many chunks must be allowed pending at once so that a constant ``latency`` leaves no gap:
+    starts come every ``chunk_s - latency - margin`` (the trigger's steady state), so ``latency`` spans
+    ``ceil(latency / spacing)`` of them; one more for the jitter. At least 1, at most ``cap`` (also when no spacing
+    is left at all: then nothing covers the chunk)."""
+    spacing = chunk_s - latency - margin
+    if latency <= 0.0:
+        return 1
+    if spacing <= 0.0:
+        return cap
+    return max(1, min(cap, int(math.ceil(latency / spacing - 1e-9)) + 1))
+
+
+def nominal_max_latency(text: str, chunk_s: float) -> Optional[float]:
+    """The largest latency ``policy.inject_latency`` ``text`` will usually draw (seconds): the constant itself,
+    ``b`` of uniform(a,b), ``mu + 3 sigma`` of normal(mu,sigma); None for "" (none). ValueError as parse_latency."""
+    sampler = parse_latency(text, chunk_s)
+    if sampler is None:
+        return None
+    m = _DIST_RE.match(text)
+    if m:
+        a, b = float(m.group(2)), float(m.group(3))
+        return b if m.group(1) == "uniform" else a + 3.0 * b
+    return sampler()
 
 
 def time_left(chunk_start: float, horizon: int, step_s: float, now: float) -> float:
@@ -178,6 +233,14 @@ class LatencyInjectingPolicy:
         if delay > 0.0:
             time.sleep(delay)
         return actions
+
+    def infer_deferred(self, images: Mapping[str, np.ndarray], state: np.ndarray) -> Tuple[np.ndarray, float]:
+        """The real inference and a drawn latency, without the sleep: for a caller that holds the answer itself
+        (``policy.max_in_flight`` > 1) and releases it that long after the call started."""
+        actions = self.policy.infer(images, state)
+        delay = self.sampler()
+        self.last_injected_s = delay
+        return actions, delay
 
     @property
     def manifest(self) -> Any:
