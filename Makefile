@@ -22,7 +22,7 @@ $(VENV)/.runtime: setup.py $(BIN)/python
 
 $(VENV)/.dev: setup.py $(VENV)/.runtime
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q -e '.[cpu,export,camera,dev]'
+	$(BIN)/pip install -q -e '.[cpu,export,camera,bench,dev]'
 	touch $@
 
 # the DDS link's Python binding (cyclonedds 0.10.2), built against the CycloneDDS C library (Debian cyclonedds-dev)
