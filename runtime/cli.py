@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--plot", metavar="PATH", help="write the PNG plot here (default: next to the report, .png; "
                    "needs matplotlib: the bench extra)")
+    p.add_argument("--sweep", nargs="?", const="all", metavar="FACTORS",
+                   help="instead of the latency runs: how the runtime's overhead grows with image, cameras and/or "
+                   "horizon (comma-separated; default all), at the first --latency (default 0.01)")
+    p.add_argument("--sweep-points", type=int, metavar="N", help="--sweep: only the first N points of each factor")
+    p.add_argument("--sweep-cache", metavar="DIR", help="--sweep horizon: where the model variants are built "
+                   "(default ~/.cache/wam-edge/bench-models)")
 
     for name, cmd, text in (
             ("arm", "arm", "arm the controller (a person's decision): the robot starts following the policy"),
@@ -180,6 +186,22 @@ def _bench(cfg, args) -> int:
         sys.stderr.write("wam-edge bench: --seconds must be positive\n")
         return 2
     plot = args.plot or (os.path.splitext(args.report)[0] + ".png" if args.report else None)
+    if args.sweep is not None:
+        from runtime.bench import sweep
+
+        try:
+            factors = sweep.parse_factors(args.sweep)
+        except ValueError as exc:
+            sys.stderr.write(f"wam-edge bench: --sweep: {exc}\n")
+            return 2
+        if args.sweep_points is not None and args.sweep_points < 1:
+            sys.stderr.write("wam-edge bench: --sweep-points must be at least 1\n")
+            return 2
+        latency = args.latencies[0] if args.latencies else "0.01"
+        report = harness.run_sweep_bench(cfg, args.overrides, factors, latency, args.seconds, args.report, plot,
+                                         args.sweep_cache, args.sweep_points)
+        harness.print_sweep_summary(report)
+        return 0 if report["ok"] else 1
     report = harness.run_bench(cfg, args.overrides, latencies, args.seconds, args.report, plot, harness.print_row)
     harness.print_summary(report)
     return 0 if report["ok"] else 1

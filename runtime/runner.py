@@ -20,6 +20,10 @@ A chunk released after a newer one (a distribution drew it longer) is dropped. T
 estimate take the call's start to the release. A fault drops the pending chunks, and so does stopping (both counted
 in ``chunks_dropped``). The trigger is ``next_trigger_time_in_flight``: the latency rule against the newest chunk
 sent or pending, at most ``max_in_flight`` pending.
+Real-time chunking inside the model (the manifest declares ``"rtc": {"version": 1, "prefix": true}``): before
+each inference the runtime hands the policy the last sent chunk's actions from the new chunk's start (the newest
+state's receipt time) on, and the delay (latency estimate / step_s, rounded up); see ``Policy.set_rtc``. In flight
+this is still the last chunk *sent*, not the newest pending one (a known simplification).
 With ``faults.enabled`` (test rigs only) the runtime also obeys fault-injection requests: see runtime/faults.py.
 """
 
@@ -40,6 +44,7 @@ from runtime.config import Config
 from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
 from runtime.metrics import LatencyRecorder, write_json
 from runtime.policy import PolicyError, load_policy
+from runtime.policy.executor import rtc_delay, rtc_offset
 from runtime.policy.latency import (
     LatencyEstimate,
     LatencyInjectingPolicy,
@@ -77,6 +82,11 @@ class PolicyRuntime:
                                   shift=p["shift"] or None, seed=p["seed"], intra_op_threads=m["intra_op_threads"],
                                   verify_hashes=m["verify_hashes"])
         manifest = self.policy.manifest
+        # RTC inside the model: the real Policy (before any stand-in wraps it) and the last sent chunk, preallocated
+        self.rtc = manifest.supports_rtc
+        self._rtc_policy = self.policy if self.rtc else None
+        self._rtc_last = np.zeros((manifest.horizon, manifest.action_dim), dtype=np.float32)
+        self._rtc_last_start: Optional[float] = None  # its start on our clock (== chunk_start once one is sent)
         camera_cfg = dict(cfg["camera"])
         if camera_cfg["replay_path"]:
             camera_cfg["replay_path"] = cfg.resolve(camera_cfg["replay_path"])
@@ -127,7 +137,11 @@ class PolicyRuntime:
         self.lat_frame_to_chunk = LatencyRecorder()
         self.lat_inference = LatencyRecorder()
         self.lat_preprocess = LatencyRecorder()
-        self.lat_overhead = LatencyRecorder()  # per chunk: frame_to_chunk minus the inference call
+        # per chunk, the runtime's own time: the inference call minus the network's stages and any injected delay
+        # (preprocessing, sampler arithmetic, checks), plus encoding and sending; camera decoding happens on the
+        # camera's thread before the frame's stamp and is not in it
+        self.lat_overhead = LatencyRecorder()
+        self.lat_frame_age = LatencyRecorder()  # per chunk: the frame's age when its inference started
         self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
         self.lat_starts_left = LatencyRecorder()  # time left in the executing chunk when an inference started
         self.lat_injected: Optional[LatencyRecorder] = None
@@ -161,6 +175,7 @@ class PolicyRuntime:
         self._r_state_stamp = [0.0] * n
         self._r_state_at = [0.0] * n
         self._r_frame_stamp = [0.0] * n
+        self._r_own_ms = [0.0] * n  # per slot: the runtime's own time in the inference call
         self._r_done = [0.0] * n  # monotonic time the real inference finished
         self._free: List[int] = list(range(n))
         self._pending: List[int] = []  # slots, in release order
@@ -284,9 +299,12 @@ class PolicyRuntime:
             c["skipped_stale_state"] += 1
             return False
         np.take(state.q, self.state_index, out=self._state_vec)
+        if self._rtc_policy is not None:
+            self._set_rtc(state_at)
         if self.chunk_start is not None:
             self.lat_starts_left.add((self.chunk_start + self.horizon * self.step_s - now) * 1000.0)
         self.last_infer_start = now
+        self.lat_frame_age.add((now - frame.stamp) * 1000.0)
         if self.in_flight:
             return self._infer_and_hold(now, frame, state, state_at)
         t0 = time.perf_counter()
@@ -310,12 +328,16 @@ class PolicyRuntime:
             self.last_frame_seq = frame.seq
         # obs_stamp: the controller's own stamp of the state we answered; it places the chunk on its clock
         self.chunk_seq += 1
+        sent_from = time.monotonic()
         payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, state.stamp, frame.stamp,
                                            self.policy.manifest.step_s, self.policy.manifest.action_joints, actions))
         delivered = sockets.try_send(self._chunks, payload)
         if delivered:
             c["chunks_sent"] += 1
             self.chunk_start = state_at  # the chunk starts (on our clock) when its state arrived
+            if self.rtc:
+                np.copyto(self._rtc_last, actions)  # `actions` is the policy's buffer, overwritten next call
+                self._rtc_last_start = state_at
         else:
             c["chunks_dropped"] += 1
         sent = time.monotonic()
@@ -323,11 +345,30 @@ class PolicyRuntime:
             self.last_sent_at = sent
         self.lat_frame_to_chunk.add((sent - frame.stamp) * 1000.0)
         self.lat_inference.add((t1 - t0) * 1000.0)
-        self.lat_overhead.add((sent - frame.stamp - (t1 - t0)) * 1000.0)
+        own = (t1 - t0) * 1000.0 - self._stages_ms() - self._injected_ms()
+        self.lat_overhead.add(own + (sent - sent_from) * 1000.0)
         self.lat_preprocess.add(self.policy.last_preprocess_ms)
         for name, ms in self.policy.last_stage_ms.items():
             self.lat_stage[name].add(ms)
         return True
+
+    def _stages_ms(self) -> float:
+        total = 0.0
+        for ms in self.policy.last_stage_ms.values():
+            total += ms
+        return total
+
+    def _injected_ms(self) -> float:
+        return self._injecting.last_injected_s * 1000.0 if self._injecting is not None else 0.0
+
+    def _set_rtc(self, new_start: float) -> None:
+        """RTC inside the model: the executing (last sent) chunk on the new chunk's timeline, and the delay."""
+        assert self._rtc_policy is not None
+        if self._rtc_last_start is None:
+            self._rtc_policy.set_rtc(None, 0)  # nothing executing: the model holds the current state
+            return
+        offset = rtc_offset(self._rtc_last_start, new_start, self.step_s, self.horizon)
+        self._rtc_policy.set_rtc(self._rtc_last[offset:], rtc_delay(self.latency.value, self.step_s, self.horizon))
 
     def _infer_and_hold(self, now: float, frame: Any, state: RobotState, state_at: float) -> bool:
         """In flight: run the real inference now; hold its chunk until the call's start + the drawn latency."""
@@ -362,6 +403,7 @@ class PolicyRuntime:
         self._r_start[slot], self._r_release[slot], self._r_done[slot] = t0, release, done
         self._r_state_stamp[slot], self._r_state_at[slot] = state.stamp, state_at
         self._r_frame_stamp[slot] = frame.stamp
+        self._r_own_ms[slot] = (done - t0) * 1000.0 - self._stages_ms()  # the real call, less the network
         # keep release order (a distribution may draw a later start an earlier release)
         k = len(self._pending_releases)
         while k > 0 and self._pending_releases[k - 1] > release:
@@ -395,6 +437,9 @@ class PolicyRuntime:
             if sockets.try_send(self._chunks, payload):
                 c["chunks_sent"] += 1
                 self.chunk_start = self._r_state_at[slot]
+                if self.rtc:
+                    np.copyto(self._rtc_last, self._ring[slot])
+                    self._rtc_last_start = self.chunk_start
                 self.last_sent_at = sent
                 self._newest_start = t0
             else:
@@ -402,7 +447,7 @@ class PolicyRuntime:
             frame_stamp = self._r_frame_stamp[slot]
             self.lat_frame_to_chunk.add((sent - frame_stamp) * 1000.0)
             self.lat_inference.add((sent_at - t0) * 1000.0)
-            self.lat_overhead.add((sent - frame_stamp - (sent_at - t0)) * 1000.0)
+            self.lat_overhead.add(self._r_own_ms[slot] + (time.monotonic() - sent) * 1000.0)
 
     def run(self, should_continue, pinger=None) -> None:
         while should_continue():
@@ -440,6 +485,7 @@ class PolicyRuntime:
                 "inference": self.lat_inference.summary(),
                 "preprocess": self.lat_preprocess.summary(),
                 "overhead": self.lat_overhead.summary(),
+                "frame_age": self.lat_frame_age.summary(),
                 "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
             },
         }
@@ -447,6 +493,7 @@ class PolicyRuntime:
         out["trigger"] = self.trigger
         out["latency_estimate_ms"] = None if est is None else round(est * 1000.0, 4)
         out["inference_starts_left_ms"] = self.lat_starts_left.summary()
+        out["rtc"] = self.rtc
         out["max_in_flight"] = self.max_in_flight
         out["in_flight_max"] = self.in_flight_max if self.in_flight else (1 if self.counters["chunks_sent"] else 0)
         if self.lat_injected is not None:

@@ -114,3 +114,104 @@ def test_bench_80_percent_in_flight(tmp_path):
     assert ex["seam_max_step_rad"] <= ex["max_step_allowed_rad"] + 1e-6
     assert run["ok"] is True and run["latency_ms"]["inference"]["p50_ms"] >= 512.0 - 1
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- --sweep -----------------------------------------------------------------------------------------------------
+
+def test_sweep_parse_factors():
+    from runtime.bench import sweep
+
+    assert sweep.parse_factors(None) == ["image", "cameras", "horizon"]
+    assert sweep.parse_factors("all") == ["image", "cameras", "horizon"]
+    assert sweep.parse_factors("cameras, image,cameras") == ["cameras", "image"]
+    with pytest.raises(ValueError, match="unknown sweep factor"):
+        sweep.parse_factors("image,fps")
+
+
+def test_sweep_layout_for():
+    from runtime.bench import sweep
+
+    cams = ("head", "left_wrist", "right_wrist")
+    assert sweep.layout_for(3, 320, cams) == [{"name": n, "width": 320} for n in cams]
+    five = sweep.layout_for(5, 640, cams)
+    assert [c["name"] for c in five] == list(cams) + ["extra_1", "extra_2"]
+    assert all(c["width"] == 640 for c in five)
+    with pytest.raises(ValueError):
+        sweep.layout_for(2, 640, cams)
+
+
+def test_sweep_points_and_overrides_load():
+    from runtime.bench import sweep
+    from runtime.config import load_config
+
+    cams = ("head", "left_wrist", "right_wrist")
+    pts = sweep.sweep_points(["image", "cameras", "horizon"], cams, 480, 640, 32)
+    assert [(f, v) for f, v, _, _ in pts] == [
+        ("image", "240x320"), ("image", "480x640"), ("image", "720x1280"),
+        ("cameras", 3), ("cameras", 4), ("cameras", 5), ("cameras", 6),
+        ("horizon", 16), ("horizon", 32), ("horizon", 64)]
+    variants = {(f, v): var for f, v, _, var in pts}
+    assert variants[("image", "240x320")] is None
+    assert variants[("cameras", 5)] == (32, 5) and variants[("horizon", 64)] == (64, 3)
+    # the camera overrides are valid config overrides
+    _, _, ov, _ = pts[2]
+    cfg = load_config(None, ov)
+    assert cfg["camera"]["height"] == 720 and [c["width"] for c in cfg["camera"]["layout"]] == [1280] * 3
+    _, _, ov, _ = pts[6]
+    assert len(load_config(None, ov)["camera"]["layout"]) == 6
+    assert len(sweep.sweep_points(["image", "horizon"], cams, 480, 640, 32, limit=2)) == 4
+
+
+def test_bench_rejects_a_bad_sweep_factor():
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--sweep", "fps"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "unknown sweep factor" in r.stderr
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _check_points(entry, n):
+    assert entry["skipped"] is None and len(entry["points"]) == n
+    for p in entry["points"]:
+        assert p["loop_ok"], p["errors"]
+        for key in ("overhead_per_chunk_ms", "preprocess_ms"):
+            assert p[key]["count"] > 0 and p[key]["p50_ms"] is not None and p[key]["p99_ms"] >= p[key]["p50_ms"]
+
+
+@pytest.mark.slow
+def test_bench_sweep_image_and_cameras(tmp_path):
+    report, cache = tmp_path / "sweep.json", tmp_path / "models"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--sweep", "image,cameras", "--sweep-points",
+                        "2", "--seconds", "1.5", "--sweep-cache", str(cache), "--report", str(report)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    b = json.loads(report.read_text())
+    s = b["sweep"]
+    assert b["ok"] and s["ok"] and list(s["factors"]) == ["image", "cameras"] and "runs" not in b
+    _check_points(s["factors"]["image"], 2)
+    assert [p["value"] for p in s["factors"]["image"]["points"]] == ["240x320", "480x640"]
+    if _has_torch():
+        _check_points(s["factors"]["cameras"], 2)
+        assert [p["value"] for p in s["factors"]["cameras"]["points"]] == [3, 4]
+        assert any(o.startswith("model.path=") for o in s["factors"]["cameras"]["points"][1]["overrides"])
+    else:
+        assert "torch" in s["factors"]["cameras"]["skipped"]
+    assert "wam-edge bench --sweep: OK" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_sweep_horizon(tmp_path):
+    if not _has_torch():
+        pytest.skip("torch is not installed: the horizon variants cannot be built")
+    report = tmp_path / "sweep.json"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--sweep", "horizon", "--sweep-points", "1",
+                        "--seconds", "1.5", "--sweep-cache", str(tmp_path / "models"), "--report", str(report)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(report.read_text())["sweep"]
+    _check_points(s["factors"]["horizon"], 1)
+    assert s["factors"]["horizon"]["points"][0]["value"] == 16

@@ -1,6 +1,9 @@
 """Regenerate exported/reference/ (manifest.json, world.onnx, action_expert.onnx).
 
-    python -m tools.make_reference [--out exported/reference]
+    python -m tools.make_reference [--out exported/reference] [--horizon H] [--cameras N]
+
+--horizon and --cameras build variants with another chunk length or more cameras (extra_1, ... after the
+reference's three; for `wam-edge bench --sweep`); with the defaults (32, 3) the output is exactly the reference.
 
 Deterministic: fixed seed, metadata stripped; rerunning reproduces the same
 manifest and (with the same torch/onnx versions) the same file hashes.
@@ -60,11 +63,43 @@ def make_reference(out_dir: str = DEFAULT_OUT) -> Dict[str, Any]:
     return export_stages(reference_stages(), out_dir, manifest_base(), opset=18)
 
 
+def make_variant(out_dir: str, horizon: int = rm.HORIZON, cameras: int = len(rm.CAMERAS)) -> Dict[str, Any]:
+    """The reference model with another action horizon (the chunk length) and/or more cameras (extra_1, ... after
+    the reference's); its weights are as random, not the reference's. The defaults give the reference itself, byte
+    for byte."""
+    base_cameras = tuple(rm.CAMERAS)
+    if horizon == rm.HORIZON and cameras == len(base_cameras):
+        return make_reference(out_dir)
+    if cameras < len(base_cameras):
+        raise ValueError("a variant keeps the reference's %d cameras; --cameras %d is fewer"
+                         % (len(base_cameras), cameras))
+    saved = (rm.HORIZON, rm.CAMERAS, rm.WORLD_TOKENS)
+    # read when the models and their example inputs are built
+    rm.HORIZON = horizon
+    rm.CAMERAS = base_cameras + tuple("extra_%d" % i for i in range(1, cameras - len(base_cameras) + 1))
+    rm.WORLD_TOKENS = rm.TOKENS_PER_CAMERA * len(rm.CAMERAS)
+    try:
+        base = manifest_base()
+        base["name"] = "reference-h%d-c%d" % (horizon, cameras)
+        base["description"] += " Variant: action horizon %d, %d cameras (benchmarking only)." % (horizon, cameras)
+        return export_stages(reference_stages(), out_dir, base, opset=18)
+    finally:
+        rm.HORIZON, rm.CAMERAS, rm.WORLD_TOKENS = saved
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default %(default)s)")
+    parser.add_argument("--horizon", type=int, default=rm.HORIZON,
+                        help="action horizon (chunk length, default %(default)s: the reference)")
+    parser.add_argument("--cameras", type=int, default=len(rm.CAMERAS),
+                        help="cameras (default %(default)s: the reference's; more adds extra_1, ...)")
     args = parser.parse_args(argv)
-    manifest = make_reference(args.out)
+    if not 1 <= args.horizon <= 1024:
+        parser.error("--horizon must be in [1, 1024]")
+    if not len(rm.CAMERAS) <= args.cameras <= 16:
+        parser.error("--cameras must be in [%d, 16]" % len(rm.CAMERAS))
+    manifest = make_variant(args.out, args.horizon, args.cameras)
     for stage in manifest["stages"]:
         path = os.path.join(args.out, stage["file"])
         print("%s  %s  %d bytes" % (stage["sha256"], path, os.path.getsize(path)))

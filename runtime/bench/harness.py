@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from runtime import demo
+from runtime.bench import OWN_TIME
 from runtime.config import Config, load_config
 from runtime.controller import operator
 from runtime.controller.safety import SAFE_STATES
@@ -168,6 +169,7 @@ def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, A
             "stages": {k: _lat(v) for k, v in lat.get("stages", {}).items()},
             "frame_to_chunk": _lat(lat.get("frame_to_chunk", {})),
             "overhead_per_chunk": _lat(lat.get("overhead", {})),
+            "frame_age_at_start": _lat(lat.get("frame_age", {})),
             "inference_starts_left": _lat(rt.get("inference_starts_left_ms", {})),
             "estimate_ms": rt.get("latency_estimate_ms"),
             "trigger": rt.get("trigger"),
@@ -278,9 +280,7 @@ def run_bench(cfg: Config, overrides: Sequence[str], latencies: Sequence[str], s
         "startup.first_action_s: from just before the processes were started to the controller's first chunk "
         "applied (its report's first_chunk_applied_t); it includes the bench's arming and controller.arm_ramp_s "
         "(chunks apply only once running); startup.ready_s: to both ready files",
-        "latency_ms.overhead_per_chunk: per chunk, frame_to_chunk minus the inference call (the frame's age when "
-        "the inference started, plus encoding and sending); decoding of camera frames happens before the frame's "
-        "stamp and is not in it",
+        "latency_ms.overhead_per_chunk: " + OWN_TIME,
         "latency_ms.inference includes the injected latency (latency_ms.injected); stages and preprocess are the "
         "real model's",
         f"policy.max_inference_s={MAX_INFERENCE_S} during the bench, so injected latency is never an overrun",
@@ -332,6 +332,53 @@ def run_bench(cfg: Config, overrides: Sequence[str], latencies: Sequence[str], s
     if report_path:
         write_json(report_path, report)
     return report
+
+
+def run_sweep_bench(cfg: Config, overrides: Sequence[str], factors: Sequence[str], latency: str, seconds: float,
+                    report_path: Optional[str], plot_path: Optional[str], cache_dir: Optional[str] = None,
+                    limit: Optional[int] = None) -> Dict[str, Any]:
+    """`wam-edge bench --sweep`: instead of the latency runs, the scaling sweeps (runtime/bench/sweep.py) at one
+    injected latency; the report's "sweep" section, and a PNG panel per factor."""
+    from runtime.bench import sweep
+
+    t0 = time.monotonic()
+    section = sweep.run_sweep(cfg, overrides, factors, latency, seconds, run_one, cache_dir, limit,
+                              sweep.print_point)
+    report: Dict[str, Any] = {
+        "ok": bool(section["ok"]),
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+                 "platform": platform.platform()},
+        "seconds_per_run_s": seconds,
+        "sweep": section,
+        "plot": None,
+        "notes": ["--sweep runs the scaling sweeps only (no latency runs, no watchdog trial); see sweep.notes"],
+    }
+    if plot_path:
+        from runtime.bench import plot
+
+        problem = plot.plot_sweep(section, plot_path)
+        if problem:
+            report["notes"].append(f"plot skipped: {problem}")
+        else:
+            report["plot"] = plot_path
+    report["bench_s"] = round(time.monotonic() - t0, 1)
+    if report_path:
+        write_json(report_path, report)
+    return report
+
+
+def print_sweep_summary(report: Dict[str, Any], out=sys.stdout) -> None:
+    for name, entry in report["sweep"]["factors"].items():
+        if entry.get("skipped"):
+            out.write(f"sweep {name}: skipped: {entry['skipped']}\n")
+    for n in report["notes"]:
+        if n.startswith("plot skipped"):
+            out.write(f"{n}\n")
+    if report.get("plot"):
+        out.write(f"plot: {report['plot']}\n")
+    points = sum(len(e["points"]) for e in report["sweep"]["factors"].values())
+    out.write(f"wam-edge bench --sweep: {'OK' if report['ok'] else 'FAILED'} ({points} points, "
+              f"{report['bench_s']} s)\n")
 
 
 def _f(v: Any, fmt: str = "{:.2f}") -> str:

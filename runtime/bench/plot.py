@@ -50,7 +50,7 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     ax.set_xticklabels(labels)
     ax.set_ylabel("ms")
     ax.set_xlabel("policy.inject_latency")
-    ax.set_title("overhead (frame -> chunk minus inference), preprocess")
+    ax.set_title("runtime's own time per chunk (beyond the network, injected delay, decoding), preprocess")
     ax.legend(fontsize=8)
 
     ax = axes[1][0]
@@ -83,6 +83,59 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     ax.legend(fontsize=8)
 
     fig.suptitle("wam-edge bench")
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def _point_vals(points: Sequence[Dict[str, Any]], key: str, q: str) -> List[float]:
+    out = []
+    for p in points:
+        v = (p.get(key) or {}).get(q)
+        out.append(float("nan") if v is None else float(v))
+    return out
+
+
+def plot_sweep(section: Dict[str, Any], path: str) -> Optional[str]:
+    """`wam-edge bench --sweep`: a panel per factor, overhead and preprocess (p50, p99) against the varied value.
+    Returns why it was skipped, or None when written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'wam-edge[bench]')"
+    factors = section.get("factors", {})
+    if not factors:
+        return "no factors"
+    titles = {"image": "camera frame size per camera (h x w)", "cameras": "cameras in the layout",
+              "horizon": "action horizon (chunk length)"}
+    fig, axes = plt.subplots(1, len(factors), figsize=(5.5 * len(factors), 4.5), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], factors.items()):
+        points = [p for p in entry.get("points", []) if "overhead_per_chunk_ms" in p]
+        ax.set_title(titles.get(name, name), fontsize=10)
+        ax.set_ylabel("ms")
+        if not points:
+            ax.text(0.5, 0.5, "skipped: " + str(entry.get("skipped") or "no points"), ha="center", va="center",
+                    wrap=True, fontsize=8, transform=ax.transAxes)
+            ax.set_xticks([])
+            continue
+        x = list(range(len(points)))
+        for key, label, colour in (("overhead_per_chunk_ms", "overhead", "tab:blue"),
+                                   ("preprocess_ms", "preprocess", "tab:orange")):
+            ax.plot(x, _point_vals(points, key, "p50_ms"), "o-", color=colour, label=f"{label} p50")
+            ax.plot(x, _point_vals(points, key, "p99_ms"), "s--", color=colour, label=f"{label} p99")
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(p["value"]) for p in points])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"wam-edge bench --sweep: the runtime's own time per chunk (beyond the network and decoding) and "
+                 f"preprocessing, injected latency {section.get('latency')}", fontsize=10)
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -8,6 +8,7 @@ check). All buffers are allocated in __init__; infer() only writes into them.
 
 from __future__ import annotations
 
+import math
 from time import perf_counter
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from .backends import StageBackend, create_backend
 from .errors import PolicyError, PolicyInputError
-from .manifest import Manifest, SamplerSpec, load_manifest
+from .manifest import Manifest, SamplerSpec, is_host_source, load_manifest
 from .preprocess import CameraPreprocessor, StateNormaliser
 from .sampler import FlowMatchingSchedule
 
@@ -65,6 +66,18 @@ class Policy:
         self._action_mean[...] = np.asarray(manifest.action.mean, dtype=np.float32)
         self._action_std = np.empty(shape, np.float32)
         self._action_std[...] = np.asarray(manifest.action.std, dtype=np.float32)
+        # Real-time chunking inside the model (manifest "rtc"): bound once, like the rest.
+        self.supports_rtc = manifest.supports_rtc
+        prefix_bufs = host.get("rtc:prefix") or [np.zeros((1,) + shape, np.float32)]
+        self._rtc_prefix = prefix_bufs[0]
+        self._rtc_prefix_mirrors = _mirrors(prefix_bufs)
+        delay_bufs = host.get("rtc:delay") or [np.zeros((1,), np.float32)]
+        self._rtc_delay = delay_bufs[0]
+        self._rtc_delay_mirrors = _mirrors(delay_bufs)
+        self._rtc_from_state = True  # until set_rtc gives an executing chunk: hold the current state
+        self._rtc_state_idx = np.asarray(manifest.action_state_indices, dtype=np.intp)
+        self._rtc_row = np.zeros((1, manifest.action_dim), np.float32)
+        self.last_rtc_delay = 0
         self.last_stage_ms: Dict[str, float] = {s.name: 0.0 for s in manifest.stages}
         self.last_preprocess_ms = 0.0
 
@@ -74,7 +87,7 @@ class Policy:
         for stage in self.manifest.stages:
             for t in stage.inputs:
                 src = t.source or ""
-                if src in ("state", "sampler:x", "sampler:t") or src.startswith("camera:"):
+                if is_host_source(src):
                     buf = self.backend.host_input(stage.name, t.name)
                     bufs = out.setdefault(src, [])
                     if not any(b is buf for b in bufs):
@@ -105,6 +118,8 @@ class Policy:
             cam(image)  # type: ignore[arg-type]
         self._state(state)
         _copy_mirrors(self._state_mirrors)
+        if self._rtc_from_state and self.supports_rtc:
+            self._rtc_prefix_from_state(state)
         self._rng.standard_normal(out=self._noise, dtype=np.float32)
         self.last_preprocess_ms = (perf_counter() - start) * 1e3
 
@@ -140,6 +155,59 @@ class Policy:
             np.multiply(self._velocity, delta, out=self._velocity)
             np.add(self._x, self._velocity, out=self._x)
             _copy_mirrors(self._x_mirrors)
+
+    # --- real-time chunking inside the model ------------------------------------------
+
+    def set_rtc(self, prefix_actions_absolute: Optional[np.ndarray], delay_steps: int) -> None:
+        """Hand the model the executing chunk before the next infer() (manifest "rtc").
+
+        prefix_actions_absolute: (k, action_dim), k >= 1, absolute targets of the
+        executing chunk from the new chunk's start time on (row 0 = the action
+        due when the new chunk's first action is due; if the executing chunk has
+        already ended, pass its last action, k = 1). They are normalised with the
+        action mean/std into rtc:prefix (1, horizon, action_dim); rows past
+        the executing chunk's end (k < horizon) repeat its LAST action, never
+        zeros (zero in normalised space is the dataset mean: a jump).
+        None: nothing is executing (first inference, or after a reset): the
+        prefix is the robot's current joint positions (from the state infer()
+        gets; action joints are validated to be among the state joints), every
+        row, and the delay is 0 whatever delay_steps says.
+        delay_steps: how many of the new chunk's actions will have passed when
+        it arrives; clipped to [0, horizon]; written to rtc:delay.
+        The values stay until the next set_rtc. No allocation beyond views."""
+        if not self.supports_rtc:
+            raise PolicyError("%s: the model does not declare rtc prefix support; set_rtc has "
+                              "nowhere to go" % self.manifest.path)
+        if prefix_actions_absolute is None:
+            self._rtc_from_state = True
+            delay = 0
+        else:
+            prefix = prefix_actions_absolute
+            if prefix.ndim != 2 or prefix.shape[1] != self.manifest.action_dim or prefix.shape[0] < 1:
+                raise PolicyInputError("rtc prefix: expected shape (k >= 1, %d), got %s"
+                                       % (self.manifest.action_dim, prefix.shape))
+            write_rtc_prefix(self._rtc_prefix[0], prefix, self._action_mean, self._action_std)
+            _copy_mirrors(self._rtc_prefix_mirrors)
+            self._rtc_from_state = False
+            delay = min(max(int(delay_steps), 0), self.manifest.horizon)
+        self._rtc_delay[0] = delay
+        _copy_mirrors(self._rtc_delay_mirrors)
+        self.last_rtc_delay = delay
+
+    def _rtc_prefix_from_state(self, state: np.ndarray) -> None:
+        np.take(state, self._rtc_state_idx, out=self._rtc_row[0])
+        write_rtc_prefix(self._rtc_prefix[0], self._rtc_row, self._action_mean, self._action_std)
+        _copy_mirrors(self._rtc_prefix_mirrors)
+
+    @property
+    def rtc_prefix(self) -> np.ndarray:
+        """The normalised rtc:prefix buffer (1, horizon, action_dim) as the model sees it."""
+        return self._rtc_prefix
+
+    @property
+    def rtc_delay(self) -> np.ndarray:
+        """The rtc:delay buffer (1,) as the model sees it."""
+        return self._rtc_delay
 
     # --- hooks and housekeeping ---------------------------------------------------
 
@@ -239,6 +307,39 @@ def _copy_exact(dst: np.ndarray, src: np.ndarray, what: str) -> None:
     if src.shape != dst.shape:
         raise PolicyInputError("%s: expected shape %s, got %s" % (what, dst.shape, src.shape))
     np.copyto(dst, src, casting="same_kind")
+
+
+def write_rtc_prefix(out: np.ndarray, prefix: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    """out (H, D) <- (prefix - mean) / std for the first min(k, H) rows of prefix
+    (k, D), k >= 1; rows after that repeat the last normalised row of prefix
+    (the executing chunk's last action), never zeros. mean/std: (H, D)."""
+    n = min(prefix.shape[0], out.shape[0])
+    head = out[:n]
+    np.subtract(prefix[:n], mean[:n], out=head)
+    np.divide(head, std[:n], out=head)
+    if n < out.shape[0]:
+        # the padding is the last action normalised with each row's own stats
+        # (identical per-row stats today, but stay exact if they ever differ)
+        tail = out[n:]
+        np.subtract(prefix[n - 1], mean[n:], out=tail)
+        np.divide(tail, std[n:], out=tail)
+
+
+def rtc_offset(chunk_start: float, new_start: float, step_s: float, horizon: int) -> int:
+    """Index in the executing chunk (action i due at chunk_start + i * step_s)
+    of the action due when the new chunk (starting at new_start) starts: the
+    nearest step, clipped to [0, horizon - 1] (past the end: the last action)."""
+    i = int(math.floor((new_start - chunk_start) / step_s + 0.5))
+    return min(max(i, 0), horizon - 1)
+
+
+def rtc_delay(latency_s: Optional[float], step_s: float, horizon: int) -> int:
+    """Actions of the new chunk that pass while it is computed: latency / step_s
+    rounded up (a 1e-9 tolerance keeps exact multiples exact), clipped to
+    [0, horizon]; 0 while there is no latency estimate yet."""
+    if latency_s is None or not latency_s > 0.0:
+        return 0
+    return min(max(int(math.ceil(latency_s / step_s - 1e-9)), 0), horizon)
 
 
 def load_policy(model_dir: str, backend: str = "onnxruntime", steps: Optional[int] = None,

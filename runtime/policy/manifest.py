@@ -28,9 +28,19 @@ SAMPLER_TYPES = ("flow_matching",)
 RUNS = ("once", "per_step")
 SINKS = ("sampler:velocity",)
 HOST_SOURCES = ("state", "sampler:x", "sampler:t")
+# Real-time chunking done inside the model: host-fed inputs allowed only when the
+# manifest declares {"rtc": {"version": RTC_VERSION, "prefix": true}}.
+RTC_VERSION = 1
+RTC_SOURCES = ("rtc:prefix", "rtc:delay")
+RTC_DELAY_DTYPES = ("float32", "int32")
 RESERVED_STAGE_NAMES = ("camera", "state", "sampler")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+def is_host_source(source: str) -> bool:
+    """Inputs the host writes (as opposed to another stage's output)."""
+    return source in HOST_SOURCES or source in RTC_SOURCES or source.startswith("camera:")
 
 
 class ManifestError(ValueError):
@@ -74,6 +84,17 @@ class SamplerSpec:
 
 
 @dataclass(frozen=True)
+class RtcSpec:
+    """``"rtc": {"version": 1, "prefix": true}``: a stage takes ``rtc:prefix``
+    (1, horizon, action_dim) float32, the executing chunk's actions on the new
+    chunk's timeline, normalised with action.mean/std, and optionally
+    ``rtc:delay`` (1,) float32 or int32, the number of the new chunk's actions
+    that will have passed when it arrives."""
+    version: int
+    prefix: bool
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str
@@ -104,6 +125,12 @@ class Manifest:
     sampler: SamplerSpec
     stages: Tuple[StageSpec, ...]
     path: str  # where it was loaded from, for error messages
+    rtc: Optional[RtcSpec] = None  # absent: the model does no real-time chunking itself
+
+    @property
+    def supports_rtc(self) -> bool:
+        """The model inpaints its chunk itself from rtc:prefix (and rtc:delay)."""
+        return self.rtc is not None and self.rtc.prefix
 
     @property
     def camera_names(self) -> Tuple[str, ...]:
@@ -282,6 +309,15 @@ def _sampler(ctx: _Ctx, value: Any, path: str) -> SamplerSpec:
     )
 
 
+def _rtc(ctx: _Ctx, value: Any, path: str) -> RtcSpec:
+    d = ctx.obj(value, path, ("version", "prefix"))
+    version = ctx.int_(d["version"], path + ".version")
+    if version != RTC_VERSION:
+        raise ctx.error(path + ".version", "unsupported rtc version %d (this runtime reads %d)"
+                        % (version, RTC_VERSION))
+    return RtcSpec(version, ctx.bool_(d["prefix"], path + ".prefix"))
+
+
 def _tensor(ctx: _Ctx, value: Any, path: str, is_input: bool) -> TensorSpec:
     d = ctx.obj(value, path, ("name", "dtype", "shape") + (("source",) if is_input else ()),
                 () if is_input else ("sink",))
@@ -339,6 +375,7 @@ def _check_graph(ctx: _Ctx, m: Manifest) -> None:
         if joint not in m.state.joints:
             raise ctx.error("action.joints[%d]" % j, "%r is not among state.joints" % joint)
 
+    rtc_dtypes: Dict[str, Tuple[str, str]] = {}  # rtc source -> (dtype, "<stage>.<input>")
     produced: Dict[str, Tuple[TensorSpec, str]] = {}  # "<stage>:<output>" -> (spec, runs)
     stage_names = set(s.name for s in m.stages)
     camera_inputs: Dict[str, str] = {}  # camera name -> "<stage>.<input>"
@@ -355,6 +392,13 @@ def _check_graph(ctx: _Ctx, m: Manifest) -> None:
         for ii, t in enumerate(stage.inputs):
             ipath = "%s.inputs[%d]" % (spath, ii)
             src = t.source or ""
+            if src in RTC_SOURCES:
+                _check_rtc_input(ctx, m, stage, t, ipath, rtc_dtypes)
+                consumed.add(src)
+                continue
+            if src.startswith("rtc:"):
+                raise ctx.error(ipath + ".source", "unknown rtc source %r in stage %r (expected %s)"
+                                % (src, stage.name, " or ".join(RTC_SOURCES)))
             if src in host:
                 expected, why = host[src]
                 if t.dtype != HOST_DTYPE:
@@ -381,6 +425,8 @@ def _check_graph(ctx: _Ctx, m: Manifest) -> None:
             if ref_stage == "camera":
                 raise ctx.error(ipath + ".source", "unknown camera %r (cameras: %s)"
                                 % (ref_out, ", ".join(m.camera_names)))
+            if ref_stage == "rtc":  # never reached: rtc:* is handled above
+                raise ctx.error(ipath + ".source", "unknown rtc source %r" % src)
             if ref_stage == "sampler":
                 raise ctx.error(ipath + ".source", "unknown sampler tensor %r (sampler:x or "
                                 "sampler:t)" % ref_out)
@@ -430,6 +476,9 @@ def _check_graph(ctx: _Ctx, m: Manifest) -> None:
                            if velocity_sinks else ""))
     if "sampler:x" not in consumed:
         raise ctx.error("stages", "no stage input has source 'sampler:x'")
+    if m.supports_rtc and "rtc:prefix" not in consumed:
+        raise ctx.error("rtc.prefix", "the manifest declares rtc prefix support but no stage input "
+                        "has source 'rtc:prefix'")
     for ci, cam in enumerate(m.cameras):
         fed = camera_inputs.get(cam.name)
         if fed is None:
@@ -441,11 +490,38 @@ def _check_graph(ctx: _Ctx, m: Manifest) -> None:
                                                                      cam.name, fed))
 
 
+def _check_rtc_input(ctx: _Ctx, m: Manifest, stage: StageSpec, t: TensorSpec, ipath: str,
+                     rtc_dtypes: Dict[str, Tuple[str, str]]) -> None:
+    src = t.source or ""
+    if not m.supports_rtc:
+        raise ctx.error(ipath + ".source", "stage %r input %r has source %r, but the manifest does "
+                        "not declare \"rtc\": {\"version\": %d, \"prefix\": true}"
+                        % (stage.name, t.name, src, RTC_VERSION))
+    if src == "rtc:prefix":
+        expected: Tuple[int, ...] = (1, m.horizon, m.action_dim)
+        why = "action horizon %d x %d joints" % (m.horizon, m.action_dim)
+        dtypes: Tuple[str, ...] = (HOST_DTYPE,)
+    else:
+        expected, why, dtypes = (1,), "one scalar: actions of delay", RTC_DELAY_DTYPES
+    if t.dtype not in dtypes:
+        raise ctx.error(ipath + ".dtype", "stage %r input %r fed from %s must be %s, got %s"
+                        % (stage.name, t.name, src, " or ".join(dtypes), t.dtype))
+    if t.shape != expected:
+        raise ctx.error(ipath + ".shape", "stage %r input %r fed from %s must have shape %s (%s), "
+                        "got %s" % (stage.name, t.name, src, list(expected), why, list(t.shape)))
+    seen = rtc_dtypes.get(src)
+    if seen is not None and seen[0] != t.dtype:
+        # consumers of one host source may share one buffer, so they must agree
+        raise ctx.error(ipath + ".dtype", "stage %r input %r fed from %s is %s but %s is %s"
+                        % (stage.name, t.name, src, t.dtype, seen[1], seen[0]))
+    rtc_dtypes.setdefault(src, (t.dtype, "%s.%s" % (stage.name, t.name)))
+
+
 def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
     """Validate an already-decoded manifest; `where` prefixes every error."""
     ctx = _Ctx(where)
     d = ctx.obj(data, "", ("format", "version", "name", "cameras", "state", "action",
-                           "sampler", "stages"), ("description",))
+                           "sampler", "stages"), ("description", "rtc"))
     if d["format"] != FORMAT:
         raise ctx.error("format", "expected %r, got %r" % (FORMAT, d["format"]))
     version = ctx.int_(d["version"], "version")
@@ -470,6 +546,7 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
         sampler=_sampler(ctx, d["sampler"], "sampler"),
         stages=stages,
         path=where,
+        rtc=_rtc(ctx, d["rtc"], "rtc") if "rtc" in d else None,
     )
     _check_graph(ctx, m)
     return m

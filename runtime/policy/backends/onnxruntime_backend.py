@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Sequence, Set, Tuple
 import numpy as np
 import onnxruntime as ort
 
-from ..manifest import Manifest, ManifestError, StageSpec, TensorSpec
+from ..manifest import Manifest, ManifestError, StageSpec, TensorSpec, is_host_source
 from .base import NUMPY_DTYPES, StageBackend, allocate
 
 # ORT type string -> manifest dtype
@@ -29,7 +29,7 @@ _ORT_DTYPES = {
 
 
 def _is_host_source(source: str) -> bool:
-    return source in ("state", "sampler:x", "sampler:t") or source.startswith("camera:")
+    return is_host_source(source)
 
 
 class OnnxRuntimeBackend(StageBackend):
