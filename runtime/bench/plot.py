@@ -50,7 +50,7 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     ax.set_xticklabels(labels)
     ax.set_ylabel("ms")
     ax.set_xlabel("policy.inject_latency")
-    ax.set_title("runtime's own time per chunk (beyond the network, injected delay, decoding), preprocess")
+    ax.set_title("runtime's own time per chunk, and preprocess")
     ax.legend(fontsize=8)
 
     ax = axes[1][0]
