@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
+
+
+def log_edges(lo_ms: float = 0.1, hi_ms: float = 10000.0, bins: int = 40) -> np.ndarray:
+    """``bins`` log-spaced bins from ``lo_ms`` to ``hi_ms``: ``bins + 1`` edges, rounded to 6 significant digits (the
+    edges a report gives are exactly the ones counted with, and 0.1, 1, 10 ... are exact)."""
+    return np.array([float(f"{v:.6g}") for v in np.logspace(np.log10(lo_ms), np.log10(hi_ms), bins + 1)])
+
+
+#: The fixed bins of every latency histogram in a report: 0.1 ms .. 10 s, 40 bins (8 per decade).
+HISTOGRAM_EDGES_MS = log_edges()
 
 
 class LatencyRecorder:
@@ -24,14 +34,31 @@ class LatencyRecorder:
     def count(self) -> int:
         return self._n
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self, histogram: bool = False) -> Dict[str, Any]:
+        """count/p50/p99/max; with ``histogram``, also ``histogram`` (see ``histogram()``)."""
         n = min(self._n, self._buf.shape[0])
         if n == 0:
-            return {"count": 0, "p50": None, "p99": None, "max": None}
+            out: Dict[str, Any] = {"count": 0, "p50": None, "p99": None, "max": None}
+        else:
+            data = self._buf[:n]
+            p50, p99 = np.percentile(data, [50, 99])
+            out = {"count": self._n, "p50": round(float(p50), 4), "p99": round(float(p99), 4),
+                   "max": round(float(data.max()), 4)}
+        if histogram:
+            out["histogram"] = self.histogram()
+        return out
+
+    def histogram(self, edges: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+        """Counts of the stored samples (the last ``capacity``) over fixed bins, computed now (report time, never per
+        sample): ``counts[i]`` holds edges[i] <= v < edges[i + 1] (the last bin includes its right edge);
+        ``below`` and ``above`` count samples outside the edges, so counts + below + above = samples."""
+        e = HISTOGRAM_EDGES_MS if edges is None else np.asarray(edges, dtype=np.float64)
+        n = min(self._n, self._buf.shape[0])
         data = self._buf[:n]
-        p50, p99 = np.percentile(data, [50, 99])
-        return {"count": self._n, "p50": round(float(p50), 4), "p99": round(float(p99), 4),
-                "max": round(float(data.max()), 4)}
+        counts, _ = np.histogram(data, bins=e)
+        return {"edges_ms": [float(v) for v in e], "counts": [int(c) for c in counts],
+                "below": int(np.count_nonzero(data < e[0])), "above": int(np.count_nonzero(data > e[-1])),
+                "samples": int(n)}
 
 
 def write_json(path: str, report: Dict[str, Any]) -> None:

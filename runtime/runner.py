@@ -487,6 +487,10 @@ class PolicyRuntime:
                 "overhead": self.lat_overhead.summary(),
                 "frame_age": self.lat_frame_age.summary(),
                 "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
+                # counts over fixed log-spaced bins (metrics.HISTOGRAM_EDGES_MS), computed here, at report time
+                "histograms": {"inference": self.lat_inference.histogram(),
+                               "frame_to_chunk": self.lat_frame_to_chunk.histogram(),
+                               "overhead": self.lat_overhead.histogram()},
             },
         }
         est = self.latency.value

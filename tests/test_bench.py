@@ -215,3 +215,26 @@ def test_bench_sweep_horizon(tmp_path):
     s = json.loads(report.read_text())["sweep"]
     _check_points(s["factors"]["horizon"], 1)
     assert s["factors"]["horizon"]["points"][0]["value"] == 16
+
+
+def test_plot_has_histograms_and_seam_traces_per_setting(tmp_path):
+    pytest.importorskip("matplotlib")
+    from runtime.bench import plot
+    from runtime.config import load_config
+    from runtime.metrics import LatencyRecorder
+
+    rec = LatencyRecorder()
+    for v in (5.0, 7.0, 9.0, 120.0):
+        rec.add(v)
+    hist = rec.histogram()
+    trace = {"seam": 1, "tick": 300, "joints": ["a", "b", "c"], "t0_ms": -4.0, "period_ms": 2.0, "seam_index": 2,
+             "q": [[0.0, 0.01, 0.02, 0.04, 0.05]] * 3}
+    s = {"ok": True, "controller": {"execution": {"seam_traces": [trace]}, "limiter": {"max_step_allowed_rad": 0.01}},
+         "runtime": {"latency_ms": {"inference": rec.summary(), "frame_to_chunk": rec.summary(),
+                                    "overhead": rec.summary(),
+                                    "histograms": {"inference": hist, "frame_to_chunk": hist}}}}
+    runs = [harness.summarize_run(lat, load_config(None, []), s, {}) for lat in ("0.05", "0.2")]
+    assert runs[0]["latency_ms"]["histograms"]["inference"] == hist
+    assert runs[0]["execution"]["seam_traces"] == [trace]
+    path = tmp_path / "bench.png"
+    assert plot.plot_runs(runs, str(path)) is None and path.stat().st_size > 1000

@@ -970,3 +970,39 @@ def test_chunks_superseded_in_one_tick_or_stale_are_counted_as_dropped(rig):
     ex = r.controller.report()["execution"]
     assert r.controller.chunks_applied >= 1
     assert ex["chunks_dropped"] == 4 - r.controller.chunks_applied
+
+
+def test_seam_traces_record_the_commanded_position_around_the_first_seam(rig):
+    from runtime.controller.controller import SEAM_TRACE_AFTER, SEAM_TRACE_BEFORE
+
+    r = rig("controller.heartbeat_timeout_s=30", "controller.chunk_timeout_s=1.0", "controller.hold_s=1.0")
+    c = r.controller
+    t = time.monotonic()
+    c.tick(t)
+    assert c._operator("arm", t, "test").ok
+    while c.sm.state != RUNNING:
+        t += c.period
+        c.tick(t)
+    for _ in range(SEAM_TRACE_BEFORE + 10):  # more ticks since arming than the ring keeps
+        t += c.period
+        c.tick(t)
+    start = c.q_cmd[ARM_IDX].copy()
+    moves = np.zeros(len(ARM))
+    moves[[4, 1, 6]] = [0.3, 0.2, 0.1]  # the joints moving most, in order
+    t_first = t
+    for seq in range(2):  # two overlapping chunks along one trajectory: one seam
+        actions = start + ((t - t_first + 0.02 * np.arange(64)) / 1.28)[:, None] * moves
+        r.send(actions.astype(np.float32), 0.02, stamp=t, seq=seq)
+        assert c._inbox.poll(1000)
+        for _ in range(SEAM_TRACE_AFTER + 20 if seq else 20):
+            t += c.period
+            c.tick(t)
+    ex = c.report()["execution"]
+    assert ex["seams"] == 1 and len(ex["seam_traces"]) == 1
+    tr = ex["seam_traces"][0]
+    assert tr["seam"] == 1 and tr["seam_index"] == SEAM_TRACE_BEFORE and tr["tick"] > 0
+    assert tr["joints"] == [ARM[4], ARM[1], ARM[6]]
+    assert tr["period_ms"] == pytest.approx(c.period * 1000) and tr["t0_ms"] == pytest.approx(-50 * c.period * 1000)
+    assert len(tr["q"]) == 3 and all(len(q) == SEAM_TRACE_BEFORE + SEAM_TRACE_AFTER for q in tr["q"])
+    q = np.array(tr["q"])
+    assert np.isfinite(q).all() and (np.diff(q[0]) >= -1e-9).all() and q[0, -1] > q[0, 0]  # toward the chunk

@@ -18,12 +18,12 @@ def test_demo_runs_the_loop_and_ends_safe(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads(report.read_text())
     assert s["ok"] is True and s["errors"] == []
-    assert s["frames"] > 30 and s["chunks_sent"] >= 10
+    assert s["frames"] > 30 and s["chunks_sent"] >= 5  # latency trigger: a chunk before each one runs out
     assert s["chunks_received"] == s["chunks_sent"]  # nothing lost on a local link
     assert s["control_ticks"] > 1500
     for key in ("frame_to_chunk", "inference"):
         lat = s["latency_ms"][key]
-        assert lat["count"] >= 10 and 0 < lat["p50"] <= lat["p99"]
+        assert lat["count"] >= 5 and 0 < lat["p50"] <= lat["p99"]
     assert s["final_state"] == "stopped"
     assert [stop["to"] for stop in s["stops"]] == ["holding", "stopping", "stopped"]
     assert "stopping" in s["stops"][0]["reason"]  # the runtime said it was going; the controller held

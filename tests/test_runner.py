@@ -7,6 +7,7 @@ import pytest
 import zmq
 
 from runtime.config import load_config
+from runtime.metrics import HISTOGRAM_EDGES_MS, LatencyRecorder
 from runtime.protocol import RobotState, decode, encode_state
 from runtime.robot import g1
 from runtime.runner import PolicyRuntime
@@ -310,3 +311,23 @@ def test_in_flight_overrun_is_never_sent(rig):
     _publish_state(pub, rt, 1.0)
     rt.step(time.monotonic())
     assert rt.counters["overruns"] == 1 and rt._pending == [] and rt.health == "fault"
+
+
+def test_latency_histogram_counts_the_stored_samples_over_fixed_log_bins():
+    e = HISTOGRAM_EDGES_MS
+    assert len(e) == 41 and e[0] == pytest.approx(0.1) and e[-1] == pytest.approx(10000.0)
+    assert np.allclose(np.diff(np.log10(e)), 0.125)  # log-spaced: 8 bins per decade
+    rec = LatencyRecorder(capacity=8)
+    assert sum(rec.histogram()["counts"]) == 0 and rec.histogram()["samples"] == 0
+    for v in (0.05, 0.1, 0.12, 1.0, 1.2, 50.0, 10000.0, 2e4):
+        rec.add(v)
+    h = rec.summary(histogram=True)["histogram"]
+    assert h["samples"] == 8 and sum(h["counts"]) + h["below"] + h["above"] == 8
+    assert h["below"] == 1 and h["above"] == 1
+    assert h["counts"][0] == 2  # 0.1 (its left edge) and 0.12 (< 0.1334)
+    assert h["counts"][8] == 2  # 1.0 and 1.2 in [1.0, 1.33)
+    assert h["counts"][int(np.log10(50.0 / 0.1) * 8)] == 1 and h["counts"][-1] == 1  # 10 s: the last bin's edge
+    rec.add(0.5)  # the ring holds the last 8: the oldest (0.05, below) goes
+    h = rec.histogram([0.1, 1.0, 100.0])
+    assert h["counts"] == [3, 3] and h["below"] == 0 and h["above"] == 2 and h["samples"] == 8
+    assert "histogram" not in rec.summary()

@@ -161,6 +161,7 @@ def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, A
             "seam_clamped_ticks": ex.get("seam_clamped_ticks", 0),
             "clamped_ticks": lim.get("clamped_ticks", 0),
             "chunk_age_ms": _lat(ex.get("chunk_age_ms", {})),
+            "seam_traces": ex.get("seam_traces", []),
         },
         "latency_ms": {
             "injected": _lat(rt.get("injected_latency_ms", {})),
@@ -173,6 +174,7 @@ def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, A
             "inference_starts_left": _lat(rt.get("inference_starts_left_ms", {})),
             "estimate_ms": rt.get("latency_estimate_ms"),
             "trigger": rt.get("trigger"),
+            "histograms": lat.get("histograms", {}),
         },
         "in_flight": {
             "max_in_flight": cfg["policy"]["max_in_flight"],

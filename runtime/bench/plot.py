@@ -28,7 +28,7 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     labels = [r["latency"] for r in runs]
     x = list(range(len(runs)))
     w = 0.2
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2 + len(runs), 2, figsize=(12, 8 + 3.5 * len(runs)), squeeze=False)
 
     ax = axes[0][0]
     for i, (key, name) in enumerate((("inference", "inference"), ("frame_to_chunk", "frame -> chunk"))):
@@ -82,6 +82,10 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     ax.set_title("stalls and missed control ticks")
     ax.legend(fontsize=8)
 
+    for i, r in enumerate(runs):
+        _plot_histograms(axes[2 + i][0], r)
+        _plot_seam_traces(axes[2 + i][1], r)
+
     fig.suptitle("wam-edge bench")
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
@@ -89,6 +93,50 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
+
+
+def _plot_histograms(ax: Any, run: Dict[str, Any]) -> None:
+    """Inference and frame -> chunk latency histograms of one run: step plots over the fixed log-spaced bins."""
+    hists = run["latency_ms"].get("histograms") or {}
+    drawn = False
+    for key, name in (("inference", "inference"), ("frame_to_chunk", "frame -> chunk")):
+        h = hists.get(key)
+        if not h or not sum(h["counts"]):
+            continue
+        edges, counts = h["edges_ms"], h["counts"]
+        ax.step(edges, list(counts) + [counts[-1]], where="post", label=f"{name} ({sum(counts)})")
+        drawn = True
+    ax.set_xscale("log")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("samples")
+    ax.set_title(f"latency histograms, inject_latency {run['latency']}", fontsize=10)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no histograms", ha="center", va="center", transform=ax.transAxes)
+
+
+def _plot_seam_traces(ax: Any, run: Dict[str, Any]) -> None:
+    """The commanded position around the first seams of one run, relative to its value at the seam: one colour per
+    joint, one line style per seam; the seam at 0 ms."""
+    traces = run["execution"].get("seam_traces") or []
+    styles = ("-", "--", ":")
+    for n, tr in enumerate(traces):
+        at = tr["seam_index"]
+        for j, (name, q) in enumerate(zip(tr["joints"], tr["q"])):
+            if not q or at >= len(q):
+                continue
+            t = [tr["t0_ms"] + i * tr["period_ms"] for i in range(len(q))]
+            ax.plot(t, [v - q[at] for v in q], styles[n % len(styles)], color=f"C{j}", linewidth=1,
+                    label=f"seam {tr['seam']}: {name}")
+    ax.axvline(0.0, color="red", linestyle="--", linewidth=1)
+    ax.set_xlabel("ms from the seam")
+    ax.set_ylabel("q_cmd - q_cmd at the seam (rad)")
+    ax.set_title(f"commanded positions around seams, inject_latency {run['latency']}", fontsize=10)
+    if traces:
+        ax.legend(fontsize=6, ncol=len(traces))
+    else:
+        ax.text(0.5, 0.5, "no seams traced", ha="center", va="center", transform=ax.transAxes)
 
 
 def _point_vals(points: Sequence[Dict[str, Any]], key: str, q: str) -> List[float]:

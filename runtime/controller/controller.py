@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import zmq
@@ -58,6 +58,14 @@ __all__ = ["SAFE_STATES", "Controller", "make_driver", "main"]
 
 #: Messages taken in per tick at most; the rest wait for the next tick (bounded work per tick).
 MAX_MESSAGES_PER_TICK = 8
+
+#: Seam traces (report()["execution"]["seam_traces"]): the first this many seams after arming whose windows do not
+#: overlap, the commanded position of SEAM_TRACE_JOINTS joints from SEAM_TRACE_BEFORE ticks before the seam to
+#: SEAM_TRACE_AFTER ticks from it (the seam's tick first).
+SEAM_TRACES = 3
+SEAM_TRACE_JOINTS = 3
+SEAM_TRACE_BEFORE = 50
+SEAM_TRACE_AFTER = 100
 
 
 class Controller:
@@ -129,6 +137,15 @@ class Controller:
         self._diff = np.zeros(g1.NUM_JOINTS)
         self._step = np.zeros(g1.NUM_JOINTS)
         self._absdq = np.zeros(g1.NUM_JOINTS)
+        # seam traces, preallocated: a ring of the last commanded positions, copied out at a seam, then filled
+        self._ring = np.zeros((SEAM_TRACE_BEFORE, g1.NUM_JOINTS))
+        self._ring_i = 0  # the next row to write
+        self._ring_n = 0  # rows written since arming (capped at SEAM_TRACE_BEFORE)
+        self._traces = np.full((SEAM_TRACES, SEAM_TRACE_BEFORE + SEAM_TRACE_AFTER, SEAM_TRACE_JOINTS), np.nan)
+        self._trace_joints = np.zeros((SEAM_TRACES, SEAM_TRACE_JOINTS), dtype=np.intp)
+        self._trace_meta = []  # per trace started: (seam number, tick of the seam, ticks before it)
+        self._trace_len = np.zeros(SEAM_TRACES, dtype=np.int64)  # rows filled per trace
+        self._trace_filling = -1  # the trace being filled, or -1
         self._signal: Optional[str] = None
         self._max_gap = c["max_tick_gap_s"]
         self._last_tick_at: Optional[float] = None  # the previous tick's clock: a longer gap is a stalled loop
@@ -220,6 +237,7 @@ class Controller:
                     np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
                     self.session = None
                     self.schedule.reset()
+                    self._ring_n = 0  # seam traces start from this arming
                     self._rejections_in_a_row = 0
         elif action == "stop":
             sm.stop(now, f"stop by {who}")
@@ -294,6 +312,8 @@ class Controller:
                 self.seams += 1
                 step = self._seam_window(newest)
                 self._seam_until = now + step
+                if self._trace_filling < 0 and len(self._trace_meta) < SEAM_TRACES:
+                    self._start_trace(newest)
             self.schedule.load(newest, self.schedule.joint_indices(newest.joints), now)
             self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
             self._starved = False
@@ -438,6 +458,8 @@ class Controller:
                 self._seam_tick(target, step, self.limiter.clamped_ticks != clamped)
             np.copyto(self.q_cmd, target)
             self._shift_history(target)
+            if self._trace_filling >= 0 or len(self._trace_meta) < SEAM_TRACES:
+                self._trace_tick()
         np.copyto(cmd.q, self.q_cmd)
         cmd.dq[:] = 0.0
         cmd.tau[:] = 0.0
@@ -490,6 +512,53 @@ class Controller:
             jerk = float(d.max()) * self.rate_hz ** 3
             if jerk > self._seam_max_jerk:
                 self._seam_max_jerk = jerk
+
+    def _start_trace(self, chunk: ActionChunk) -> None:
+        """At a seam: the joints the new chunk moves most, and the ring's last ticks as the trace's start."""
+        k = len(self._trace_meta)
+        idx = self.schedule.joint_indices(chunk.joints)
+        a = chunk.actions
+        travel = np.abs(a[-1] - a[0]) if a.shape[0] > 1 else np.zeros(len(idx))
+        order = np.argsort(-travel, kind="stable")[:SEAM_TRACE_JOINTS]
+        joints = self._trace_joints[k]
+        joints[:] = idx[order[0]] if len(order) else 0  # fewer driven joints than traced: repeat the first
+        joints[:len(order)] = idx[order]
+        n = min(self._ring_n, SEAM_TRACE_BEFORE)
+        for i in range(n):  # oldest first
+            np.take(self._ring[(self._ring_i - n + i) % SEAM_TRACE_BEFORE], joints, out=self._traces[k, i])
+        self._trace_len[k] = n
+        self._trace_meta.append((self.seams, self.ticks, n))
+        self._trace_filling = k
+
+    def _trace_tick(self) -> None:
+        """After the command is shaped: keep the ring of the last ticks, and fill the trace being filled."""
+        np.copyto(self._ring[self._ring_i], self.q_cmd)
+        self._ring_i = (self._ring_i + 1) % SEAM_TRACE_BEFORE
+        if self._ring_n < SEAM_TRACE_BEFORE:
+            self._ring_n += 1
+        k = self._trace_filling
+        if k >= 0:
+            n = int(self._trace_len[k])
+            np.take(self.q_cmd, self._trace_joints[k], out=self._traces[k, n])
+            self._trace_len[k] = n + 1
+            if n + 1 - self._trace_meta[k][2] >= SEAM_TRACE_AFTER:
+                self._trace_filling = -1
+
+    def seam_traces(self) -> List[Dict[str, Any]]:
+        """The seam traces for the report: per trace the joints, the seam (its number and the controller tick), t0_ms
+        (the first row's time from the seam), period_ms, q per joint (one value per tick) and seam_index (the row of
+        the seam's tick)."""
+        period_ms = self.period * 1000.0
+        out = []
+        for k, (seam, tick, before) in enumerate(self._trace_meta):
+            n = int(self._trace_len[k])
+            out.append({
+                "seam": seam, "tick": tick,
+                "joints": [g1.JOINT_NAMES[int(j)] for j in self._trace_joints[k]],
+                "t0_ms": round(-before * period_ms, 4), "period_ms": round(period_ms, 4), "seam_index": before,
+                "q": [[round(float(v), 6) for v in self._traces[k, :n, j]] for j in range(SEAM_TRACE_JOINTS)],
+            })
+        return out
 
     def _shift_history(self, q: np.ndarray) -> None:
         h = self._hist
@@ -599,6 +668,7 @@ class Controller:
                 "chunk_age_ms": self.chunk_age_ms.summary(),
                 "chunks_dropped": self.chunks_dropped,
                 "chunks_evicted": self.schedule.evicted,
+                "seam_traces": self.seam_traces(),
             },
             "task": self.tasks[self.task_index],
             "final_q": [round(float(v), 5) for v in self.q_cmd],
