@@ -130,8 +130,9 @@ def _any_endpoint(value: str) -> str:
 SCHEMA: Dict[str, Dict[str, Key]] = {
     "model": {
         "path": Key("exported/reference", str, "model directory holding manifest.json (relative to this file)"),
-        "backend": Key("onnxruntime", str, "inference backend: onnxruntime (CPU on a laptop)",
-                       choices=("onnxruntime",)),
+        "backend": Key("onnxruntime", str, "inference backend: onnxruntime (CPU on a laptop), or auto: "
+                       "tensorrt when every stage has a matching <stage>.engine, else onnxruntime",
+                       choices=("auto", "onnxruntime")),
         "intra_op_threads": Key(1, int, "threads ONNX Runtime may use inside one operator", lo=1, hi=64),
         "verify_hashes": Key(True, bool, "check each stage file's sha256 against the manifest at load"),
     },

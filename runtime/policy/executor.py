@@ -8,17 +8,20 @@ check). All buffers are allocated in __init__; infer() only writes into them.
 
 from __future__ import annotations
 
+import logging
 import math
 from time import perf_counter
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .backends import StageBackend, create_backend
+from .backends import StageBackend, create_backend, select_backend
 from .errors import PolicyError, PolicyInputError
 from .manifest import Manifest, SamplerSpec, is_host_source, load_manifest
 from .preprocess import CameraPreprocessor, StateNormaliser
 from .sampler import FlowMatchingSchedule
+
+log = logging.getLogger("wam_edge.policy")
 
 
 class Policy:
@@ -30,6 +33,8 @@ class Policy:
                  shift: Optional[float] = None, seed: int = 0) -> None:
         self.manifest = manifest
         self.backend = backend
+        #: why this backend runs the stages ("requested", or what backend "auto" found)
+        self.backend_reason = "requested"
         base = manifest.sampler
         # Overrides are allowed even on distilled models (e.g. steps=4 to compare).
         self.sampler = SamplerSpec(type=base.type,
@@ -248,8 +253,9 @@ class Policy:
 
     def describe(self) -> str:
         s = self.sampler
-        return "%s: %d stages on %s; %s steps=%d shift=%g%s" % (
-            self.manifest.name, len(self.manifest.stages), self.backend.describe(), s.type,
+        chosen = "" if self.backend_reason == "requested" else " [auto: %s]" % self.backend_reason
+        return "%s: %d stages on %s%s; %s steps=%d shift=%g%s" % (
+            self.manifest.name, len(self.manifest.stages), self.backend.describe(), chosen, s.type,
             s.steps, s.shift, " (distilled)" if s.distilled else "")
 
     def close(self) -> None:
@@ -346,11 +352,17 @@ def load_policy(model_dir: str, backend: str = "onnxruntime", steps: Optional[in
                 shift: Optional[float] = None, seed: int = 0, intra_op_threads: int = 1,
                 verify_hashes: bool = True) -> Policy:
     """Validate <model_dir>/manifest.json and its files, load the stages on the
-    named backend, and bind every buffer. steps/shift override the manifest."""
+    named backend, and bind every buffer. steps/shift override the manifest.
+    backend "auto" picks one (see backends.select_backend); the choice and its
+    reason are logged and kept in Policy.backend_reason."""
     manifest = load_manifest(model_dir, verify_hashes=verify_hashes)
-    engine = create_backend(backend, manifest, model_dir, intra_op_threads=intra_op_threads)
+    name, reason = select_backend(manifest, model_dir, backend)
+    log.info("policy backend %s for %s (asked: %s): %s", name, model_dir, backend, reason)
+    engine = create_backend(name, manifest, model_dir, intra_op_threads=intra_op_threads)
     try:
-        return Policy(manifest, engine, steps=steps, shift=shift, seed=seed)
+        policy = Policy(manifest, engine, steps=steps, shift=shift, seed=seed)
+        policy.backend_reason = reason
+        return policy
     except BaseException:
         engine.close()
         raise

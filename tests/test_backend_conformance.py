@@ -1,0 +1,169 @@
+"""The StageBackend contract, checked on every backend this machine can run.
+
+Each entry names a backend, how to create it and its tolerance against the
+ONNX Runtime CPU reference; an entry whose requirements are missing (GPU
+libraries, a registered class, engine files) is skipped with the reason.
+"""
+
+import importlib.util
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from runtime.policy import load_manifest
+from runtime.policy.backends import BACKENDS, create_backend, engine_path
+from runtime.policy.executor import Policy
+from runtime.policy.manifest import is_host_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(REPO, "exported", "reference")
+
+
+def _missing_modules(*names):
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
+def _requirements(name):
+    """None when backend `name` can run here, else why not."""
+    if name == "onnxruntime":
+        missing = _missing_modules("onnxruntime")
+        return "missing module onnxruntime" if missing else None
+    if name == "tensorrt":
+        missing = _missing_modules("tensorrt", "pycuda")
+        if missing:
+            return "missing modules: %s (no TensorRT/GPU here)" % ", ".join(missing)
+        if name not in BACKENDS:
+            return "no tensorrt backend class registered yet"
+        manifest = load_manifest(REFERENCE)
+        absent = [s.name for s in manifest.stages if not os.path.isfile(engine_path(REFERENCE, s.name))]
+        if absent:
+            return "no engine files for stages %s (build them with `wam-edge build`)" % absent
+        return None
+    return "unknown backend %r" % name
+
+
+# name -> (constructor options, absolute tolerance vs the ORT CPU reference on normalised actions)
+CASES = {
+    "onnxruntime": ({"intra_op_threads": 1}, 0.0),
+    "tensorrt": ({}, 2e-2),  # FP16 engines
+}
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return load_manifest(REFERENCE)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def backend(request, manifest):
+    why = _requirements(request.param)
+    if why:
+        pytest.skip("%s: %s" % (request.param, why))
+    options, _ = CASES[request.param]
+    b = create_backend(request.param, manifest, REFERENCE, **options)
+    yield b
+    b.close()
+
+
+def host_inputs(manifest):
+    return [(s.name, t) for s in manifest.stages for t in s.inputs if is_host_source(t.source or "")]
+
+
+def host_outputs(manifest):
+    return [(s.name, t) for s in manifest.stages for t in s.outputs if t.sink]
+
+
+def fill(backend, manifest, seed):
+    rng = np.random.default_rng(seed)
+    for stage, t in host_inputs(manifest):
+        buf = backend.host_input(stage, t.name)
+        buf[...] = rng.standard_normal(buf.shape).astype(buf.dtype)
+
+
+def run_all(backend, manifest):
+    for s in manifest.stages:
+        backend.run(s.name)
+
+
+def test_host_buffers_stable_and_writable(backend, manifest):
+    assert host_inputs(manifest) and host_outputs(manifest)
+    for stage, t in host_inputs(manifest):
+        a, b = backend.host_input(stage, t.name), backend.host_input(stage, t.name)
+        assert a is b and a.flags.writeable
+        assert a.shape == tuple(t.shape)
+    for stage, t in host_outputs(manifest):
+        a, b = backend.host_output(stage, t.name), backend.host_output(stage, t.name)
+        assert a is b and a.flags.writeable
+        assert a.shape == tuple(t.shape)
+    with pytest.raises(KeyError):
+        backend.host_input(manifest.stages[0].name, "no_such_tensor")
+
+
+def test_run_fills_outputs_deterministically(backend, manifest):
+    fill(backend, manifest, 1)
+    outs = [backend.host_output(stage, t.name) for stage, t in host_outputs(manifest)]
+    for o in outs:
+        o[...] = np.nan
+    run_all(backend, manifest)
+    first = [o.copy() for o in outs]
+    for o in first:
+        assert np.isfinite(o).all()
+    for o in outs:
+        o[...] = np.nan
+    run_all(backend, manifest)
+    for o, f in zip(outs, first):
+        np.testing.assert_array_equal(o, f)
+
+
+def test_no_allocation_growth(backend, manifest):
+    fill(backend, manifest, 2)
+    for _ in range(5):
+        run_all(backend, manifest)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(100):
+            run_all(backend, manifest)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    growth = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert growth < 64 * 1024, "python heap grew %d bytes over 100 runs" % growth
+
+
+def test_providers_and_describe(backend):
+    assert backend.providers and all(isinstance(p, str) and p for p in backend.providers)
+    text = backend.describe()
+    assert backend.name in text
+    for p in backend.providers:
+        assert p in text
+
+
+def test_close_is_idempotent(manifest):
+    for name in sorted(CASES):
+        if _requirements(name):
+            continue
+        b = create_backend(name, manifest, REFERENCE, **CASES[name][0])
+        b.close()
+        b.close()  # contract: a second close is a no-op
+        with b:
+            pass  # __exit__ closes again
+
+
+def test_policy_matches_ort_cpu_reference(backend, manifest):
+    _, tol = CASES[backend.name]
+    rng = np.random.default_rng(3)
+    cams = {c.name: rng.standard_normal((1, 3, c.height, c.width)).astype(np.float32)
+            for c in manifest.cameras}
+    state = rng.standard_normal(len(manifest.state.joints)).astype(np.float32)
+    noise = rng.standard_normal((1, manifest.horizon, manifest.action_dim)).astype(np.float32)
+    reference = create_backend("onnxruntime", manifest, REFERENCE, intra_op_threads=1)
+    try:
+        want = Policy(manifest, reference).infer_normalised(cams, state, noise).copy()
+    finally:
+        reference.close()
+    got = Policy(manifest, backend).infer_normalised(cams, state, noise)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
