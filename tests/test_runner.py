@@ -70,7 +70,7 @@ def test_answers_fresh_state_with_its_stamp(rig):
 
 
 def test_one_inference_per_period_even_at_start(rig):
-    rt, pull, pub = rig("policy.rate_hz=10")
+    rt, pull, pub = rig("policy.rate_hz=10", "policy.state_max_age_s=5")  # virtual time: no real-time jitter
     _publish_state(pub, rt, 1.0)
     now = time.monotonic()
     for k in range(19):  # 19 steps within one 0.1 s period: one chunk, not a burst
@@ -224,7 +224,7 @@ def test_injected_80_percent_spaces_chunks_by_the_trigger(rig):
 
 
 def test_fixed_trigger_keeps_the_grid(rig):
-    rt, pull, pub = rig("policy.trigger=fixed", "policy.rate_hz=10")
+    rt, pull, pub = rig("policy.trigger=fixed", "policy.rate_hz=10", "policy.state_max_age_s=5")  # virtual time
     _publish_state(pub, rt, 1.0)
     now = time.monotonic()
     rt.step(now)
