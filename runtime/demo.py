@@ -22,7 +22,7 @@ from runtime.controller.safety import SAFE_STATES
 from runtime.metrics import write_json
 
 
-def _config_args(config_path: Optional[str], overrides: Sequence[str]) -> List[str]:
+def config_args(config_path: Optional[str], overrides: Sequence[str]) -> List[str]:
     args = ["--config", config_path] if config_path else []
     for o in overrides:
         args += ["--set", o]
@@ -32,7 +32,7 @@ def _config_args(config_path: Optional[str], overrides: Sequence[str]) -> List[s
 def _spawn(role: str, config_path: Optional[str], overrides: Sequence[str], report: str,
            ready: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "runtime.cli", role, "--report", report, "--ready-file", ready]
-    return subprocess.Popen(cmd + _config_args(config_path, overrides))
+    return subprocess.Popen(cmd + config_args(config_path, overrides))
 
 
 def _wait_files(paths: List[str], procs: List[subprocess.Popen], timeout: float) -> Optional[str]:
@@ -69,7 +69,7 @@ def _load(path: str) -> Dict[str, Any]:
 
 
 def loop_overrides(tmp: str, dds: bool) -> List[str]:
-    """The loop's private endpoints and files in the directory ``tmp``."""
+    """The loop's private endpoints and files in the directory ``tmp`` (the demo, the bench, `wam-edge hil`)."""
     own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state",
            f"transport.control=ipc://{tmp}/control", f"controller.latch_file={tmp}/estop.latched",
            f"controller.command_record={tmp}/controller.record",
@@ -92,7 +92,7 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         sim = None
         if dds:
             sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "sim", "--summary", files["sim.json"]]
-                                   + _config_args(cfg.path, all_overrides), stdout=subprocess.DEVNULL)
+                                   + config_args(cfg.path, all_overrides), stdout=subprocess.DEVNULL)
         controller = _spawn("controller", cfg.path, all_overrides, files["controller.json"], files["controller.ready"])
         runtime = _spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"])
         procs = [controller, runtime] + ([sim] if sim else [])

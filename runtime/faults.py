@@ -27,7 +27,6 @@ a fault acts from the next inference (or, for freeze_camera, the next frame take
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -37,6 +36,8 @@ import zmq
 
 from runtime.cameras.base import CameraFrame, CameraSource
 from runtime.policy.backends.base import StageBackend
+from runtime.policy.wrapper import PolicyWrapper
+from runtime.protocol import sockets
 from runtime.robot import g1
 
 log = logging.getLogger("wam_edge.faults")
@@ -104,29 +105,13 @@ def _error(message: str) -> Dict[str, Any]:
 
 
 class FaultSocket:
-    """REP socket on ``endpoint``: ``serve()`` answers whatever requests are waiting, without blocking.
-
-    Bound like ``sockets.rep_bound`` (no linger, small queues, ipc directory made), but ZeroMQ's own size limit is
-    above MAX_REQUEST_BYTES so an oversized request gets an answer that says so instead of a silent disconnect."""
+    """REP socket on ``endpoint``: ``serve()`` answers whatever requests are waiting, without blocking. ZeroMQ's own
+    size limit is above MAX_REQUEST_BYTES, so an oversized request gets an answer that says so."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, injector: FaultInjector) -> None:
         self.endpoint = endpoint
         self.injector = injector
-        sock = ctx.socket(zmq.REP)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 4)
-            sock.setsockopt(zmq.RCVHWM, 4)
-            sock.setsockopt(zmq.MAXMSGSIZE, _SOCKET_MAX_BYTES)
-            if endpoint.startswith("ipc://"):
-                directory = os.path.dirname(endpoint[len("ipc://"):])
-                if directory:
-                    os.makedirs(directory, exist_ok=True)
-            sock.bind(endpoint)
-        except BaseException:
-            sock.close(0)
-            raise
-        self.sock = sock
+        self.sock = sockets.rep_bound(ctx, endpoint, _SOCKET_MAX_BYTES)
         self.requests = 0
         self.refused = 0
 
@@ -201,12 +186,12 @@ class FaultInjectingBackend(StageBackend):
         return f"fault-injecting {self.inner.describe()}"
 
 
-class FaultInjectingPolicy:
+class FaultInjectingPolicy(PolicyWrapper):
     """Test-rig stand-in around a Policy: faults that happen after inference (outside_limits, jump), before it
     (slow), and, through FaultInjectingBackend (installed here), inside it (nan). Everything else is the Policy's."""
 
     def __init__(self, policy: Any, injector: FaultInjector, max_inference_s: float) -> None:
-        self.policy = policy
+        super().__init__(policy)
         self.injector = injector
         #: slow: sleep this long before the real inference, so the whole call overruns max_inference_s
         self.slow_s = max_inference_s * 1.25 + 0.02
@@ -236,33 +221,6 @@ class FaultInjectingPolicy:
             return self._out
         return actions
 
-    @property
-    def manifest(self) -> Any:
-        return self.policy.manifest
-
-    @property
-    def backend(self) -> StageBackend:
-        return self.policy.backend
-
-    @property
-    def last_stage_ms(self) -> Dict[str, float]:
-        return self.policy.last_stage_ms
-
-    @property
-    def last_preprocess_ms(self) -> float:
-        return self.policy.last_preprocess_ms
-
-    def warmup(self, *args: Any, **kwargs: Any) -> None:
-        self.policy.warmup(*args, **kwargs)
-
-    def reseed(self, seed: int) -> None:
-        self.policy.reseed(seed)
-
-    def describe(self) -> str:
-        return self.policy.describe()
-
-    def close(self) -> None:
-        self.policy.close()
 
     def __getattr__(self, name: str) -> Any:  # anything else (sampler, infer_normalised, ...) is the Policy's
         if name == "policy":  # not set yet (during construction): no recursion

@@ -10,54 +10,31 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from conftest import publish_state
 
 from runtime.cameras.base import CameraSource
-from runtime.config import load_config
 from runtime.faults import FAULTS, FaultInjectingBackend, FaultInjectingCamera, FaultInjectingPolicy, FaultInjector
 from runtime.policy.executor import Policy
-from runtime.protocol import RobotState, decode, encode_state, sockets
+from runtime.protocol import decode, sockets
 from runtime.robot import g1
-from runtime.runner import PolicyRuntime
 
 
 @pytest.fixture
-def rig(tmp_path):
+def rig(tmp_path, runtime_rig):
     def make(*sets, enabled=True):
-        cfg = load_config(None, [f"transport.chunks=ipc://{tmp_path}/chunks", f"transport.state=ipc://{tmp_path}/state",
-                                 f"faults.endpoint=ipc://{tmp_path}/faults", f"faults.enabled={str(enabled).lower()}",
-                                 "policy.warmup_runs=1", "policy.state_max_age_s=10", *sets])
-        ctx = zmq.Context()
-        pull = ctx.socket(zmq.PULL)
-        pull.bind(cfg["transport"]["chunks"])
-        pub = ctx.socket(zmq.PUB)
-        pub.bind(cfg["transport"]["state"])
-        rt = PolicyRuntime(cfg, ctx)
+        rt, pull, pub, ctx = runtime_rig(f"faults.endpoint=ipc://{tmp_path}/faults",
+                                         f"faults.enabled={str(enabled).lower()}", "policy.state_max_age_s=10", *sets)
         req = ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)
-        req.connect(cfg["faults"]["endpoint"])
-        made.append((rt, pull, pub, req, ctx))
-        rt.start(cfg["policy"]["warmup_runs"])
-        time.sleep(0.1)  # let the SUB connect
-        _publish_state(pub, rt, 1.0)
+        req.connect(f"ipc://{tmp_path}/faults")
+        reqs.append(req)
+        publish_state(pub, rt, 1.0)
         return rt, pull, req
 
-    made = []
+    reqs = []
     yield make
-    for rt, pull, pub, req, ctx in made:
-        rt.close()
-        for sock in (pull, pub, req):
-            sock.close(0)
-        ctx.term()
-
-
-def _publish_state(pub, rt, stamp):
-    q = g1.NOMINAL_POSE.astype(np.float32)
-    pub.send(encode_state(RobotState(1, stamp, "running", q, np.zeros_like(q))))
-    deadline = time.monotonic() + 2
-    while rt.robot_state is None or rt.robot_state.stamp != stamp:
-        rt._poll_state(time.monotonic())
-        assert time.monotonic() < deadline, "state never arrived"
-        time.sleep(0.005)
+    for req in reqs:
+        req.close(0)
 
 
 def _ask(rt, req, request=None, raw=None):

@@ -252,80 +252,53 @@ def test_set_rtc_on_a_model_without_rtc_is_an_error():
         policy.close()
 
 
-def test_runner_hands_the_last_chunk_on_the_new_timeline_and_the_delay(tmp_path):
-    zmq = pytest.importorskip("zmq")
-    from runtime.config import load_config
-    from runtime.protocol import RobotState, decode, encode_state
+def test_runner_hands_the_last_chunk_on_the_new_timeline_and_the_delay(tmp_path, runtime_rig):
+    pytest.importorskip("zmq")
+    from conftest import publish_state, read_chunks
+
     from runtime.robot import g1
-    from runtime.runner import PolicyRuntime
 
     model = build_model(tmp_path / "m")
-    cfg = load_config(None, [f"transport.chunks=ipc://{tmp_path}/chunks", f"transport.state=ipc://{tmp_path}/state",
-                             "policy.warmup_runs=1", f"model.path={model}", "policy.max_inference_s=5",
-                             "policy.trigger=fixed", 'camera.layout=[{"name": "head", "width": 64}]',
-                             "camera.height=48"])
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(cfg["transport"]["chunks"])
-    pub = ctx.socket(zmq.PUB)
-    pub.bind(cfg["transport"]["state"])
-    rt = PolicyRuntime(cfg, ctx)
-    try:
-        rt.start(1)
-        time.sleep(0.1)  # let the SUB connect
-        q = g1.NOMINAL_POSE.astype(np.float32) + np.linspace(-0.1, 0.1, g1.NUM_JOINTS, dtype=np.float32)
+    rt, pull, pub, _ = runtime_rig(f"model.path={model}", "policy.max_inference_s=5", "policy.trigger=fixed",
+                                   'camera.layout=[{"name": "head", "width": 64}]', "camera.height=48")
+    q = g1.NOMINAL_POSE.astype(np.float32) + np.linspace(-0.1, 0.1, g1.NUM_JOINTS, dtype=np.float32)
 
-        def publish(stamp):
-            pub.send(encode_state(RobotState(1, stamp, "running", q, np.zeros_like(q))))
-            deadline = time.monotonic() + 2
-            while rt.robot_state is None or rt.robot_state.stamp != stamp:
-                rt._poll_state(time.monotonic())
-                assert time.monotonic() < deadline, "state never arrived"
-                time.sleep(0.005)
+    def publish(stamp):
+        publish_state(pub, rt, stamp, q)
 
-        def chunks():
-            out = []
-            while pull.poll(50):
-                msg = decode(pull.recv(), ("chunk", "heartbeat"))
-                if hasattr(msg, "actions"):
-                    out.append(msg)
-            return out
+    def chunks():
+        return read_chunks(pull)
 
-        manifest = rt.policy.manifest
-        std = np.asarray(manifest.action.std)
-        assert rt.report()["rtc"] is True
-        # first chunk: nothing executing -> the model sees the current state's action joints
-        publish(1.0)
-        assert rt._infer_and_send(time.monotonic())
-        (first,) = chunks()
-        np.testing.assert_allclose(first.actions, np.tile(q[g1.indices(manifest.action_joints)], (H, 1)), atol=1e-5)
-        np.testing.assert_array_equal(rt._rtc_last, first.actions)
-        assert rt._rtc_last_start == rt.chunk_start
-        # pretend the executing chunk is a ramp that started 3.4 steps before the new state arrived
-        publish(2.0)
-        ramp = (np.arange(H)[:, None] * 0.01 + np.arange(D)[None, :] * 0.001).astype(np.float32)
-        rt._rtc_last[...] = ramp
-        rt._rtc_last_start = rt.robot_state_at - 3.4 * STEP_S
-        for _ in range(4):
-            rt.latency.add(0.05)  # 2.5 steps: delay 3
-        delay = rtc_delay(rt.latency.value, STEP_S, H)
-        assert delay == math.ceil(rt.latency.value / STEP_S - 1e-9) >= 3
-        assert rt._infer_and_send(time.monotonic())
-        (second,) = chunks()
-        np.testing.assert_allclose(second.actions, _expected(ramp[3:], delay, std), atol=1e-5)
-        # past the executing chunk's end: its last action everywhere
-        publish(3.0)
-        rt._rtc_last[...] = ramp
-        rt._rtc_last_start = rt.robot_state_at - 100 * STEP_S
-        assert rt._infer_and_send(time.monotonic())
-        (third,) = chunks()
-        delay = rtc_delay(rt.latency.value, STEP_S, H)
-        np.testing.assert_allclose(third.actions, _expected(ramp[-1:], delay, std), atol=1e-5)
-    finally:
-        rt.close()
-        pull.close(0)
-        pub.close(0)
-        ctx.term()
+    manifest = rt.policy.manifest
+    std = np.asarray(manifest.action.std)
+    assert rt.report()["rtc"] is True
+    # first chunk: nothing executing -> the model sees the current state's action joints
+    publish(1.0)
+    assert rt._infer_and_send(time.monotonic())
+    (first,) = chunks()
+    np.testing.assert_allclose(first.actions, np.tile(q[g1.indices(manifest.action_joints)], (H, 1)), atol=1e-5)
+    np.testing.assert_array_equal(rt._rtc_last, first.actions)
+    assert rt._rtc_last_start == rt.chunk_start
+    # pretend the executing chunk is a ramp that started 3.4 steps before the new state arrived
+    publish(2.0)
+    ramp = (np.arange(H)[:, None] * 0.01 + np.arange(D)[None, :] * 0.001).astype(np.float32)
+    rt._rtc_last[...] = ramp
+    rt._rtc_last_start = rt.robot_state_at - 3.4 * STEP_S
+    for _ in range(4):
+        rt.latency.add(0.05)  # 2.5 steps: delay 3
+    delay = rtc_delay(rt.latency.value, STEP_S, H)
+    assert delay == math.ceil(rt.latency.value / STEP_S - 1e-9) >= 3
+    assert rt._infer_and_send(time.monotonic())
+    (second,) = chunks()
+    np.testing.assert_allclose(second.actions, _expected(ramp[3:], delay, std), atol=1e-5)
+    # past the executing chunk's end: its last action everywhere
+    publish(3.0)
+    rt._rtc_last[...] = ramp
+    rt._rtc_last_start = rt.robot_state_at - 100 * STEP_S
+    assert rt._infer_and_send(time.monotonic())
+    (third,) = chunks()
+    delay = rtc_delay(rt.latency.value, STEP_S, H)
+    np.testing.assert_allclose(third.actions, _expected(ramp[-1:], delay, std), atol=1e-5)
 
 
 def test_runner_reports_rtc_false_for_the_reference(tmp_path):

@@ -14,6 +14,18 @@ def _vals(runs: Sequence[Dict[str, Any]], key: str, q: str) -> List[float]:
     return out
 
 
+def _label(ax: Any, x: Sequence[float], labels: Sequence[str], ylabel: str, title: str, log: bool = False) -> None:
+    """One latency-setting panel's axes: a tick per setting, units, title, legend."""
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("policy.inject_latency")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     """Write the PNG; returns why it was skipped, or None when written."""
     try:
@@ -34,24 +46,13 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     for i, (key, name) in enumerate((("inference", "inference"), ("frame_to_chunk", "frame -> chunk"))):
         ax.bar([v + (2 * i - 1.5) * w for v in x], _vals(runs, key, "p50_ms"), w, label=f"{name} p50")
         ax.bar([v + (2 * i - 0.5) * w for v in x], _vals(runs, key, "p99_ms"), w, label=f"{name} p99")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms")
-    ax.set_xlabel("policy.inject_latency")
-    ax.set_title("inference and frame -> chunk latency")
-    ax.legend(fontsize=8)
+    _label(ax, x, labels, "ms", "inference and frame -> chunk latency", log=True)
 
     ax = axes[0][1]
     for i, key in enumerate(("overhead_per_chunk", "preprocess")):
         ax.bar([v + (2 * i - 1.5) * w for v in x], _vals(runs, key, "p50_ms"), w, label=f"{key} p50")
         ax.bar([v + (2 * i - 0.5) * w for v in x], _vals(runs, key, "p99_ms"), w, label=f"{key} p99")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    ax.set_ylabel("ms")
-    ax.set_xlabel("policy.inject_latency")
-    ax.set_title("runtime's own time per chunk, and preprocess")
-    ax.legend(fontsize=8)
+    _label(ax, x, labels, "ms", "runtime's own time per chunk, and preprocess")
 
     ax = axes[1][0]
     seam = [r["execution"]["seam_max_step_rad"] for r in runs]
@@ -60,12 +61,7 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     ax.bar([v - w / 2 for v in x], seam, w, label="largest step at a seam")
     ax.bar([v + w / 2 for v in x], step, w, label="largest step anywhere")
     ax.axhline(allowed, color="red", linestyle="--", label=f"allowed {allowed} rad/tick")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    ax.set_ylabel("rad per control tick")
-    ax.set_xlabel("policy.inject_latency")
-    ax.set_title("steps vs the velocity limit")
-    ax.legend(fontsize=8)
+    _label(ax, x, labels, "rad per control tick", "steps vs the velocity limit")
 
     ax = axes[1][1]
     stalls = [r["execution"]["stalls"] for r in runs]
@@ -75,12 +71,7 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     for v, r in zip(x, runs):
         ax.text(v, max(stalls + overruns + [1]) * 0.05, "OK" if r["ok"] else "FAILED", ha="center",
                 color="green" if r["ok"] else "red")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    ax.set_ylabel("ticks")
-    ax.set_xlabel("policy.inject_latency")
-    ax.set_title("stalls and missed control ticks")
-    ax.legend(fontsize=8)
+    _label(ax, x, labels, "ticks", "stalls and missed control ticks")
 
     for i, r in enumerate(runs):
         _plot_histograms(axes[2 + i][0], r)

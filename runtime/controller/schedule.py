@@ -81,6 +81,7 @@ class ChunkSchedule:
         self.ensemble_m = float(ensemble_m)
         self.capacity = {"replace": 1, "crossfade": CROSSFADE_CHAIN, "ensemble": max(1, int(ensemble_chunks))}[seam]
         k = self.capacity
+        self._ensemble_w = tuple(math.exp(-self.ensemble_m * i) for i in range(k))  # i = 0 the oldest chunk
         self._actions = np.zeros((k, MAX_HORIZON, g1.NUM_JOINTS))
         self._horizon = [0] * k
         self._obs_stamp = [0.0] * k
@@ -232,7 +233,7 @@ class ChunkSchedule:
             total = 0.0
             acc[:] = 0.0
             for k in range(self.count):
-                w = math.exp(-self.ensemble_m * k)
+                w = self._ensemble_w[k]
                 self._action_at(self._order[k], now, one)
                 one *= w
                 acc += one
@@ -252,7 +253,7 @@ class ChunkSchedule:
             live = [k == n - 1 or self._covers(self._order[k], now) for k in range(n)]
             raw, i = [], 0
             for alive in live:
-                raw.append(math.exp(-self.ensemble_m * i) if alive else 0.0)
+                raw.append(self._ensemble_w[i] if alive else 0.0)
                 i += alive
             total = sum(raw)
             return tuple(r / total for r in raw)

@@ -14,11 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import msgpack
 import zmq
 
+from runtime import demo
 from runtime.config import Config
 from runtime.controller import operator
 from runtime.protocol import Reply, sockets
@@ -39,12 +40,9 @@ class HilRig:
         self.log_dir = log_dir or workdir
         self.with_sim = with_sim
         w = workdir
-        own = [f"transport.chunks=ipc://{w}/chunks", f"transport.state=ipc://{w}/state",
-               f"transport.control=ipc://{w}/control", f"controller.latch_file={w}/estop.latched",
-               f"controller.command_record={w}/controller.record", "controller.driver=dds",
-               f"sim.control=ipc://{w}/sim", "faults.enabled=true", f"faults.endpoint=ipc://{w}/faults"]
-        if with_sim:  # never a real robot: the simulated G1 on loopback
-            own.append("dds.interface=lo")
+        # with_sim: never a real robot, the simulated G1 on loopback
+        own = demo.loop_overrides(w, dds=with_sim) + [
+            "controller.driver=dds", "faults.enabled=true", f"faults.endpoint=ipc://{w}/faults"]
         self.overrides = list(overrides) + own
         self.control = f"ipc://{w}/control"
         self.sim_control = f"ipc://{w}/sim"
@@ -56,12 +54,6 @@ class HilRig:
         self.realtime: Dict[str, Optional[str]] = {}  # per role: the scheduling it got, or why not
 
     # -- processes ----------------------------------------------------------------------------------------------
-
-    def _args(self) -> List[str]:
-        args = ["--config", self.cfg.path] if self.cfg.path else []
-        for o in self.overrides:
-            args += ["--set", o]
-        return args
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -81,7 +73,8 @@ class HilRig:
             cmd += ["--report", self.path(f"{role}.json"), "--ready-file", ready]
         log = open(self.log_path(role), "ab")
         try:
-            proc = subprocess.Popen(cmd + self._args(), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd + demo.config_args(self.cfg.path, self.overrides), stdout=log,
+                                    stderr=subprocess.STDOUT)
         finally:
             log.close()
         self.procs[role] = proc

@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from runtime.policy.wrapper import PolicyWrapper
 
 #: a plain decimal number (no nan/inf, no hex): what the grammar accepts wherever it takes a number
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
@@ -216,20 +218,18 @@ def parse_latency(text: str, chunk_s: float, seed: int = 0) -> Optional[LatencyS
     raise _err(text, "not understood")
 
 
-class LatencyInjectingPolicy:
+class LatencyInjectingPolicy(PolicyWrapper):
     """Benchmark/rig stand-in around a Policy: each ``infer`` runs the real inference, then sleeps a drawn latency
     (so the caller sees real + injected). Warm-up runs are not delayed. Everything else is the Policy's."""
 
     def __init__(self, policy: Any, sampler: LatencySampler) -> None:
-        self.policy = policy
+        super().__init__(policy)
         self.sampler = sampler
         #: the latency injected by the last ``infer`` (seconds)
         self.last_injected_s = 0.0
 
     def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray) -> np.ndarray:
-        actions = self.policy.infer(images, state)
-        delay = self.sampler()
-        self.last_injected_s = delay
+        actions, delay = self.infer_deferred(images, state)
         if delay > 0.0:
             time.sleep(delay)
         return actions
@@ -242,30 +242,5 @@ class LatencyInjectingPolicy:
         self.last_injected_s = delay
         return actions, delay
 
-    @property
-    def manifest(self) -> Any:
-        return self.policy.manifest
-
-    @property
-    def backend(self) -> Any:
-        return self.policy.backend
-
-    @property
-    def last_stage_ms(self) -> Dict[str, float]:
-        return self.policy.last_stage_ms
-
-    @property
-    def last_preprocess_ms(self) -> float:
-        return self.policy.last_preprocess_ms
-
-    def warmup(self, *args: Any, **kwargs: Any) -> None:
-        self.policy.warmup(*args, **kwargs)
-
-    def reseed(self, seed: int) -> None:
-        self.policy.reseed(seed)
-
     def describe(self) -> str:
         return f"{self.policy.describe()} + injected latency {self.sampler.text}"
-
-    def close(self) -> None:
-        self.policy.close()

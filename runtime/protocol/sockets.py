@@ -71,12 +71,18 @@ def try_send(sock: zmq.Socket, payload: bytes) -> bool:
         return False
 
 
-def rep_bound(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    """The controller's operator socket: one request, one reply, polled without blocking."""
+def rep_bound(ctx: zmq.Context, endpoint: str, max_bytes: int = 4096) -> zmq.Socket:
+    """A control socket (operator commands, fault injection): one request, one reply, polled without blocking.
+    Requests over ``max_bytes`` are dropped by ZeroMQ unanswered; a server that wants to answer "too large" sets it
+    above its own limit."""
     sock = _socket(ctx, zmq.REP, 4)
-    sock.setsockopt(zmq.MAXMSGSIZE, 4096)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     _prepare(endpoint)
-    sock.bind(endpoint)
+    try:
+        sock.bind(endpoint)
+    except BaseException:
+        sock.close(0)
+        raise
     return sock
 
 

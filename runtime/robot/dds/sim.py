@@ -219,10 +219,10 @@ class SimulatedG1Dds:
         if control:
             import zmq
 
+            from runtime.protocol import sockets
+
             self._zmq = zmq
-            self._control = zmq.Context.instance().socket(zmq.REP)
-            self._control.setsockopt(zmq.LINGER, 0)
-            self._control.bind(control)
+            self._control = sockets.rep_bound(zmq.Context.instance(), control)
 
     # ---- what a test sets -------------------------------------------------------------------------------------
 

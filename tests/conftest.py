@@ -1,0 +1,62 @@
+"""What several test files share: a real PolicyRuntime between a real PULL (chunks) and a real PUB (robot state)."""
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from runtime.config import load_config
+from runtime.protocol import RobotState, decode, encode_state
+from runtime.robot import g1
+from runtime.runner import PolicyRuntime
+
+
+@pytest.fixture
+def runtime_rig(tmp_path):
+    """make(*sets, start=True) -> (runtime, pull, pub, ctx): the runtime on ipc endpoints in tmp_path, warmed up,
+    its state SUB connected; everything closed after the test."""
+    made = []
+
+    def make(*sets, start=True):
+        cfg = load_config(None, [f"transport.chunks=ipc://{tmp_path}/chunks", f"transport.state=ipc://{tmp_path}/state",
+                                 "policy.warmup_runs=1", *sets])
+        ctx = zmq.Context()
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(cfg["transport"]["chunks"])
+        pub = ctx.socket(zmq.PUB)
+        pub.bind(cfg["transport"]["state"])
+        rt = PolicyRuntime(cfg, ctx)
+        made.append((rt, ctx, [pull, pub]))
+        if start:
+            rt.start(cfg["policy"]["warmup_runs"])
+        time.sleep(0.1)  # let the SUB connect
+        return rt, pull, pub, ctx
+
+    yield make
+    for rt, ctx, socks in made:
+        rt.close()
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
+
+
+def publish_state(pub, rt, stamp, q=None):
+    """Publish one robot state and wait until the runtime has taken it."""
+    q = g1.NOMINAL_POSE.astype(np.float32) if q is None else q
+    pub.send(encode_state(RobotState(1, stamp, "running", q, np.zeros_like(q))))
+    deadline = time.monotonic() + 2
+    while rt.robot_state is None or rt.robot_state.stamp != stamp:
+        rt._poll_state(time.monotonic())
+        assert time.monotonic() < deadline, "state never arrived"
+        time.sleep(0.005)
+
+
+def read_chunks(pull):
+    """Every chunk waiting on ``pull`` (heartbeats skipped)."""
+    out = []
+    while pull.poll(50):
+        msg = decode(pull.recv(), ("chunk", "heartbeat"))
+        if hasattr(msg, "actions"):
+            out.append(msg)
+    return out
