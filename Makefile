@@ -59,7 +59,7 @@ ifeq ($(PYTHON38),)
 	@echo "test-py38: no python3.8 found; skipping the Python 3.8 + numpy 1.x run (set PYTHON38=...)"
 else
 	test -x $(VENV38)/bin/python || $(PYTHON38) -m venv $(VENV38)
-	$(VENV38)/bin/pip install -q -e '.[cpu]' "numpy<2" pytest pytest-timeout hypothesis
+	$(VENV38)/bin/pip install -q -e '.[cpu]' "numpy<2" pytest pytest-timeout hypothesis polygraphy
 	tools/install_dds.sh $(VENV38)
 	$(VENV38)/bin/python -m pytest -q -p no:cacheprovider
 endif

@@ -23,9 +23,11 @@ setup(
         # ONNX Runtime: the CPU build for laptops and CI, or NVIDIA's GPU build on a Jetson. Never both.
         "cpu": ["onnxruntime>=1.16"],
         "gpu": ["onnxruntime-gpu>=1.16"],
-        "tensorrt": ["tensorrt>=8.5", "pycuda>=2022.1"],  # on a Jetson, TensorRT comes with JetPack
+        # on a Jetson, TensorRT comes with JetPack; polygraphy runs the engines in `wam-edge verify`
+        "tensorrt": ["tensorrt>=8.5", "pycuda>=2022.1", "polygraphy>=0.49"],
         "robot": ["cyclonedds==0.10.2"],  # what Unitree's SDK pins; needs CYCLONEDDS_HOME at build time
-        "export": ["torch>=2.1", "onnx>=1.14", "onnxscript>=0.1"],  # tools/ only; the runtime never imports torch
+        # tools/ only (the runtime never imports torch); polygraphy: `wam-edge verify`'s runners
+        "export": ["torch>=2.1", "onnx>=1.14", "onnxscript>=0.1", "polygraphy>=0.49"],
         "camera": ["opencv-python-headless>=4.5"],  # V4L2 cameras
         "bench": ["matplotlib>=3.3"],  # `wam-edge bench --plot`; without it the bench writes JSON only
         "dev": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.4", "vermin>=1.6"],

@@ -23,6 +23,15 @@ def _process(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, help="run this long, then stop (default: until SIGTERM/SIGINT)")
 
 
+# The engine path's commands live in tools/ (export needs torch, build TensorRT); they parse their own arguments.
+TOOL_COMMANDS = {
+    "export": ("tools.export", "PyTorch model (module:function factory + checkpoint) -> ONNX stages + manifest "
+               "(workstation; needs the export extra)"),
+    "build": ("tools.build_engine", "ONNX stages -> TensorRT engines with their metadata (on the robot)"),
+    "verify": ("tools.verify", "PyTorch vs ONNX Runtime vs TensorRT engines, stage by stage: errors, cosine"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wam-edge", description="On-robot runtime for one-step world action "
                                      "models on the Unitree G1.")
@@ -100,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hil.robot: stand only: confirm that a real G1 hangs on a stand, clear of people; the suite "
                    "arms it and injects faults")
 
+    for name, (_, text) in TOOL_COMMANDS.items():
+        sub.add_parser(name, help=text + " (`wam-edge %s --help`)" % name, add_help=False)
+
     p = sub.add_parser("image-server-sim", help="a simulation of Unitree's image server: synthetic side-by-side "
                        "JPEG frames over ZeroMQ, laid out as camera.layout says")
     _common(p)
@@ -109,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOL_COMMANDS:
+        import importlib
+
+        try:
+            module = importlib.import_module(TOOL_COMMANDS[argv[0]][0])
+        except ImportError as exc:  # export needs torch + onnx: a workstation's job
+            sys.stderr.write(f"wam-edge {argv[0]}: {exc}; install the extra it needs "
+                             f"(pip install 'wam-edge[export]' for export)\n")
+            return 2
+        return module.main(argv[1:], prog="wam-edge " + argv[0])
     args = build_parser().parse_args(argv)
     if args.command == "install-units":  # takes its own --config; no --set
         from runtime.service import install

@@ -120,6 +120,24 @@ def _latency_text(value: Any) -> str:
     return value
 
 
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+#: model.gpu_providers: ONNX Runtime's GPU execution providers by their short names
+GPU_PROVIDERS = ("tensorrt", "cuda")
+
+
+def _gpu_providers(value: Any) -> List[str]:
+    if not value or not all(isinstance(p, str) and p in GPU_PROVIDERS for p in value):
+        raise ValueError(f"expected a non-empty list from {list(GPU_PROVIDERS)}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"providers repeat in {value!r}")
+    return list(value)
+
+
 def _any_endpoint(value: str) -> str:
     """A peer we only subscribe to (a camera on the robot's network): any tcp/ipc address."""
     if value.startswith(("ipc://", "tcp://")) and len(value) > 6:
@@ -130,11 +148,23 @@ def _any_endpoint(value: str) -> str:
 SCHEMA: Dict[str, Dict[str, Key]] = {
     "model": {
         "path": Key("exported/reference", str, "model directory holding manifest.json (relative to this file)"),
-        "backend": Key("onnxruntime", str, "inference backend: onnxruntime (CPU on a laptop), or auto: "
-                       "tensorrt when every stage has a matching <stage>.engine, else onnxruntime",
-                       choices=("auto", "onnxruntime")),
+        "backend": Key("onnxruntime", str, "inference backend: onnxruntime (CPU; laptops) | onnxruntime-gpu (ONNX "
+                       "Runtime's TensorRT and CUDA providers, model.gpu_providers) | tensorrt (the engines `wam-edge "
+                       "build` wrote beside the model) | auto: tensorrt when every stage has a matching "
+                       "<stage>.engine that loads, else onnxruntime-gpu when ONNX Runtime lists a GPU provider, else "
+                       "onnxruntime; the choice and why are logged",
+                       choices=("auto", "onnxruntime", "onnxruntime-gpu", "tensorrt")),
         "intra_op_threads": Key(1, int, "threads ONNX Runtime may use inside one operator", lo=1, hi=64),
         "verify_hashes": Key(True, bool, "check each stage file's sha256 against the manifest at load"),
+        "cache_dir": Key("cache", str, "onnxruntime-gpu: TensorRT engine and timing caches go to <cache_dir>/ort-trt "
+                         "(relative to this file); without them each start builds the engines again (minutes). "
+                         "Delete it when the model, ONNX Runtime, TensorRT or the GPU change", check=_nonempty),
+        "fp16": Key(True, bool, "onnxruntime-gpu: let ONNX Runtime's TensorRT provider build FP16 kernels"),
+        "gpu_providers": Key(["tensorrt", "cuda"], list, "onnxruntime-gpu: execution providers in priority order, "
+                             "from tensorrt, cuda (those ONNX Runtime does not list are skipped; nodes a provider "
+                             "cannot run fall to the next, then to the CPU)", check=_gpu_providers),
+        "cuda_graph": Key(False, bool, "tensorrt: replay each stage as a captured CUDA graph (fixed shapes and "
+                          "buffers; less launch overhead)"),
     },
     "policy": {
         "steps": Key(0, int, "sampler steps; 0 takes the manifest's (1 for a distilled model)", lo=0, hi=100),

@@ -80,7 +80,8 @@ class PolicyRuntime:
         m = cfg["model"]
         self.policy = load_policy(cfg.resolve(m["path"]), backend=m["backend"], steps=p["steps"] or None,
                                   shift=p["shift"] or None, seed=p["seed"], intra_op_threads=m["intra_op_threads"],
-                                  verify_hashes=m["verify_hashes"])
+                                  verify_hashes=m["verify_hashes"],
+                                  options=dict(m, cache_dir=cfg.resolve(m["cache_dir"])))
         manifest = self.policy.manifest
         # RTC inside the model: the real Policy (before any stand-in wraps it) and the last sent chunk, preallocated
         self.rtc = manifest.supports_rtc

@@ -1,8 +1,9 @@
 """The StageBackend contract, checked on every backend this machine can run.
 
-Each entry names a backend, how to create it and its tolerance against the
-ONNX Runtime CPU reference; an entry whose requirements are missing (GPU
+Each case names a backend, its constructor options and its tolerance against
+the ONNX Runtime CPU reference; a case whose requirements are missing (GPU
 libraries, a registered class, engine files) is skipped with the reason.
+On the robot (Jetson): `wam-edge build`, then `pytest tests/test_backend_conformance.py -v`.
 """
 
 import importlib.util
@@ -25,29 +26,44 @@ def _missing_modules(*names):
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
-def _requirements(name):
-    """None when backend `name` can run here, else why not."""
-    if name == "onnxruntime":
-        missing = _missing_modules("onnxruntime")
-        return "missing module onnxruntime" if missing else None
+def _ort_providers():
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()
+
+
+def _requirements(case):
+    """None when case `case` can run here, else why not."""
+    name = CASES[case][0]
+    if name in ("onnxruntime", "onnxruntime-gpu"):
+        if _missing_modules("onnxruntime"):
+            return "missing module onnxruntime"
+        if case == "onnxruntime-gpu" and "CUDAExecutionProvider" not in _ort_providers():
+            return ("onnxruntime lists no CUDAExecutionProvider (providers: %s; install onnxruntime-gpu on a GPU "
+                    "machine)" % ", ".join(_ort_providers()))
+        return None
     if name == "tensorrt":
         missing = _missing_modules("tensorrt", "pycuda")
         if missing:
             return "missing modules: %s (no TensorRT/GPU here)" % ", ".join(missing)
-        if name not in BACKENDS:
-            return "no tensorrt backend class registered yet"
+        if name not in BACKENDS or _missing_modules("runtime.policy.backends.tensorrt_backend"):
+            return "no tensorrt backend module/class yet"
         manifest = load_manifest(REFERENCE)
         absent = [s.name for s in manifest.stages if not os.path.isfile(engine_path(REFERENCE, s.name))]
         if absent:
-            return "no engine files for stages %s (build them with `wam-edge build`)" % absent
+            return "no engine files for stages %s (build them with `wam-edge build --model exported/reference`)" \
+                % absent
         return None
     return "unknown backend %r" % name
 
 
-# name -> (constructor options, absolute tolerance vs the ORT CPU reference on normalised actions)
+# case -> (backend, constructor options, absolute tolerance vs the ORT CPU reference on normalised actions)
 CASES = {
-    "onnxruntime": ({"intra_op_threads": 1}, 0.0),
-    "tensorrt": ({}, 2e-2),  # FP16 engines
+    "onnxruntime": ("onnxruntime", {"intra_op_threads": 1}, 0.0),
+    "onnxruntime-gpu": ("onnxruntime-gpu", {"device": "cuda", "fp16": True}, 2e-2),  # TensorRT FP16 kernels
+    # the GPU backend's device-chaining path (OrtValues, IO binding) on the CPU provider: runs without a GPU
+    "onnxruntime-gpu-device-cpu": ("onnxruntime-gpu", {"device": "cpu", "intra_op_threads": 1}, 0.0),
+    "tensorrt": ("tensorrt", {}, 2e-2),  # FP16 engines
 }
 
 
@@ -56,13 +72,25 @@ def manifest():
     return load_manifest(REFERENCE)
 
 
+def _create(case, manifest, cache_dir):
+    name, options, _ = CASES[case]
+    options = dict(options)
+    if name == "onnxruntime-gpu" and options["device"] == "cuda":
+        options["cache_dir"] = cache_dir
+    return create_backend(name, manifest, REFERENCE, **options)
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
-def backend(request, manifest):
+def case(request):
     why = _requirements(request.param)
     if why:
         pytest.skip("%s: %s" % (request.param, why))
-    options, _ = CASES[request.param]
-    b = create_backend(request.param, manifest, REFERENCE, **options)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def backend(case, manifest, tmp_path_factory):
+    b = _create(case, manifest, str(tmp_path_factory.mktemp("cache")))
     yield b
     b.close()
 
@@ -141,19 +169,22 @@ def test_providers_and_describe(backend):
         assert p in text
 
 
-def test_close_is_idempotent(manifest):
-    for name in sorted(CASES):
-        if _requirements(name):
+def test_close_is_idempotent(manifest, tmp_path):
+    ran = 0
+    for case in sorted(CASES):
+        if _requirements(case):
             continue
-        b = create_backend(name, manifest, REFERENCE, **CASES[name][0])
+        b = _create(case, manifest, str(tmp_path))
         b.close()
         b.close()  # contract: a second close is a no-op
         with b:
             pass  # __exit__ closes again
+        ran += 1
+    assert ran >= 1
 
 
-def test_policy_matches_ort_cpu_reference(backend, manifest):
-    _, tol = CASES[backend.name]
+def test_policy_matches_ort_cpu_reference(case, backend, manifest):
+    tol = CASES[case][2]
     rng = np.random.default_rng(3)
     cams = {c.name: rng.standard_normal((1, 3, c.height, c.width)).astype(np.float32)
             for c in manifest.cameras}

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from runtime.policy import load_manifest, load_policy
-from runtime.policy.backends import TrtPlatform, select_backend
+from runtime.policy.backends import BACKENDS, TrtPlatform, select_backend
 from runtime.policy.backends.engine_meta import (
     EngineMeta,
     EngineMetaError,
@@ -162,59 +162,68 @@ def orin():
     return TrtPlatform(**ORIN)
 
 
+def cpu_only():
+    return ("CPUExecutionProvider",)
+
+
+CPU = "; onnxruntime providers: CPUExecutionProvider -> CPU"
+
+
 def test_named_backends(model):
     d, m = model
-    assert select_backend(m, d, "onnxruntime", probe=no_trt) == ("onnxruntime", "requested")
-    with pytest.raises(ValueError, match="unknown policy backend 'tensorrt'"):
-        select_backend(m, d, "tensorrt", probe=orin)
+    for name in ("onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        assert select_backend(m, d, name, probe=no_trt, ort_probe=cpu_only) == (name, "requested")
+    with pytest.raises(ValueError, match="unknown policy backend 'tensorrt-x'"):
+        select_backend(m, d, "tensorrt-x", probe=orin)
 
 
 def test_auto_without_engines(model):
     d, m = model
-    assert select_backend(m, d, "auto", probe=orin) == (
-        "onnxruntime", "stage world: no engine file world.engine")
+    assert select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only) == (
+        "onnxruntime", "stage world: no engine file world.engine" + CPU)
 
 
 def test_auto_without_meta(model):
     d, m = model
     add_engines(d, m)
     os.remove(os.path.join(d, "action_expert.engine.json"))
-    assert select_backend(m, d, "auto", probe=orin) == (
-        "onnxruntime", "stage action_expert: no engine metadata action_expert.engine.json")
+    assert select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only) == (
+        "onnxruntime", "stage action_expert: no engine metadata action_expert.engine.json" + CPU)
 
 
 def test_auto_bad_meta(model):
     d, m = model
     add_engines(d, m)
     open(os.path.join(d, "world.engine.json"), "w").write("{}")
-    name, reason = select_backend(m, d, "auto", probe=orin)
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only)
     assert name == "onnxruntime" and reason.startswith("stage world: ") and "missing required key" in reason
 
 
 def test_auto_tensorrt_not_importable(model):
     d, m = model
     add_engines(d, m)
-    assert select_backend(m, d, "auto", probe=no_trt) == (
-        "onnxruntime", "tensorrt not importable: No module named 'tensorrt'")
-    assert select_backend(m, d, "auto", probe=lambda: None) == (
-        "onnxruntime", "tensorrt not available on this machine")
+    assert select_backend(m, d, "auto", probe=no_trt, ort_probe=cpu_only) == (
+        "onnxruntime", "tensorrt not importable: No module named 'tensorrt'" + CPU)
+    assert select_backend(m, d, "auto", probe=lambda: None, ort_probe=cpu_only) == (
+        "onnxruntime", "tensorrt not available on this machine" + CPU)
 
 
-def test_auto_default_probe_on_cpu_machine(model):
+def test_auto_default_probes_on_cpu_machine(model):
     d, m = model
     add_engines(d, m)
     name, reason = select_backend(m, d, "auto")
     assert name == "onnxruntime" and reason.startswith("tensorrt not importable: ")
+    assert "; onnxruntime providers: " in reason and "CPUExecutionProvider" in reason and reason.endswith("-> CPU")
 
 
 def test_auto_mismatch(model):
     d, m = model
     add_engines(d, m, trt_version="8.6.1")
-    name, reason = select_backend(m, d, "auto", probe=orin)
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only)
     assert name == "onnxruntime"
     assert reason.startswith("stage world: ")
     assert "TensorRT version: recorded 8.6.1, present 10.3.0" in reason
-    assert reason.endswith("rebuild with `wam-edge build`")
+    assert reason.endswith("rebuild with `wam-edge build`" + CPU)
 
 
 def test_auto_stale_onnx(model):
@@ -224,17 +233,51 @@ def test_auto_stale_onnx(model):
     data = json.load(open(path))
     data["onnx_sha256"] = "0" * 64
     json.dump(data, open(path, "w"))
-    name, reason = select_backend(m, d, "auto", probe=orin)
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only)
     assert name == "onnxruntime" and "stage action_expert: " in reason and "ONNX sha256" in reason
 
 
-def test_auto_all_match_but_no_tensorrt_class(model):
+def test_auto_all_match_takes_tensorrt(model):
     d, m = model
     add_engines(d, m)
-    name, reason = select_backend(m, d, "auto", probe=orin)
+    assert "tensorrt" in BACKENDS
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only)
+    assert (name, reason) == ("tensorrt", "engines for all 2 stages match TensorRT 10.3.0 on Orin (sm 8.7)")
+
+
+def test_auto_all_match_but_no_tensorrt_class(model, monkeypatch):
+    d, m = model
+    add_engines(d, m)
+    monkeypatch.delitem(BACKENDS, "tensorrt")
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only)
     assert name == "onnxruntime"
     assert "engines for all 2 stages match TensorRT 10.3.0 on Orin" in reason
-    assert "no tensorrt backend is implemented yet" in reason
+    assert "but no tensorrt backend is registered" in reason and reason.endswith(CPU)
+
+
+def test_auto_gpu_providers_take_onnxruntime_gpu(model):
+    d, m = model
+    listed = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert select_backend(m, d, "auto", probe=orin, ort_probe=lambda: listed) == (
+        "onnxruntime-gpu", "stage world: no engine file world.engine; onnxruntime providers: "
+        "TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider -> GPU (tensorrt, cuda)")
+    cuda_only = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=lambda: cuda_only)
+    assert name == "onnxruntime-gpu" and reason.endswith("-> GPU (cuda)")
+    # only the configured providers count: tensorrt asked for, ORT lists only CUDA -> CPU
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=lambda: cuda_only, gpu_providers=("tensorrt",))
+    assert name == "onnxruntime" and reason.endswith("-> CPU")
+
+
+def test_auto_onnxruntime_probe_fails(model):
+    d, m = model
+
+    def broken():
+        raise ImportError("No module named 'onnxruntime'")
+
+    name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=broken)
+    assert (name, reason) == ("onnxruntime", "stage world: no engine file world.engine; onnxruntime providers "
+                                             "unknown (No module named 'onnxruntime') -> CPU")
 
 
 def test_load_policy_auto_reports_reason(model, caplog):
@@ -243,8 +286,9 @@ def test_load_policy_auto_reports_reason(model, caplog):
         p = load_policy(d, backend="auto")
     try:
         assert p.backend.name == "onnxruntime"
-        assert p.backend_reason == "stage world: no engine file world.engine"
-        assert "[auto: stage world: no engine file world.engine]" in p.describe()
+        assert p.backend_reason.startswith("stage world: no engine file world.engine; onnxruntime providers: ")
+        assert p.backend_reason.endswith("-> CPU")
+        assert "[auto: stage world: no engine file world.engine; onnxruntime providers" in p.describe()
         assert "no engine file world.engine" in caplog.text
     finally:
         p.close()

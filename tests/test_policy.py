@@ -296,8 +296,8 @@ def test_graph_disagreeing_with_manifest_is_caught_at_load(tmp_path):
 
 
 def test_unknown_backend(tmp_path):
-    with pytest.raises(ValueError, match="unknown policy backend 'tensorrt'"):
-        load_policy(REFERENCE, backend="tensorrt")
+    with pytest.raises(ValueError, match="unknown policy backend 'tensorrt-x'"):
+        load_policy(REFERENCE, backend="tensorrt-x")
 
 
 # --- preprocessing and sampler -------------------------------------------------------

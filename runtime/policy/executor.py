@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import math
 from time import perf_counter
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .backends import StageBackend, create_backend, select_backend
+from .backends import StageBackend, load_backend
 from .errors import PolicyError, PolicyInputError
 from .manifest import Manifest, SamplerSpec, is_host_source, load_manifest
 from .preprocess import CameraPreprocessor, StateNormaliser
@@ -350,15 +350,20 @@ def rtc_delay(latency_s: Optional[float], step_s: float, horizon: int) -> int:
 
 def load_policy(model_dir: str, backend: str = "onnxruntime", steps: Optional[int] = None,
                 shift: Optional[float] = None, seed: int = 0, intra_op_threads: int = 1,
-                verify_hashes: bool = True) -> Policy:
+                verify_hashes: bool = True, options: Optional[Mapping[str, Any]] = None) -> Policy:
     """Validate <model_dir>/manifest.json and its files, load the stages on the
     named backend, and bind every buffer. steps/shift override the manifest.
-    backend "auto" picks one (see backends.select_backend); the choice and its
-    reason are logged and kept in Policy.backend_reason."""
+    backend "auto" picks one (see backends.select_backend; one that fails to load
+    gives way to the next); the choice and its reason are logged and kept in
+    Policy.backend_reason. options: the model config section (cache_dir resolved),
+    mapped to the backend's constructor by backends.backend_options; its
+    intra_op_threads wins over the keyword."""
     manifest = load_manifest(model_dir, verify_hashes=verify_hashes)
-    name, reason = select_backend(manifest, model_dir, backend)
-    log.info("policy backend %s for %s (asked: %s): %s", name, model_dir, backend, reason)
-    engine = create_backend(name, manifest, model_dir, intra_op_threads=intra_op_threads)
+    merged: Dict[str, Any] = {"intra_op_threads": intra_op_threads}
+    merged.update(options or {})
+    engine, reason = load_backend(manifest, model_dir, backend, merged)
+    log.info("policy backend %s for %s (asked: %s): %s; running on %s", engine.name, model_dir, backend, reason,
+             engine.describe())
     try:
         policy = Policy(manifest, engine, steps=steps, shift=shift, seed=seed)
         policy.backend_reason = reason
