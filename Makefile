@@ -66,7 +66,7 @@ endif
 
 # regenerate exported/reference/ from tools/reference_model.py (fixed seed)
 reference: $(VENV)/.dev
-	$(BIN)/python -m tools.make_reference
+	$(BIN)/python -m runtime.cli export --factory tools.make_reference:student --out exported/reference
 
 clean:
 	rm -rf $(VENV) $(VENV38) reports .pytest_cache build/cyclonedds-home

@@ -41,23 +41,14 @@ TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecu
 HAS_CUDA = CUDA in ort.get_available_providers()
 IMAGE_PROFILE = ((1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64))
 
-if "profile" in {f.name for f in dataclasses.fields(TensorSpec)}:
-    ProfiledSpec = TensorSpec
-else:  # until the manifest carries TensorSpec.profile: the same record with the field the backend reads
-
-    @dataclasses.dataclass(frozen=True)
-    class ProfiledSpec(TensorSpec):
-        profile: object = None
-
-
 @pytest.fixture(scope="module")
 def manifest():
     return load_manifest(REFERENCE)
 
 
 def _stage_with_profiles():
-    inputs = (ProfiledSpec("image", "float32", (2, 3, 64, 64), source="camera:head", profile=IMAGE_PROFILE),
-              ProfiledSpec("kv", "float32", (2, 8), source="world:kv", profile=((1, 8), (2, 8), (8, 8))),
+    inputs = (TensorSpec("image", "float32", (2, 3, 64, 64), source="camera:head", profile=IMAGE_PROFILE),
+              TensorSpec("kv", "float32", (2, 8), source="world:kv", profile=((1, 8), (2, 8), (8, 8))),
               TensorSpec("t", "float32", (1,), source="sampler:t"))
     return StageSpec("expert", "expert.onnx", "0" * 64, "per_step", inputs,
                      (TensorSpec("v", "float32", (1, 4, 2), sink="sampler:velocity"),))
@@ -141,7 +132,7 @@ def test_provider_entries_per_stage():
     assert trt["trt_profile_min_shapes"] == "image:1x3x64x64,kv:1x8"
     assert trt["trt_engine_cache_path"] == os.path.join("/c", "ort-trt")
     assert entries[1] == (CUDA, {"device_id": "0"})
-    bad = dataclasses.replace(stage, inputs=(ProfiledSpec("image", "float32", (1, 3, 64, 64),
+    bad = dataclasses.replace(stage, inputs=(TensorSpec("image", "float32", (1, 3, 64, 64),
                                                           source="camera:head", profile=((1, 3, 64, 64),)),))
     with pytest.raises(ValueError, match="input 'image': profile must be three shapes"):
         stage_profiles(bad)
@@ -206,9 +197,9 @@ def test_symbolic_graph_dim_needs_a_profile(tmp_path):
     stage = StageSpec("s", "dyn.onnx", "0" * 64, "per_step", (static,), ())
     with pytest.raises(ManifestError, match=r"dynamic axes \['batch'\] need a profile"):
         _compare("input", (static,), session.get_inputs(), stage, path)
-    profiled = ProfiledSpec("x", "float32", (2, 4), source="state", profile=((1, 4), (2, 4), (8, 4)))
+    profiled = TensorSpec("x", "float32", (2, 4), source="state", profile=((1, 4), (2, 4), (8, 4)))
     _compare("input", (profiled,), session.get_inputs(), stage, path)  # accepted
-    wrong = ProfiledSpec("x", "float32", (2, 5), source="state", profile=((1, 5), (2, 5), (8, 5)))
+    wrong = TensorSpec("x", "float32", (2, 5), source="state", profile=((1, 5), (2, 5), (8, 5)))
     with pytest.raises(ManifestError, match=r"has shape \['batch', 4\] in the graph, manifest says \[2, 5\]"):
         _compare("input", (wrong,), session.get_inputs(), stage, path)
 

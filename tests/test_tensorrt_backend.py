@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import threading
-from typing import Optional, Tuple
 
 import numpy as np
 import pytest
@@ -32,7 +31,7 @@ from runtime.policy.backends.engine_meta import (
 )
 from runtime.policy.backends.tensorrt_backend import EngineFileMissing, TensorRTBackend
 from runtime.policy.executor import Policy
-from runtime.policy.manifest import TensorSpec, is_host_source
+from runtime.policy.manifest import is_host_source
 
 REFERENCE = conformance.REFERENCE
 WARMUP = 2
@@ -300,16 +299,10 @@ def test_engine_io_differing_from_manifest_is_refused(gpu, manifest, model_dir, 
     assert released(gpu)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProfiledTensorSpec(TensorSpec):
-    """A manifest input with a dynamic axis (what TensorSpec.profile will declare)."""
-    profile: Optional[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]] = None
-
-
 def test_dynamic_axis_allowed_where_the_manifest_declares_a_profile(gpu, manifest, model_dir):
     write_engines(model_dir, manifest, gpu.platform, header={"action_expert": {"shapes": {"state": [-1, 29]}}})
     stage = manifest.stages[1]
-    inputs = tuple(ProfiledTensorSpec(**dataclasses.asdict(t), profile=((1, 29), (1, 29), (4, 29)))
+    inputs = tuple(dataclasses.replace(t, profile=((1, 29), (1, 29), (4, 29)))
                    if t.name == "state" else t for t in stage.inputs)
     profiled = dataclasses.replace(manifest, stages=(manifest.stages[0], dataclasses.replace(stage, inputs=inputs)))
     with TensorRTBackend(profiled, model_dir, warmup_runs=1, platform=gpu.platform) as b:

@@ -1,19 +1,52 @@
-"""Export torch stages to one self-contained ONNX file each plus manifest.json.
+"""`wam-edge export`: a PyTorch model to one ONNX file per stage plus manifest.json (and golden.npz).
 
-The manifest's tensor dtypes/shapes are read back from the exported graphs, so
-they agree with the files by construction; the runtime re-checks both at load.
+Factory contract. ``--factory MOD:FN`` names a function ``FN(checkpoint: Optional[str]) -> ExportSpec`` in the
+importable module MOD. ``ExportSpec(manifest, stages)``: ``manifest`` is everything of manifest.json but
+"stages" (format, version, name, cameras, state, action, sampler, optional rtc); ``stages`` is a list of
+StageExport in run order, each with its torch module (weights loaded, e.g. with load_checkpoint), example inputs
+at the shapes to export (the opt shape of any dynamic axis) and each input's manifest source. A teacher (a
+velocity network the sampler runs for K steps) and a distilled one-step student export through the same path;
+the factory's manifest says which (sampler.distilled) and how many steps the sampler takes (sampler.steps).
+tools/make_reference.py has two such factories: ``tools.make_reference:student`` and ``...:teacher``.
+
+What the export guarantees: opset >= 17 (LayerNormalization is one op, which TensorRT maps to its normalization
+layer; attention stays MatMul/Softmax as the model writes it), static shapes except the axes a stage declares in
+StageExport.dynamic (their min/opt/max profile goes into the manifest), the onnx checker and strict shape
+inference pass on every file, no custom-domain nodes, and the manifest records every file's sha256. A dynamic
+input's manifest "shape" is its opt shape and "profile" its {"min", "opt", "max"} shapes; an output whose size
+follows dynamic inputs gets the same, derived by evaluating the exporter's symbolic size (e.g. "h*w") at min, opt
+and max; any other symbolic size (data-dependent, e.g. nonzero, or one the exporter cannot express in the
+declared axes) is an ExportError naming the stage and module. Opset 17 is torch's opset-18 output rewritten by
+downgrade_18_to_17 (torch's own down-conversion breaks on Split and Reduce*). The
+manifest's tensor dtypes/shapes are read back from the exported graphs, so they agree with the files by
+construction; the runtime's own parser validates the manifest before it is written.
 """
 
-import copy
-import json
-import os
-import warnings
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from __future__ import annotations
 
+import argparse
+import ast
+import copy
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import warnings
+from fractions import Fraction
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from runtime.policy.manifest import ManifestError, parse_manifest, sha256_file
+
+MIN_OPSET = 17  # LayerNormalization is a single op from 17 on; TensorRT then uses its normalization layer
+DEFAULT_OPSET = 17  # JetPack 5's TensorRT 8.5 parses opsets up to 17
 
 # ONNX TensorProto element type -> manifest dtype name.
 _ONNX_DTYPES = {
@@ -24,6 +57,16 @@ _ONNX_DTYPES = {
     onnx.TensorProto.UINT8: "uint8",
     onnx.TensorProto.BOOL: "bool",
 }
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops TensorRT's ONNX parser cannot take in any version: TensorRT has no sequence, optional or string tensors.
+TRT_UNSUPPORTED_OPS = (
+    "ConcatFromSequence", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
+    "SequenceLength", "SequenceMap", "SplitToSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
+    "StringConcat", "StringNormalizer", "StringSplit", "RegexFullMatch", "TfIdfVectorizer",
+)
+REPORTED_OPS = ("LayerNormalization", "Softmax")
+
+Profile = Tuple[int, int, int]  # (min, opt, max) of one axis
 
 
 class ExportError(RuntimeError):
@@ -32,8 +75,9 @@ class ExportError(RuntimeError):
 
 class StageExport(NamedTuple):
     """One stage to export. sources maps each input name to its manifest source
-    (camera:<name>, state, sampler:x, sampler:t, <stage>:<output>); sinks maps
-    outputs the host consumes (sampler:velocity)."""
+    (camera:<name>, state, sampler:x, sampler:t, rtc:*, <stage>:<output>); sinks maps
+    outputs the host consumes (sampler:velocity). dynamic declares the only axes that
+    may vary: input name -> axis -> (min, opt, max); the example inputs must be at opt."""
 
     name: str
     module: torch.nn.Module
@@ -43,26 +87,157 @@ class StageExport(NamedTuple):
     runs: str = "once"
     sources: Optional[Dict[str, str]] = None
     sinks: Optional[Dict[str, str]] = None
+    dynamic: Optional[Dict[str, Dict[int, Profile]]] = None
 
 
-def _torch_export(stage: StageExport, path: str, opset: int) -> None:
-    """dynamo exporter first; the TorchScript one only if dynamo fails (said aloud)."""
-    kwargs = dict(input_names=list(stage.input_names), output_names=list(stage.output_names),
-                  opset_version=opset, external_data=False)
+class ExportSpec(NamedTuple):
+    """What a factory returns: the manifest without "stages", and the stages to export."""
+
+    manifest: Dict[str, Any]
+    stages: List[StageExport]
+
+
+class StageReport(NamedTuple):
+    """What the export summary prints for one file."""
+
+    name: str
+    path: str
+    sha256: str
+    bytes: int
+    op_counts: Dict[str, int]  # REPORTED_OPS -> how many nodes
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """torch.load with weights_only=True (no code from the file runs); the top level must be a dict."""
     try:
-        torch.onnx.export(stage.module, stage.example_inputs, path, dynamo=True, verbose=False, **kwargs)
-        return
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ExportError("checkpoint %s does not exist" % path) from exc
+    except Exception as exc:
+        raise ExportError("checkpoint %s cannot be read with torch.load(weights_only=True): %s: %s"
+                          % (path, type(exc).__name__, exc)) from exc
+    if not isinstance(obj, dict):
+        raise ExportError("checkpoint %s holds a %s, expected a state dict" % (path, type(obj).__name__))
+    return obj
+
+
+def _unwrap_state_dict(obj: Dict[str, Any]) -> Dict[str, Any]:
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def _short(keys: Sequence[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    text = ", ".join(keys[:limit])
+    return text + (", ... (%d in all)" % len(keys) if len(keys) > limit else "")
+
+
+def load_state(module: torch.nn.Module, state: Dict[str, Any], where: str) -> None:
+    """Load a state dict (plain, or under "state_dict"/"model") strictly; mismatches name the module class."""
+    state = _unwrap_state_dict(state)
+    cls = type(module).__name__
+    expected = set(module.state_dict().keys())
+    got = set(state.keys())
+    missing, unexpected = expected - got, got - expected
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append("missing keys: " + _short(list(missing)))
+        if unexpected:
+            parts.append("unexpected keys: " + _short(list(unexpected)))
+        raise ExportError("%s does not fit %s: %s" % (where, cls, "; ".join(parts)))
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:  # size mismatches, non-tensor values
+        raise ExportError("%s does not fit %s: %s" % (where, cls, str(exc).strip().replace("\n\t", " "))) from exc
+
+
+def load_checkpoint(module: torch.nn.Module, path: str, key: Optional[str] = None) -> None:
+    """Load <path> into module: a plain state dict, or {"state_dict": ...} / {"model": ...}; with key, the
+    checkpoint's entry under key (e.g. one stage of a per-stage checkpoint)."""
+    obj = read_checkpoint(path)
+    where = "checkpoint %s" % path
+    if key is not None:
+        if not isinstance(obj.get(key), dict):
+            raise ExportError("%s has no state dict under %r for %s (top-level keys: %s)"
+                              % (where, key, type(module).__name__, _short([str(k) for k in obj])))
+        obj, where = obj[key], "%s[%r]" % (where, key)
+    load_state(module, obj, where)
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+def _stage_label(stage: StageExport) -> str:
+    return "stage %r (%s)" % (stage.name, type(stage.module).__name__)
+
+
+def _dim_names(stage: StageExport) -> Dict[str, Tuple[str, int, Profile]]:
+    """symbolic dim name -> (input, axis, profile) for every declared dynamic axis, after checking them."""
+    names: Dict[str, Tuple[str, int, Profile]] = {}
+    for input_name, axes in (stage.dynamic or {}).items():
+        if input_name not in stage.input_names:
+            raise ExportError("%s: dynamic axes declared for %r, which is not an input (%s)"
+                              % (_stage_label(stage), input_name, ", ".join(stage.input_names)))
+        example = stage.example_inputs[list(stage.input_names).index(input_name)]
+        for axis, profile in sorted(axes.items()):
+            where = "%s: input %r axis %r" % (_stage_label(stage), input_name, axis)
+            if not isinstance(axis, int) or not 0 <= axis < example.dim():
+                raise ExportError("%s: not an axis of its %d-d example" % (where, example.dim()))
+            if len(profile) != 3 or not all(isinstance(v, int) for v in profile) \
+                    or not 1 <= profile[0] <= profile[1] <= profile[2]:
+                raise ExportError("%s: profile %r must be integers 1 <= min <= opt <= max" % (where, profile))
+            if example.shape[axis] != profile[1]:
+                raise ExportError("%s: the example input has %d there; export at the opt size %d"
+                                  % (where, example.shape[axis], profile[1]))
+            name = re.sub(r"[^A-Za-z0-9_]", "_", "%s_%d" % (input_name, axis))
+            if not name[0].isalpha():
+                name = "d_" + name
+            while name in names:
+                name += "_"
+            names[name] = (input_name, axis, tuple(profile))  # type: ignore[assignment]
+    return names
+
+
+def _torch_export(stage: StageExport, path: str, opset: int, dims: Dict[str, Tuple[str, int, Profile]]) -> str:
+    """dynamo exporter first; the TorchScript one only if dynamo fails (said aloud). Returns which one ran."""
+    kwargs: Dict[str, Any] = dict(input_names=list(stage.input_names), output_names=list(stage.output_names),
+                                  opset_version=opset)
+    dynamo_kwargs: Dict[str, Any] = dict(external_data=False, verbose=False)
+    legacy_kwargs: Dict[str, Any] = {}
+    if dims:
+        per_input: Dict[str, Dict[int, Any]] = {}
+        axes: Dict[str, Dict[int, str]] = {}
+        for name, (input_name, axis, (lo, _, hi)) in dims.items():
+            per_input.setdefault(input_name, {})[axis] = torch.export.Dim(name, min=lo, max=hi)
+            axes.setdefault(input_name, {})[axis] = name
+        dynamo_kwargs["dynamic_shapes"] = tuple(per_input.get(n) for n in stage.input_names)
+        legacy_kwargs["dynamic_axes"] = axes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own chatter (opset conversion notes, deprecations)
+            torch.onnx.export(stage.module, stage.example_inputs, path, dynamo=True, **kwargs, **dynamo_kwargs)
+        return "dynamo"
     except Exception as exc:  # any exporter failure triggers the fallback
         dynamo_error = exc
     warnings.warn("stage %r: dynamo ONNX export failed (%s: %s); falling back to dynamo=False"
-                  % (stage.name, type(dynamo_error).__name__, dynamo_error), stacklevel=3)
-    kwargs.pop("external_data")
+                  % (stage.name, type(dynamo_error).__name__, _first_line(dynamo_error)), stacklevel=3)
     try:
-        torch.onnx.export(stage.module, stage.example_inputs, path, dynamo=False, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(stage.module, stage.example_inputs, path, dynamo=False, **kwargs, **legacy_kwargs)
+        return "torchscript"
     except Exception as exc:
-        raise ExportError("stage %r (%s): ONNX export failed with both exporters: dynamo: %s; "
-                          "torchscript: %s" % (stage.name, type(stage.module).__name__,
-                                               dynamo_error, exc)) from exc
+        raise ExportError("%s: ONNX export failed with both exporters: dynamo: %s; torchscript: %s"
+                          % (_stage_label(stage), _first_line(dynamo_error), _first_line(exc))) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _strip_metadata(model: onnx.ModelProto) -> None:
@@ -91,75 +266,314 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
     strip_graph(model.graph)
 
 
-def _tensor_entries(values: Sequence[onnx.ValueInfoProto], where: str) -> List[Dict[str, Any]]:
+def default_opset(model: onnx.ModelProto) -> Optional[int]:
+    for op in model.opset_import:
+        if op.domain in _DEFAULT_DOMAINS:
+            return int(op.version)
+    return None
+
+
+# Ops whose axes became an input in opset 18; opset 17 takes them as an attribute.
+_REDUCE_AXES_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+                   "ReduceMin", "ReduceProd", "ReduceSumSquare")
+
+
+# Opset-18 additions that opset 17 lacks, per op: attributes whose default value means "as in opset 17"
+# (dropped), and the highest input count opset 17 takes.
+_COMPAT_18_ATTRS: Dict[str, Dict[str, Any]] = {
+    "Resize": {"antialias": 0, "keep_aspect_ratio_policy": b"stretch"},
+    "LpPool": {"ceil_mode": 0},
+}
+_COMPAT_18_INPUTS = {"Pad": 3}
+_COMPAT_18_REDUCTIONS = ("none", "add", "mul")  # ScatterElements/ScatterND: 18 added max and min
+
+
+def _same_in_17(node: onnx.NodeProto, attrs: Dict[str, onnx.AttributeProto]) -> bool:
+    """True when node means the same in opset 17 (after dropping opset-18 attributes at their defaults);
+    False for ops new in 18 and for uses of what 18 added."""
+    try:
+        if onnx.defs.get_schema(node.op_type, 18).since_version != 18:
+            return True
+    except Exception:  # not an ONNX op: check_trt_friendly names it
+        return True
+    if node.op_type in ("ScatterElements", "ScatterND"):
+        reduction = attrs["reduction"].s.decode() if "reduction" in attrs else "none"
+        return reduction in _COMPAT_18_REDUCTIONS
+    if node.op_type in _COMPAT_18_INPUTS:
+        return not any(node.input[_COMPAT_18_INPUTS[node.op_type]:])
+    if node.op_type in _COMPAT_18_ATTRS:
+        if "axes" in attrs:
+            return False
+        for name, default in _COMPAT_18_ATTRS[node.op_type].items():
+            if name in attrs:
+                if onnx.helper.get_attribute_value(attrs[name]) != default:
+                    return False
+                node.attribute.remove(attrs[name])
+        return True
+    return False  # new in opset 18 (GroupNormalization, Mish, Bitwise*, Optional*, Col2Im, CenterCropPad)
+
+
+def downgrade_18_to_17(model: onnx.ModelProto, label: str) -> None:
+    """Rewrite an opset-18 graph in opset 17's forms, in place. torch's dynamo exporter writes opset 18; its own
+    down-conversion leaves Split's num_outputs in place and fails on Reduce* ops whose axes are inputs. So: Reduce*
+    axes (constant inputs) become the axes attribute, Split's num_outputs becomes a constant "split" input with
+    the sizes (Split-18: ceil-sized chunks, the last one smaller), opset-18 attributes left at their defaults are
+    dropped (Resize, LpPool), and any other use of what opset 18 added is refused by name."""
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes: Dict[str, List[Optional[int]]] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    constants: Dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+            for a in node.attribute:
+                if a.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(a.t)
+                elif a.name == "value_ints":
+                    constants[node.output[0]] = np.asarray(list(a.ints), dtype=np.int64)
+    detached = set()
+    for node in _walk_nodes(graph):
+        if node.domain not in _DEFAULT_DOMAINS:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        where = "%s: %s node %r" % (label, node.op_type, node.name)
+        if node.op_type in _REDUCE_AXES_18:
+            if "noop_with_empty_axes" in attrs:
+                if attrs["noop_with_empty_axes"].i:
+                    raise ExportError("%s: noop_with_empty_axes=1 has no opset-17 form; export at --opset 18" % where)
+                node.attribute.remove(attrs["noop_with_empty_axes"])
+            if len(node.input) > 1 and node.input[1]:
+                axes = constants.get(node.input[1])
+                if axes is None:
+                    raise ExportError("%s: its axes are computed in the graph, opset 17 needs them constant; "
+                                      "export at --opset 18" % where)
+                detached.add(node.input[1])
+                del node.input[1:]
+                node.attribute.append(onnx.helper.make_attribute("axes", [int(v) for v in axes.reshape(-1)]))
+        elif node.op_type == "Split" and "num_outputs" in attrs:
+            parts = int(attrs["num_outputs"].i)
+            axis = int(attrs["axis"].i) if "axis" in attrs else 0
+            shape = shapes.get(node.input[0])
+            length = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+            if length is None:
+                raise ExportError("%s: the length of its input along axis %d is not static, opset 17 needs the "
+                                  "split sizes; export at --opset 18" % (where, axis))
+            chunk = -(-length // parts)
+            sizes = [chunk] * (parts - 1) + [length - chunk * (parts - 1)]
+            if sizes[-1] < 0:
+                raise ExportError("%s: cannot cut length %d into %d parts" % (where, length, parts))
+            const_name = "%s_split_sizes" % (node.name or node.output[0])
+            graph.initializer.append(numpy_helper.from_array(np.asarray(sizes, dtype=np.int64), const_name))
+            node.attribute.remove(attrs["num_outputs"])
+            del node.input[1:]
+            node.input.append(const_name)
+        elif not _same_in_17(node, attrs):
+            raise ExportError("%s: this use of %s needs opset 18 (no opset-17 form); export at --opset 18"
+                              % (where, node.op_type))
+    used = set(name for node in _walk_nodes(graph) for name in node.input) | set(o.name for o in graph.output)
+    keep = [init for init in graph.initializer if init.name not in detached or init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    keep_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in detached
+                                                 and n.output[0] not in used)]
+    del graph.node[:]
+    graph.node.extend(keep_nodes)
+    for op in model.opset_import:
+        if op.domain in _DEFAULT_DOMAINS:
+            op.version = 17
+
+
+def _walk_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _walk_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _walk_nodes(g)
+
+
+def check_trt_friendly(model: onnx.ModelProto, stage: str, module_name: str) -> Dict[str, int]:
+    """The form TensorRT parses: default-domain opset >= 17, no custom-domain nodes (no local functions), none of
+    TRT_UNSUPPORTED_OPS. Returns the count of each REPORTED_OPS (for the summary, never an error)."""
+    label = "stage %r (%s)" % (stage, module_name)
+    opset = default_opset(model)
+    if opset is None or opset < MIN_OPSET:
+        raise ExportError("%s: default-domain opset is %s; it must be >= %d so LayerNormalization is one op "
+                          "(TensorRT's normalization layer)" % (label, opset, MIN_OPSET))
+    counts = {op: 0 for op in REPORTED_OPS}
+    for node in list(_walk_nodes(model.graph)) + [n for f in model.functions for n in f.node]:
+        if node.domain not in _DEFAULT_DOMAINS:
+            raise ExportError("%s: node %r is %s:%s, a custom-domain op that TensorRT's ONNX parser does not know"
+                              % (label, node.name, node.domain, node.op_type))
+        if node.op_type in TRT_UNSUPPORTED_OPS:
+            raise ExportError("%s: node %r is %s, which TensorRT cannot parse (no sequence, optional or string "
+                              "tensors)" % (label, node.name, node.op_type))
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts
+
+
+# A symbolic output dim is an arithmetic expression of declared input dims (e.g. "image_head_2*image_head_3").
+_BINOPS: Dict[type, Callable[[Fraction, Fraction], Fraction]] = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: Fraction(math.floor(a / b)), ast.Div: lambda a, b: a / b,
+    ast.Mod: lambda a, b: a % b,
+}
+_CALLS: Dict[str, Callable[..., Fraction]] = {
+    "floor": lambda a: Fraction(math.floor(a)), "FloorDiv": lambda a, b: Fraction(math.floor(a / b)),
+    "ceiling": lambda a: Fraction(math.ceil(a)), "ceil": lambda a: Fraction(math.ceil(a)),
+    "max": max, "min": min, "Max": max, "Min": min,
+}
+
+
+def _eval_dim(expr: str, values: Dict[str, int]) -> int:
+    """Evaluate a symbolic dim (sympy-style text) at integer values of the declared dims; ValueError otherwise."""
+    def ev(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return Fraction(node.value)
+        if isinstance(node, ast.Name) and node.id in values:
+            return Fraction(values[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _CALLS \
+                and not node.keywords:
+            return _CALLS[node.func.id](*[ev(a) for a in node.args])
+        raise ValueError(node.id if isinstance(node, ast.Name) else ast.dump(node))
+
+    value = ev(ast.parse(expr, mode="eval"))
+    if value.denominator != 1:
+        raise ValueError("%r is not an integer at %s" % (expr, values))
+    return int(value)
+
+
+def _tensor_entries(values: Sequence[onnx.ValueInfoProto], label: str, kind: str,
+                    dims: Dict[str, Tuple[str, int, Profile]]) -> List[Dict[str, Any]]:
+    """Manifest entries read from the graph. Symbolic dims must be declared (inputs) or expressions of declared
+    dims (outputs); then "shape" is the opt shape and "profile" holds min/opt/max."""
     entries = []
     for vi in values:
         ttype = vi.type.tensor_type
         dtype = _ONNX_DTYPES.get(ttype.elem_type)
         if dtype is None:
-            raise ExportError("%s: tensor %r has unsupported ONNX element type %d"
-                              % (where, vi.name, ttype.elem_type))
-        shape = []
-        for dim in ttype.shape.dim:
-            if not dim.HasField("dim_value"):
-                raise ExportError("%s: tensor %r has a dynamic dimension %r; export with "
-                                  "static shapes" % (where, vi.name, dim.dim_param))
-            shape.append(int(dim.dim_value))
-        entries.append({"name": vi.name, "dtype": dtype, "shape": shape})
+            raise ExportError("%s: %s %r has unsupported ONNX element type %d"
+                              % (label, kind, vi.name, ttype.elem_type))
+        points: List[List[int]] = [[], [], []]
+        dynamic = False
+        for axis, dim in enumerate(ttype.shape.dim):
+            if dim.HasField("dim_value"):
+                for p in points:
+                    p.append(int(dim.dim_value))
+                continue
+            dynamic = True
+            sym = dim.dim_param
+            if kind == "input":
+                declared = dims.get(sym)
+                if declared is None or declared[:2] != (vi.name, axis):
+                    raise ExportError("%s: input %r axis %d is symbolic (%r) but not declared in "
+                                      "StageExport.dynamic" % (label, vi.name, axis, sym))
+                for p, v in zip(points, declared[2]):
+                    p.append(v)
+                continue
+            try:
+                for i, p in enumerate(points):
+                    p.append(_eval_dim(sym, {name: d[2][i] for name, d in dims.items()}))
+            except (ValueError, TypeError, SyntaxError, ZeroDivisionError) as exc:
+                raise ExportError("%s: output %r axis %d has a data-dependent or undeclared symbolic size %r "
+                                  "(not an expression of declared dynamic axes: %s); export with static shapes "
+                                  "or declare the axis" % (label, vi.name, axis, sym, exc)) from exc
+        entry: Dict[str, Any] = {"name": vi.name, "dtype": dtype, "shape": points[1]}
+        if dynamic:
+            lo, opt, hi = points
+            if not all(1 <= a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise ExportError("%s: %s %r: profile min %s / opt %s / max %s derived from its symbolic shape is "
+                                  "not ordered" % (label, kind, vi.name, lo, opt, hi))
+            entry["profile"] = {"min": lo, "opt": opt, "max": hi}
+        entries.append(entry)
     return entries
 
 
-def export_stage(stage: StageExport, out_dir: str, opset: int = 18) -> Dict[str, Any]:
-    """Export one stage to <out_dir>/<name>.onnx, check it, return its manifest entry."""
+def _export_stage(stage: StageExport, out_dir: str, opset: int) -> Tuple[Dict[str, Any], StageReport]:
+    if opset < MIN_OPSET:
+        raise ExportError("opset %d is below %d: TensorRT uses its normalization layer only for opset >= 17's "
+                          "single LayerNormalization op" % (opset, MIN_OPSET))
+    label = _stage_label(stage)
+    if len(stage.example_inputs) != len(stage.input_names):
+        raise ExportError("%s: %d example inputs for %d input names"
+                          % (label, len(stage.example_inputs), len(stage.input_names)))
+    dims = _dim_names(stage)
     os.makedirs(out_dir, exist_ok=True)
     file_name = stage.name + ".onnx"
     path = os.path.join(out_dir, file_name)
     stage.module.eval()
+    torch_opset = max(opset, 18)  # torch's ONNX functions are opset 18; 17 is our own rewrite of its output
     with torch.no_grad():
-        _torch_export(stage, path, opset)
+        _torch_export(stage, path, torch_opset, dims)
     try:
         model = onnx.load(path)
-        _strip_metadata(model)
-        onnx.save_model(model, path, save_as_external_data=False)
+    except Exception as exc:
+        raise ExportError("%s: the exporter wrote an unreadable %s: %s" % (label, path, exc)) from exc
+    if default_opset(model) != torch_opset:
+        raise ExportError("%s: asked torch for opset %d, it produced opset %s (its version conversion failed)"
+                          % (label, torch_opset, default_opset(model)))
+    if opset < torch_opset:
+        downgrade_18_to_17(model, label)
+    _strip_metadata(model)
+    onnx.save_model(model, path, save_as_external_data=False)
+    try:
         onnx.checker.check_model(path, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise ExportError("stage %r (%s): %s fails ONNX checks: %s"
-                          % (stage.name, type(stage.module).__name__, path, exc)) from exc
+        raise ExportError("%s: %s fails ONNX checks: %s" % (label, path, exc)) from exc
+    counts = check_trt_friendly(model, stage.name, type(stage.module).__name__)
 
-    where = "stage %r (%s)" % (stage.name, path)
-    inputs = _tensor_entries(model.graph.input, where)
-    outputs = _tensor_entries(model.graph.output, where)
+    inputs = _tensor_entries(model.graph.input, label, "input", dims)
+    outputs = _tensor_entries(model.graph.output, label, "output", dims)
     if [t["name"] for t in inputs] != list(stage.input_names):
         raise ExportError("%s: graph inputs %s, expected %s"
-                          % (where, [t["name"] for t in inputs], list(stage.input_names)))
+                          % (label, [t["name"] for t in inputs], list(stage.input_names)))
     if [t["name"] for t in outputs] != list(stage.output_names):
         raise ExportError("%s: graph outputs %s, expected %s"
-                          % (where, [t["name"] for t in outputs], list(stage.output_names)))
+                          % (label, [t["name"] for t in outputs], list(stage.output_names)))
     sources = stage.sources or {}
     sinks = stage.sinks or {}
     for entry in inputs:
         if entry["name"] not in sources:
-            raise ExportError("%s: input %r has no source" % (where, entry["name"]))
+            raise ExportError("%s: input %r has no source" % (label, entry["name"]))
         entry["source"] = sources[entry["name"]]
     for entry in outputs:
         if entry["name"] in sinks:
             entry["sink"] = sinks[entry["name"]]
-    return {"name": stage.name, "file": file_name, "sha256": sha256_file(path),
-            "runs": stage.runs, "inputs": inputs, "outputs": outputs}
+    for entry in inputs + outputs:  # the manifest's key order: name, dtype, shape, source/sink, profile
+        if "profile" in entry:
+            entry["profile"] = entry.pop("profile")
+    sha = sha256_file(path)
+    report = StageReport(stage.name, path, sha, os.path.getsize(path), counts)
+    return ({"name": stage.name, "file": file_name, "sha256": sha, "runs": stage.runs,
+             "inputs": inputs, "outputs": outputs}, report)
 
 
-def export_stages(stages: Sequence[StageExport], out_dir: str, manifest: Dict[str, Any],
-                  opset: int = 18) -> Dict[str, Any]:
-    """Export every stage and write <out_dir>/manifest.json.
+def export_stage(stage: StageExport, out_dir: str, opset: int = DEFAULT_OPSET) -> Dict[str, Any]:
+    """Export one stage to <out_dir>/<name>.onnx, check it, return its manifest entry."""
+    return _export_stage(stage, out_dir, opset)[0]
 
-    manifest holds everything but "stages" (format, cameras, state, action,
-    sampler, ...). The result is validated with the runtime's own parser before
+
+def export_model(stages: Sequence[StageExport], out_dir: str, manifest: Dict[str, Any],
+                 opset: int = DEFAULT_OPSET) -> Tuple[Dict[str, Any], List[StageReport]]:
+    """Export every stage and write <out_dir>/manifest.json; returns the manifest and one report per file.
+
+    manifest holds everything but "stages". The result is validated with the runtime's own parser before
     it is written, so a manifest this writes is one the runtime loads.
     """
+    if "stages" in manifest:
+        raise ExportError("the manifest given to the exporter must not hold \"stages\" (the exporter writes them)")
     os.makedirs(out_dir, exist_ok=True)
     full = copy.deepcopy(dict(manifest))
-    full["stages"] = [export_stage(stage, out_dir, opset) for stage in stages]
+    done = [_export_stage(stage, out_dir, opset) for stage in stages]
+    full["stages"] = [entry for entry, _ in done]
     manifest_path = os.path.join(out_dir, "manifest.json")
     try:
         parse_manifest(full, manifest_path)
@@ -168,4 +582,118 @@ def export_stages(stages: Sequence[StageExport], out_dir: str, manifest: Dict[st
     with open(manifest_path, "w", encoding="utf-8") as f:
         json.dump(full, f, indent=2)
         f.write("\n")
-    return full
+    return full, [report for _, report in done]
+
+
+def export_stages(stages: Sequence[StageExport], out_dir: str, manifest: Dict[str, Any],
+                  opset: int = DEFAULT_OPSET) -> Dict[str, Any]:
+    """export_model without the reports."""
+    return export_model(stages, out_dir, manifest, opset)[0]
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+def resolve_factory(text: str) -> Callable[[Optional[str]], Any]:
+    """"package.module:function" -> the function; ExportError saying what is wrong otherwise."""
+    mod_name, sep, fn_name = text.partition(":")
+    if not sep or not mod_name or not fn_name or ":" in fn_name \
+            or not all(part.isidentifier() for part in mod_name.split(".")) or not fn_name.isidentifier():
+        raise ExportError("--factory %r: expected MODULE:FUNCTION, e.g. tools.make_reference:student" % text)
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as exc:  # the factory's module may fail in any way while importing
+        raise ExportError("--factory %r: cannot import module %r: %s: %s"
+                          % (text, mod_name, type(exc).__name__, _first_line(exc))) from exc
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise ExportError("--factory %r: module %r has no attribute %r" % (text, mod_name, fn_name))
+    if not callable(fn):
+        raise ExportError("--factory %r: %s.%s is a %s, not a function" % (text, mod_name, fn_name, type(fn).__name__))
+    return fn
+
+
+def call_factory(text: str, checkpoint: Optional[str]) -> ExportSpec:
+    fn = resolve_factory(text)
+    try:
+        spec = fn(checkpoint)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError("--factory %r raised %s: %s" % (text, type(exc).__name__, _first_line(exc))) from exc
+    if not isinstance(spec, ExportSpec):
+        raise ExportError("--factory %r returned a %s; it must return tools.export.ExportSpec(manifest, stages)"
+                          % (text, type(spec).__name__))
+    if not isinstance(spec.manifest, dict):
+        raise ExportError("--factory %r: ExportSpec.manifest is a %s, expected a dict"
+                          % (text, type(spec.manifest).__name__))
+    if not isinstance(spec.stages, (list, tuple)) or not spec.stages \
+            or not all(isinstance(s, StageExport) for s in spec.stages):
+        raise ExportError("--factory %r: ExportSpec.stages must be a non-empty list of tools.export.StageExport"
+                          % text)
+    return spec
+
+
+def describe_sampler(sampler: Dict[str, Any]) -> str:
+    """"student: 1 step (distilled)" / "teacher: 10 Euler steps, shift 5"."""
+    steps = sampler.get("steps")
+    if sampler.get("distilled"):
+        return "student: %s step%s (distilled)" % (steps, "" if steps == 1 else "s")
+    return "teacher: %s Euler step%s, shift %g" % (steps, "" if steps == 1 else "s", float(sampler.get("shift", 1.0)))
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Export a PyTorch world action model to one ONNX file per stage, manifest.json "
+        "and golden.npz (torch inputs and outputs for verification).",
+        epilog="The factory is FN(checkpoint: Optional[str]) -> tools.export.ExportSpec; see tools/export.py.")
+    parser.add_argument("--factory", required=True, metavar="MOD:FN",
+                        help="the model factory, e.g. tools.make_reference:student or tools.make_reference:teacher")
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights passed to the factory (default: none)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help="ONNX opset, >= %d (default %%(default)s: what JetPack 5's TensorRT 8.5 parses)"
+                        % MIN_OPSET)
+    parser.add_argument("--golden", action=argparse.BooleanOptionalAction, default=True,
+                        help="write <out>/golden.npz (default: on)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the golden inputs (default %(default)s)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "wam-edge export") -> int:
+    args = _parser(prog).parse_args(argv)
+    # torch's exporter logs a warning per torchvision op it cannot register; nothing here uses torchvision
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    if args.opset < MIN_OPSET:
+        print("%s: --opset %d refused: opset >= %d is needed so LayerNormalization stays one op, which TensorRT "
+              "runs in its normalization layer (below 17 it is decomposed and overflows in FP16)"
+              % (prog, args.opset, MIN_OPSET), file=sys.stderr)
+        return 2
+    try:
+        spec = call_factory(args.factory, args.checkpoint)
+        manifest, reports = export_model(spec.stages, args.out, spec.manifest, args.opset)
+        for r in reports:
+            ops = ", ".join("%d %s" % (n, op) for op, n in r.op_counts.items())
+            print("%s  %s  %d bytes  (%s)" % (r.sha256, r.path, r.bytes, ops))
+        print("wrote %s" % os.path.join(args.out, "manifest.json"))
+        print("sampler: %s" % describe_sampler(manifest["sampler"]))
+        if args.golden:
+            from tools import golden
+
+            parsed = parse_manifest(manifest, os.path.join(args.out, "manifest.json"))
+            arrays = golden.make_golden(spec.stages, parsed, args.seed)
+            meta = {"seed": args.seed, "torch": torch.__version__,
+                    "stages": {r.name: r.sha256 for r in reports}}
+            path = os.path.join(args.out, "golden.npz")
+            golden.write_golden(path, arrays, meta)
+            print("wrote %s (%d tensors, seed %d)" % (path, len(arrays), args.seed))
+    except (ExportError, ManifestError) as exc:
+        print("%s: %s" % (prog, exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # run as tools.export, not __main__, so ExportSpec is the class factories import
+    from tools.export import main as _main
+
+    sys.exit(_main())

@@ -2,6 +2,12 @@
 
     python -m tools.make_reference [--out exported/reference] [--horizon H] [--cameras N]
 
+Also the reference's two export factories (tools/export.py's contract, for `wam-edge export --factory`):
+tools.make_reference:student (exactly the committed reference: one step, distilled) and
+tools.make_reference:teacher (the same network as a velocity model the sampler runs for 10 Euler steps, shift 5).
+Their checkpoint format is per stage: {"world": <state dict>, "action_expert": <state dict>} (torch.save);
+write_checkpoint writes the seed-0 reference in it.
+
 --horizon and --cameras build variants with another chunk length or more cameras (extra_1, ... after the
 reference's three; for `wam-edge bench --sweep`); with the defaults (32, 3) the output is exactly the reference.
 
@@ -14,8 +20,10 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from tools import reference_model as rm
-from tools.export import StageExport, export_stages
+from tools.export import DEFAULT_OPSET, ExportError, ExportSpec, StageExport, export_stages, load_state, read_checkpoint
 
 DEFAULT_OUT = os.path.join("exported", "reference")
 
@@ -43,8 +51,17 @@ def manifest_base() -> Dict[str, Any]:
     }
 
 
-def reference_stages() -> List[StageExport]:
+def reference_stages(checkpoint: Optional[str] = None) -> List[StageExport]:
+    """The two stages; with checkpoint, their weights come from it (see the module docstring for its format)."""
     world, expert = rm.build_reference()
+    if checkpoint is not None:
+        state = read_checkpoint(checkpoint)
+        for name, module in (("world", world), ("action_expert", expert)):
+            if not isinstance(state.get(name), dict):
+                raise ExportError("checkpoint %s has no state dict under %r for %s; the reference's checkpoints "
+                                  "hold {\"world\": ..., \"action_expert\": ...} (top-level keys: %s)"
+                                  % (checkpoint, name, type(module).__name__, ", ".join(sorted(map(str, state)))))
+            load_state(module, state[name], "checkpoint %s[%r]" % (checkpoint, name))
     examples = rm.example_inputs()
     kv = list(rm.KV_NAMES)
     images = ["image_" + cam for cam in rm.CAMERAS]
@@ -59,8 +76,29 @@ def reference_stages() -> List[StageExport]:
     ]
 
 
+def student(checkpoint: Optional[str] = None) -> ExportSpec:
+    """Factory: the committed reference, a distilled one-step student."""
+    return ExportSpec(manifest_base(), reference_stages(checkpoint))
+
+
+def teacher(checkpoint: Optional[str] = None) -> ExportSpec:
+    """Factory: the same network as a teacher, a velocity model the sampler runs for 10 Euler steps, shift 5."""
+    base = manifest_base()
+    base["name"] = "reference-teacher"
+    base["description"] = base["description"].replace("one-step flow-matching action expert",
+                                                      "flow-matching action expert run for 10 Euler steps")
+    base["sampler"] = {"type": "flow_matching", "steps": 10, "shift": 5.0, "distilled": False}
+    return ExportSpec(base, reference_stages(checkpoint))
+
+
+def write_checkpoint(path: str) -> None:
+    """The seed-0 reference's weights in the factories' checkpoint format (for round-trip tests)."""
+    world, expert = rm.build_reference()
+    torch.save({"world": world.state_dict(), "action_expert": expert.state_dict()}, path)
+
+
 def make_reference(out_dir: str = DEFAULT_OUT) -> Dict[str, Any]:
-    return export_stages(reference_stages(), out_dir, manifest_base(), opset=18)
+    return export_stages(reference_stages(), out_dir, manifest_base(), opset=DEFAULT_OPSET)
 
 
 def make_variant(out_dir: str, horizon: int = rm.HORIZON, cameras: int = len(rm.CAMERAS)) -> Dict[str, Any]:
@@ -82,7 +120,7 @@ def make_variant(out_dir: str, horizon: int = rm.HORIZON, cameras: int = len(rm.
         base = manifest_base()
         base["name"] = "reference-h%d-c%d" % (horizon, cameras)
         base["description"] += " Variant: action horizon %d, %d cameras (benchmarking only)." % (horizon, cameras)
-        return export_stages(reference_stages(), out_dir, base, opset=18)
+        return export_stages(reference_stages(), out_dir, base, opset=DEFAULT_OPSET)
     finally:
         rm.HORIZON, rm.CAMERAS, rm.WORLD_TOKENS = saved
 

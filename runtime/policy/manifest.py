@@ -96,13 +96,14 @@ class RtcSpec:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """shape is what the runtime binds (for a dynamic tensor, the profile's opt shape); profile, only where the
+    exporter declared dynamic axes, is (min, opt, max) full shapes: what a TensorRT optimization profile needs."""
     name: str
     dtype: str
-    # Static shapes only. Dynamic axes (a later issue) will allow str entries
-    # naming a symbolic dim here, resolved by the backend at load.
     shape: Tuple[int, ...]
     source: Optional[str] = None  # inputs only
     sink: Optional[str] = None    # outputs only, optional
+    profile: Optional[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]] = None  # (min, opt, max)
 
 
 @dataclass(frozen=True)
@@ -318,21 +319,45 @@ def _rtc(ctx: _Ctx, value: Any, path: str) -> RtcSpec:
     return RtcSpec(version, ctx.bool_(d["prefix"], path + ".prefix"))
 
 
+def _dims(ctx: _Ctx, value: Any, path: str, length: Optional[int] = None) -> Tuple[int, ...]:
+    dims = []
+    for i, dim in enumerate(ctx.list_(value, path, length, nonempty=False)):
+        if isinstance(dim, str):
+            raise ctx.error("%s[%d]" % (path, i), "symbolic dimension %r: write the opt size here "
+                            "and the range in \"profile\" (min/opt/max)" % dim)
+        dims.append(ctx.int_(dim, "%s[%d]" % (path, i)))
+    return tuple(dims)
+
+
+def _profile(ctx: _Ctx, value: Any, path: str,
+             shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
+    """{"min": [...], "opt": [...], "max": [...]}: full shapes, each as long as shape, dims >= 1,
+    min <= opt <= max, and shape within [min, max]."""
+    d = ctx.obj(value, path, ("min", "opt", "max"))
+    lo, opt, hi = (_dims(ctx, d[k], "%s.%s" % (path, k), len(shape)) for k in ("min", "opt", "max"))
+    for i in range(len(shape)):
+        if lo[i] > hi[i]:
+            raise ctx.error("%s.min[%d]" % (path, i), "min %d is above max %d" % (lo[i], hi[i]))
+        if not lo[i] <= opt[i] <= hi[i]:
+            raise ctx.error("%s.opt[%d]" % (path, i), "min <= opt <= max is violated: %d, %d, %d"
+                            % (lo[i], opt[i], hi[i]))
+        if not lo[i] <= shape[i] <= hi[i]:
+            raise ctx.error("%s[%d]" % (path.rsplit(".", 1)[0] + ".shape", i), "%d lies outside the "
+                            "profile's [%d, %d]" % (shape[i], lo[i], hi[i]))
+    return lo, opt, hi
+
+
 def _tensor(ctx: _Ctx, value: Any, path: str, is_input: bool) -> TensorSpec:
     d = ctx.obj(value, path, ("name", "dtype", "shape") + (("source",) if is_input else ()),
-                () if is_input else ("sink",))
-    shape = []
-    for i, dim in enumerate(ctx.list_(d["shape"], path + ".shape", nonempty=False)):
-        if isinstance(dim, str):
-            raise ctx.error("%s.shape[%d]" % (path, i), "symbolic dimension %r: dynamic "
-                            "axes are not supported yet (static shapes only)" % dim)
-        shape.append(ctx.int_(dim, "%s.shape[%d]" % (path, i)))
+                ("profile",) if is_input else ("sink", "profile"))
+    shape = _dims(ctx, d["shape"], path + ".shape")
     return TensorSpec(
         name=ctx.name(d["name"], path + ".name"),
         dtype=ctx.str_(d["dtype"], path + ".dtype", DTYPES),
-        shape=tuple(shape),
+        shape=shape,
         source=ctx.str_(d["source"], path + ".source") if is_input else None,
         sink=ctx.str_(d["sink"], path + ".sink", SINKS) if "sink" in d else None,
+        profile=_profile(ctx, d["profile"], path + ".profile", shape) if "profile" in d else None,
     )
 
 
@@ -451,6 +476,7 @@ def _check_graph(ctx: _Ctx, m: Manifest) -> None:
             if spec.shape != t.shape:
                 raise ctx.error(ipath + ".shape", "%r has shape %s but its source %s has shape %s"
                                 % (t.name, list(t.shape), src, list(spec.shape)))
+            _check_profile_covers(ctx, t, spec, ipath, src)
             consumed.add(src)
         for oi, t in enumerate(stage.outputs):
             opath = "%s.outputs[%d]" % (spath, oi)
@@ -488,6 +514,16 @@ def _check_graph(ctx: _Ctx, m: Manifest) -> None:
             raise ctx.error("cameras[%d].input" % ci, "camera %r says it feeds %r but the stage "
                             "input with source 'camera:%s' is %s" % (cam.name, cam.input,
                                                                      cam.name, fed))
+
+
+def _check_profile_covers(ctx: _Ctx, t: TensorSpec, source: TensorSpec, ipath: str, src: str) -> None:
+    """Every shape the producer can emit must be one the consumer accepts."""
+    lo, hi = (source.profile[0], source.profile[2]) if source.profile else (source.shape, source.shape)
+    t_lo, t_hi = (t.profile[0], t.profile[2]) if t.profile else (t.shape, t.shape)
+    for i in range(len(t.shape)):
+        if lo[i] < t_lo[i] or hi[i] > t_hi[i]:
+            raise ctx.error(ipath + (".profile" if t.profile else ".shape"), "%r axis %d takes [%d, %d] but its "
+                            "source %s ranges over [%d, %d]" % (t.name, i, t_lo[i], t_hi[i], src, lo[i], hi[i]))
 
 
 def _check_rtc_input(ctx: _Ctx, m: Manifest, stage: StageSpec, t: TensorSpec, ipath: str,

@@ -1,0 +1,171 @@
+"""`wam-edge verify`: metrics, thresholds, golden data and the command, with real ONNX Runtime sessions
+(through polygraphy's runner) against the PyTorch reference model and against the shipped golden data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runtime.policy import load_manifest
+from tools import verify
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(REPO, "exported", "reference")
+
+pytest.importorskip("polygraphy")
+
+
+def test_metrics_exact_and_scaled():
+    a = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    assert verify.metrics(a, a) == (0.0, 0.0, pytest.approx(1.0), True)
+    max_abs, max_rel, cosine, finite = verify.metrics(a * 1.01, a)
+    assert finite and max_abs == pytest.approx(0.06, rel=1e-4) and max_rel == pytest.approx(0.01, rel=1e-4)
+    assert cosine == pytest.approx(1.0)  # a scale does not change the direction
+    _, _, cosine, _ = verify.metrics(-a, a)
+    assert cosine == pytest.approx(-1.0)
+
+
+def test_metrics_non_finite_and_zero():
+    a = np.ones(4, np.float32)
+    bad = a.copy()
+    bad[2] = np.nan
+    max_abs, _, cosine, finite = verify.metrics(bad, a)
+    assert not finite and max_abs == float("inf") and cosine == 0.0
+    assert verify.metrics(np.zeros(3), np.zeros(3))[2] == 1.0
+    assert verify.metrics(np.zeros(3), np.ones(3))[2] == 0.0
+    with pytest.raises(verify.VerifyError, match="shape"):
+        verify.metrics(np.zeros(3), np.zeros(4))
+
+
+def test_judge_applies_the_precision_bars():
+    want = np.linspace(-1, 1, 100).astype(np.float32)
+    fp32, fp16 = verify.DEFAULT_THRESHOLDS["fp32"], verify.DEFAULT_THRESHOLDS["fp16"]
+    assert fp32.cosine == fp16.cosine == 0.999  # NVIDIA's bar for its VLA engines
+    close = want + 5e-4
+    assert verify.judge("s", "o", "b", "fp32", close, want, fp32).ok
+    off = want + 2e-3  # fine for the cosine, too far for fp32's absolute bar
+    r = verify.judge("s", "o", "b", "fp32", off, want, fp32)
+    assert not r.ok and "max abs" in r.why
+    assert verify.judge("s", "o", "b", "fp16", off, want, fp16).ok
+    noisy = want + np.random.default_rng(0).standard_normal(100).astype(np.float32) * 0.2
+    r = verify.judge("s", "o", "b", "fp16", noisy, want, fp16)
+    assert not r.ok and "cosine" in r.why
+    nan = want.copy()
+    nan[0] = np.nan
+    assert verify.judge("s", "o", "b", "fp16", nan, want, fp16).why == "non-finite values"
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", "verify", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=240)
+
+
+def test_help_and_bad_arguments():
+    r = _run("--help")
+    assert r.returncode == 0 and "usage: wam-edge verify" in r.stdout
+    r = _run("--cosine", "1.5")
+    assert r.returncode == 2 and "--cosine" in r.stderr
+    r = _run("--checkpoint", "x.pt")
+    assert r.returncode == 2 and "--checkpoint needs --factory" in r.stderr
+    r = _run("--model", "/nonexistent/model")
+    assert r.returncode == 2 and "/nonexistent/model" in r.stderr
+
+
+def _golden_copy(tmp_path):
+    dst = tmp_path / "reference"
+    shutil.copytree(REFERENCE, dst)
+    return dst
+
+
+def test_shipped_golden_passes_on_onnxruntime(tmp_path):
+    """What the robot runs (no torch): the golden data export wrote vs ONNX Runtime, stage by stage."""
+    report_path = tmp_path / "verify.json"
+    r = _run("--model", REFERENCE, "--report", str(report_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(report_path.read_text())
+    manifest = load_manifest(REFERENCE)
+    outputs = [(s.name, t.name) for s in manifest.stages for t in s.outputs]
+    assert [(x["stage"], x["output"]) for x in report["results"]] == outputs
+    for x in report["results"]:
+        assert x["backend"] == "onnxruntime-cpu" and x["ok"] and x["cosine"] > 0.99999 and x["max_abs"] < 1e-4
+    assert any("no engines" in s for s in report["skipped"])
+    assert "verify: passed" in r.stdout
+
+
+def test_a_wrong_output_fails_with_exit_1(tmp_path):
+    """Golden data whose velocity was tampered with: the check must fail and name the output."""
+    from tools.golden import read_golden, write_golden
+
+    model = _golden_copy(tmp_path)
+    arrays, meta = read_golden(str(model / verify.GOLDEN_FILE))
+    key = "action_expert/velocity"
+    arrays[key] = arrays[key] + np.float32(0.01) * np.sign(arrays[key])
+    write_golden(str(model / verify.GOLDEN_FILE), arrays, meta)
+    r = _run("--model", str(model))
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = [ln for ln in r.stdout.splitlines() if "velocity" in ln][0]
+    assert "FAIL" in line and "max abs" in line
+    assert "verify: FAILED" in r.stdout
+    # a looser absolute bar lets it pass: the thresholds are the user's to set
+    assert _run("--model", str(model), "--max-abs", "0.05").returncode == 0
+
+
+def test_golden_for_other_onnx_files_is_refused(tmp_path):
+    from tools.golden import read_golden, write_golden
+
+    model = _golden_copy(tmp_path)
+    arrays, meta = read_golden(str(model / verify.GOLDEN_FILE))
+    meta["stages"]["world"] = "0" * 64
+    write_golden(str(model / verify.GOLDEN_FILE), arrays, meta)
+    r = _run("--model", str(model))
+    assert r.returncode == 2 and "other ONNX files" in r.stderr and "world" in r.stderr
+    os.remove(str(model / verify.GOLDEN_FILE))
+    r = _run("--model", str(model))
+    assert r.returncode == 2 and "--factory" in r.stderr
+
+
+def test_engines_demanded_without_tensorrt_exit_3():
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    r = _run("--model", REFERENCE, "--engines")
+    assert r.returncode == 3 and "TensorRT is not usable" in r.stderr
+
+
+@pytest.mark.slow
+def test_against_pytorch_now(tmp_path):
+    """--factory: the reference model run in PyTorch now, same seeded inputs, through ONNX Runtime."""
+    pytest.importorskip("torch")
+    report_path = tmp_path / "verify.json"
+    r = _run("--model", REFERENCE, "--factory", "tools.make_reference:student", "--seed", "3",
+             "--report", str(report_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(report_path.read_text())
+    assert report["reference"].startswith("PyTorch via tools.make_reference:student")
+    assert all(x["ok"] and x["max_abs"] < 1e-4 for x in report["results"])
+    r = _run("--model", REFERENCE, "--factory", "tools.no_such_module:student")
+    assert r.returncode == 2 and "tools.no_such_module" in r.stderr
+    r = _run("--model", REFERENCE, "--factory", "tools.make_reference:teacher")
+    assert r.returncode == 2 and "another sampler" in r.stderr
+
+
+@pytest.mark.slow
+def test_teacher_export_then_verify(tmp_path):
+    """The documented path on a teacher: export (with its golden data), then verify from the golden data alone and
+    against PyTorch run now."""
+    pytest.importorskip("torch")
+    out = tmp_path / "teacher"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "export", "--factory", "tools.make_reference:teacher",
+                        "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "teacher" in r.stdout and (out / verify.GOLDEN_FILE).is_file()
+    assert _run("--model", str(out)).returncode == 0
+    r = _run("--model", str(out), "--factory", "tools.make_reference:teacher", "--seed", "7")
+    assert r.returncode == 0, r.stdout + r.stderr
