@@ -653,8 +653,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help="ONNX opset, >= %d (default %%(default)s: what JetPack 5's TensorRT 8.5 parses)"
                         % MIN_OPSET)
-    parser.add_argument("--golden", action=argparse.BooleanOptionalAction, default=True,
-                        help="write <out>/golden.npz (default: on)")
+    parser.add_argument("--golden", dest="golden", action="store_true", default=True,
+                        help="write <out>/golden.npz (the default)")
+    parser.add_argument("--no-golden", dest="golden", action="store_false", help="do not write golden.npz")
     parser.add_argument("--seed", type=int, default=0, help="seed of the golden inputs (default %(default)s)")
     return parser
 

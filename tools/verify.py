@@ -19,7 +19,6 @@ Exit status: 0 all passed, 1 a check failed, 2 bad arguments or unusable inputs,
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -112,24 +111,16 @@ def judge(stage: str, output: str, backend: str, precision: str, got: np.ndarray
 # ---------------------------------------------------------------- the reference
 
 
-def load_factory(spec: str) -> Callable[..., Any]:
-    """`package.module:function` -> the function (ValueError / ImportError name what is wrong)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError("--factory %r: expected module:function, e.g. tools.make_reference:student" % spec)
-    module = importlib.import_module(module_name)
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError("--factory %r: module %s has no callable %r" % (spec, module_name, attr))
-    return fn
-
-
 def reference_from_factory(factory: str, checkpoint: Optional[str], manifest: Manifest,
                            seed: int) -> Dict[str, np.ndarray]:
     """Run the PyTorch model now (needs torch): every stage input and output, keyed <stage>/<tensor>."""
-    from tools.golden import make_golden  # noqa: PLC0415 (imports torch)
+    from tools.export import ExportError, call_factory  # noqa: PLC0415 (imports torch)
+    from tools.golden import make_golden  # noqa: PLC0415
 
-    spec = load_factory(factory)(checkpoint)
+    try:
+        spec = call_factory(factory, checkpoint)
+    except ExportError as exc:
+        raise VerifyError(str(exc)) from exc
     theirs = dict(spec.manifest.get("sampler", {}))
     ours = {"steps": manifest.sampler.steps, "distilled": manifest.sampler.distilled}
     if {k: theirs.get(k) for k in ours} != ours:
