@@ -161,7 +161,7 @@ def _options(**kw):
     ("8.5.2", "8.7", dict(version_compatible=True), "--version-compatible needs TensorRT >= 8.6, found 8.5.2"),
     ("8.5.2", "8.7", dict(opt_level=5), "--opt-level 5 needs TensorRT >= 8.6"),
     ("8.4.3", "8.7", {}, "TensorRT 8.4.3 is too old"),
-    ("10.3.0.post1", "8.7", {}, "engine metadata cannot record this TensorRT version"),
+    ("10.3", "8.7", {}, "engine metadata cannot record this TensorRT version"),
 ])
 def test_check_capabilities_refuses(trt, cc, kw, needle):
     with pytest.raises(be.OptionError) as info:
@@ -282,6 +282,18 @@ def test_up_to_date_skips_and_force_rebuilds(model, standin, capsys, version):
     code, out, _ = run(["--model", model, "--precision", "action_expert=fp32"], capsys)
     assert "action_expert: building fp32 engine (precision: recorded fp16, asked fp32)" in out
     assert read_meta(os.path.join(model, "action_expert.engine.json")).precision == "fp32"
+
+
+def test_replaced_engine_is_rebuilt_and_metadata_records_the_file(model, standin, capsys):
+    standin("10.3.0")
+    assert run(["--model", model], capsys)[0] == 0
+    engine = os.path.join(model, "world.engine")
+    assert read_meta(engine + ".json").engine_sha256 == sha256_file(engine)
+    with open(engine, "ab") as f:
+        f.write(b"\x00")  # e.g. trtexec wrote another plan over it
+    code, out, _ = run(["--model", model], capsys)
+    assert code == 0 and "world: building fp16 engine" in out and "replaced after the build" in out
+    assert read_meta(engine + ".json").engine_sha256 == sha256_file(engine)
 
 
 def test_another_tensorrt_rebuilds(model, standin, capsys):

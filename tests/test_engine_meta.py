@@ -26,7 +26,7 @@ ORIN = dict(trt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
 
 def meta(**kw):
     base = dict(stage="world", onnx_sha256=SHA, trt_version="10.3.0", gpu_name="Orin",
-                compute_capability="8.7", precision="fp16", builder_flags=("FP16",))
+                compute_capability="8.7", precision="fp16", builder_flags=("FP16",), engine_sha256="b" * 64)
     base.update(kw)
     return EngineMeta(**base)
 
@@ -47,7 +47,7 @@ def test_round_trip(tmp_path):
     write_meta(path, m)
     back = read_meta(path)
     assert back == m and back.path == path
-    assert json.load(open(path))["format_version"] == 1
+    assert json.load(open(path))["format_version"] == 2
     assert not os.path.exists(path + ".tmp")
 
 
@@ -56,7 +56,7 @@ def test_round_trip(tmp_path):
     (lambda d: d.pop("gpu_name"), "gpu_name", "missing required key"),
     (lambda d: d.update(builder_flags="FP16"), "builder_flags", "expected list"),
     (lambda d: d.update(format_version=True), "format_version", "expected int"),
-    (lambda d: d.update(format_version=2), "format_version", "unsupported version"),
+    (lambda d: d.update(format_version=1), "format_version", "unsupported version"),
     (lambda d: d.update(trt_version=10), "trt_version", "expected str"),
     (lambda d: d.update(trt_version="ten"), "trt_version", "not a TensorRT version"),
     (lambda d: d.update(onnx_sha256="abc"), "onnx_sha256", "64 lowercase hex"),

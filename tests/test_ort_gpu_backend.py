@@ -2,6 +2,7 @@
 on device OrtValues (device "cpu"), backend "auto"'s choices and fallbacks, and the config keys that reach it."""
 
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -217,8 +218,10 @@ def _add_engines(model_dir, manifest):
     for stage in manifest.stages:
         path = os.path.join(model_dir, stage.name + ".engine")
         open(path, "wb").write(b"plan")
+        plan_sha = hashlib.sha256(b"plan").hexdigest()
         write_meta(path + ".json", EngineMeta(stage=stage.name, onnx_sha256=stage.sha256, trt_version="10.3.0",
-                                              gpu_name="Orin", compute_capability="8.7", precision="fp16"))
+                                              gpu_name="Orin", compute_capability="8.7", precision="fp16",
+                                              engine_sha256=plan_sha))
 
 
 def orin():

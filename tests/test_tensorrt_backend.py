@@ -7,6 +7,7 @@ on the device, one stream, warm-up, CUDA graphs, and the StageBackend contract.
 """
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -274,9 +275,22 @@ def test_missing_gpu_module_is_a_clear_error(gpu, engines, manifest, model_dir, 
     assert module.split(".")[0] in message and "backend onnxruntime" in message
 
 
+def test_engine_replaced_after_the_build_is_refused(gpu, engines, manifest, model_dir):
+    """Metadata vouches for one engine file: a plan copied over it (trtexec, another robot) is refused."""
+    with open(engine_path(model_dir, "action_expert"), "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(EngineMismatch, match="replaced after the build; rebuild with `wam-edge build`"):
+        TensorRTBackend(manifest, model_dir, platform=gpu.platform)
+    assert released(gpu)
+
+
 def test_undeserializable_engine_names_the_file(gpu, engines, manifest, model_dir):
-    with open(engine_path(model_dir, "action_expert"), "wb") as f:
-        f.write(b"\x00 a plan from another TensorRT")
+    path = engine_path(model_dir, "action_expert")
+    plan = b"\x00 a plan from another TensorRT"
+    with open(path, "wb") as f:
+        f.write(plan)
+    meta = read_meta(meta_path(path))
+    write_meta(meta_path(path), dataclasses.replace(meta, engine_sha256=hashlib.sha256(plan).hexdigest()))
     with pytest.raises(RuntimeError, match=r"action_expert\.engine \(stage 'action_expert'\): TensorRT could not "
                                            r"deserialize"):
         TensorRTBackend(manifest, model_dir, platform=gpu.platform)

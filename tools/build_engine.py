@@ -36,12 +36,13 @@ from runtime.policy.backends.engine_meta import (
     EngineMetaError,
     EngineMismatch,
     check_engine,
+    check_engine_bytes,
     meta_path,
     parse_version,
     read_meta,
     write_meta,
 )
-from runtime.policy.manifest import Manifest, ManifestError, StageSpec, load_manifest
+from runtime.policy.manifest import Manifest, ManifestError, StageSpec, load_manifest, sha256_file
 
 BUILD_PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_PRECISION = "fp16"
@@ -274,11 +275,13 @@ def check_capabilities(trt_version: str, compute_capability: str, options: Build
         raise OptionError("; ".join(problems))
 
 
-def engine_meta(stage: StageSpec, precision: str, options: BuildOptions, platform: TrtPlatform) -> EngineMeta:
-    """What goes beside the engine."""
+def engine_meta(stage: StageSpec, precision: str, options: BuildOptions, platform: TrtPlatform,
+                engine_sha256: str = "") -> EngineMeta:
+    """What goes beside the engine (engine_sha256: of the engine file written)."""
     return EngineMeta(stage=stage.name, onnx_sha256=stage.sha256, trt_version=platform.trt_version,
                       gpu_name=platform.gpu_name, compute_capability=platform.compute_capability,
-                      precision=precision, builder_flags=tuple(flag_names(precision, options.version_compatible)))
+                      precision=precision, builder_flags=tuple(flag_names(precision, options.version_compatible)),
+                      engine_sha256=engine_sha256)
 
 
 def up_to_date(model_dir: str, stage: StageSpec, precision: str, options: BuildOptions,
@@ -293,6 +296,7 @@ def up_to_date(model_dir: str, stage: StageSpec, precision: str, options: BuildO
         meta = read_meta(meta_path(path))
         check_engine(meta, stage=stage.name, onnx_sha256=stage.sha256, trt_version=platform.trt_version,
                      gpu_name=platform.gpu_name, compute_capability=platform.compute_capability)
+        check_engine_bytes(meta, sha256_file(path))
     except (EngineMetaError, EngineMismatch) as exc:
         return False, str(exc)
     want = engine_meta(stage, precision, options, platform)
@@ -448,7 +452,7 @@ def build_stage(s: TrtSession, model_dir: str, stage: StageSpec, precision: str,
         os.remove(meta_path(engine))  # never leave old metadata vouching for a new engine
     _atomic_write(engine, plan)
     try:
-        write_meta(meta_path(engine), engine_meta(stage, precision, options, platform))
+        write_meta(meta_path(engine), engine_meta(stage, precision, options, platform, sha256_file(engine)))
     except EngineMetaError as exc:
         raise BuildError("stage %r: engine written, but its metadata is invalid: %s" % (stage.name, exc)) from exc
     return os.path.getsize(engine)

@@ -28,8 +28,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from runtime.policy.backends import engine_path, probe_tensorrt
-from runtime.policy.backends.engine_meta import EngineMetaError, EngineMismatch, check_engine, meta_path, read_meta
-from runtime.policy.manifest import Manifest, ManifestError, load_manifest
+from runtime.policy.backends.engine_meta import (
+    EngineMetaError,
+    EngineMismatch,
+    check_engine,
+    check_engine_bytes,
+    meta_path,
+    read_meta,
+)
+from runtime.policy.manifest import Manifest, ManifestError, load_manifest, sha256_file
 
 GOLDEN_FILE = "golden.npz"
 REL_FLOOR = 1e-6
@@ -195,6 +202,7 @@ def engine_candidate(manifest: Manifest, model_dir: str) -> Candidate:
         meta = read_meta(meta_path(path))
         check_engine(meta, stage=stage.name, onnx_sha256=stage.sha256, trt_version=platform.trt_version,
                      gpu_name=platform.gpu_name, compute_capability=platform.compute_capability)
+        check_engine_bytes(meta, sha256_file(path))
         precision[stage.name] = meta.precision
     from polygraphy.backend.trt import EngineFromPath, TrtRunner  # noqa: PLC0415
 

@@ -14,6 +14,7 @@ call fails here as it would on a Jetson.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import sys
@@ -477,9 +478,10 @@ def write_engines(model_dir: str, manifest: Any, platform: TrtPlatform, builder_
             onnx_bytes = f.read()
         path = engine_path(model_dir, stage.name)
         extra = json.dumps((header or {}).get(stage.name, {})).encode()
+        plan = MAGIC + extra + b"\n" + onnx_bytes
         with open(path, "wb") as f:
-            f.write(MAGIC + extra + b"\n" + onnx_bytes)
-        write_meta(meta_path(path), EngineMeta(
+            f.write(plan)
+        write_meta(meta_path(path), EngineMeta(engine_sha256=hashlib.sha256(plan).hexdigest(),
             stage=stage.name, onnx_sha256=stage.sha256, trt_version=platform.trt_version,
             gpu_name=platform.gpu_name, compute_capability=platform.compute_capability, precision="fp16",
             builder_flags=tuple(builder_flags)))

@@ -17,12 +17,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: engine_sha256, so metadata vouches for one engine file only
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 VERSION_COMPATIBLE = "VERSION_COMPATIBLE"
 REBUILD_HINT = "rebuild with `wam-edge build`"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:\.\d+)*$")
+# "10.3.0", "8.5.2.2" (JetPack), "8.6.1.post1" (a pip wheel)
+_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:\.\d+)*(?:\.?(?:post|dev|rc)\d*)?$")
 _CAPABILITY = re.compile(r"^\d+\.\d+$")
 
 # key -> expected JSON type (every key is required, no others are allowed)
@@ -30,6 +31,7 @@ _FIELDS: Dict[str, type] = {
     "format_version": int,
     "stage": str,
     "onnx_sha256": str,
+    "engine_sha256": str,
     "trt_version": str,
     "gpu_name": str,
     "compute_capability": str,
@@ -55,6 +57,7 @@ class EngineMeta:
     compute_capability: str  # "major.minor", e.g. "8.7"
     precision: str           # one of PRECISIONS
     builder_flags: Tuple[str, ...] = ()
+    engine_sha256: str = ""  # of the engine file itself; required in files (write_meta/read_meta check it)
     format_version: int = FORMAT_VERSION
     path: str = field(default="", compare=False)  # where it was read from, for messages
 
@@ -67,6 +70,7 @@ class EngineMeta:
             "format_version": self.format_version,
             "stage": self.stage,
             "onnx_sha256": self.onnx_sha256,
+            "engine_sha256": self.engine_sha256,
             "trt_version": self.trt_version,
             "gpu_name": self.gpu_name,
             "compute_capability": self.compute_capability,
@@ -98,8 +102,9 @@ def _validate(meta: EngineMeta, where: str) -> None:
     for key in ("stage", "trt_version", "gpu_name", "compute_capability", "precision"):
         if not getattr(meta, key):
             raise bad(key, "must not be empty")
-    if not _SHA256.match(meta.onnx_sha256):
-        raise bad("onnx_sha256", "expected 64 lowercase hex digits, got %r" % (meta.onnx_sha256,))
+    for key in ("onnx_sha256", "engine_sha256"):
+        if not _SHA256.match(getattr(meta, key)):
+            raise bad(key, "expected 64 lowercase hex digits, got %r" % (getattr(meta, key),))
     try:
         parse_version(meta.trt_version)
     except ValueError as exc:
@@ -151,7 +156,7 @@ def read_meta(path: str) -> EngineMeta:
     meta = EngineMeta(
         stage=data["stage"], onnx_sha256=data["onnx_sha256"], trt_version=data["trt_version"],
         gpu_name=data["gpu_name"], compute_capability=data["compute_capability"],
-        precision=data["precision"], builder_flags=tuple(flags),
+        precision=data["precision"], builder_flags=tuple(flags), engine_sha256=data["engine_sha256"],
         format_version=data["format_version"], path=path)
     _validate(meta, path)
     return meta
@@ -181,6 +186,16 @@ def check_engine(meta: EngineMeta, *, stage: str, onnx_sha256: str, trt_version:
         where = meta.path or "engine metadata"
         raise EngineMismatch("%s: engine for stage %r does not match: %s; %s"
                              % (where, meta.stage, "; ".join(problems), REBUILD_HINT))
+
+
+def check_engine_bytes(meta: EngineMeta, engine_sha256: str) -> None:
+    """The engine file must be the one its metadata was written for: an engine replaced after `wam-edge build`
+    (by trtexec, a copy from another robot) keeps metadata that no longer describes it."""
+    if meta.engine_sha256 != engine_sha256:
+        raise EngineMismatch("%s: engine for stage %r is not the file this metadata was written for (sha256 recorded "
+                             "%s..., present %s...): it was replaced after the build; %s"
+                             % (meta.path or "engine metadata", meta.stage, meta.engine_sha256[:12],
+                                engine_sha256[:12], REBUILD_HINT))
 
 
 def _version_problems(meta: EngineMeta, trt_version: str) -> List[str]:

@@ -24,6 +24,7 @@ memcpy_htod_async, memcpy_dtoh_async.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -40,6 +41,7 @@ from .engine_meta import (
     EngineMetaError,
     EngineMismatch,
     check_engine,
+    check_engine_bytes,
     meta_path,
     read_meta,
 )
@@ -225,7 +227,10 @@ class TensorRTBackend(StageBackend):
         for stage in self.manifest.stages:
             path = engine_path(self.model_dir, stage.name)
             with open(path, "rb") as f:
-                engine = self._runtime.deserialize_cuda_engine(f.read())
+                plan = f.read()
+            check_engine_bytes(metas[stage.name], hashlib.sha256(plan).hexdigest())
+            engine = self._runtime.deserialize_cuda_engine(plan)
+            del plan
             if engine is None:
                 raise RuntimeError("%s (stage %r): TensorRT could not deserialize the engine (see its log "
                                    "above); %s" % (path, stage.name, REBUILD_HINT))
