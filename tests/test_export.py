@@ -474,7 +474,7 @@ def test_form_check_refuses_old_opsets_custom_domains_and_sequences():
         return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
 
     ok = model([helper.make_node("Softmax", ["x"], ["y"], name="sm")], [("", 17)])
-    assert check_trt_friendly(ok, "s", "Mod") == {"LayerNormalization": 0, "Softmax": 1}
+    assert check_trt_friendly(ok, "s", "Mod") == {"LayerNormalization": 0, "Softmax": 1, "decomposed norm": 0}
     with pytest.raises(ExportError, match=r"stage 's' \(Mod\): default-domain opset is 16; it must be >= 17"):
         check_trt_friendly(model([helper.make_node("Relu", ["x"], ["y"])], [("", 16)]), "s", "Mod")
     custom = model([helper.make_node("FusedThing", ["x"], ["y"], name="f0", domain="com.example")],
@@ -486,3 +486,33 @@ def test_form_check_refuses_old_opsets_custom_domains_and_sequences():
     with pytest.raises(ExportError, match=r"node 'sq' is SequenceConstruct, which TensorRT cannot parse"):
         check_trt_friendly(seq, "s", "Mod")
     assert onnx is not None
+
+
+@pytest.mark.slow
+def test_hand_written_norms_are_counted_and_warned_about(tmp_path, capsys):
+    """An RMSNorm exports as ReduceMean(Pow(x, 2)): its square overflows in FP16, so the export says which stage to
+    keep in fp32 or bf16; nn.LayerNorm (one LayerNormalization node at opset 17) draws no warning."""
+    torch = _torch()
+    from tools.export import DECOMPOSED_NORM, StageExport, export_model, norm_warning
+
+    class RmsExpert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, image, x_t, t, state):
+            h = x_t + state[:, None, :] * t[:, None, None] + image.mean()
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    examples = (torch.zeros(1, 3, 16, 16), torch.zeros(1, 4, 2), torch.ones(1), torch.zeros(1, 2))
+    stage = StageExport("expert", RmsExpert(), examples, ["image", "x_t", "t", "state"], ["velocity"],
+                        runs="per_step", sinks={"velocity": "sampler:velocity"},
+                        sources={"image": "camera:head", "x_t": "sampler:x", "t": "sampler:t", "state": "state"})
+    _, reports = export_model([stage], str(tmp_path / "rms"), _toy_manifest())
+    assert reports[0].op_counts[DECOMPOSED_NORM] == 1
+    assert "--precision expert=fp32" in norm_warning("expert", reports[0].op_counts)
+    from tools.make_reference import student
+
+    reference = student()
+    for r in export_model(reference.stages, str(tmp_path / "ref"), reference.manifest)[1]:
+        assert r.op_counts[DECOMPOSED_NORM] == 0 and norm_warning(r.name, r.op_counts) is None

@@ -65,6 +65,8 @@ TRT_UNSUPPORTED_OPS = (
     "StringConcat", "StringNormalizer", "StringSplit", "RegexFullMatch", "TfIdfVectorizer",
 )
 REPORTED_OPS = ("LayerNormalization", "Softmax")
+#: the count of normalisations written out by hand (RMSNorm, a custom layer norm): a ReduceMean of a square
+DECOMPOSED_NORM = "decomposed norm"
 
 Profile = Tuple[int, int, int]  # (min, opt, max) of one axis
 
@@ -403,7 +405,10 @@ def check_trt_friendly(model: onnx.ModelProto, stage: str, module_name: str) -> 
         raise ExportError("%s: default-domain opset is %s; it must be >= %d so LayerNormalization is one op "
                           "(TensorRT's normalization layer)" % (label, opset, MIN_OPSET))
     counts = {op: 0 for op in REPORTED_OPS}
-    for node in list(_walk_nodes(model.graph)) + [n for f in model.functions for n in f.node]:
+    counts[DECOMPOSED_NORM] = 0
+    nodes = list(_walk_nodes(model.graph)) + [n for f in model.functions for n in f.node]
+    producer = {out: n for n in nodes for out in n.output}
+    for node in nodes:
         if node.domain not in _DEFAULT_DOMAINS:
             raise ExportError("%s: node %r is %s:%s, a custom-domain op that TensorRT's ONNX parser does not know"
                               % (label, node.name, node.domain, node.op_type))
@@ -412,7 +417,29 @@ def check_trt_friendly(model: onnx.ModelProto, stage: str, module_name: str) -> 
                               "tensors)" % (label, node.name, node.op_type))
         if node.op_type in counts:
             counts[node.op_type] += 1
+        if node.op_type == "ReduceMean" and _is_square(producer.get(node.input[0])):
+            counts[DECOMPOSED_NORM] += 1
     return counts
+
+
+def _is_square(node: Optional[onnx.NodeProto]) -> bool:
+    """Pow(x, 2) or Mul(x, x): the square a hand-written norm averages (it overflows FP16 for |x| > 256)."""
+    if node is None:
+        return False
+    if node.op_type == "Mul":
+        return len(node.input) == 2 and node.input[0] == node.input[1]
+    return node.op_type == "Pow"
+
+
+def norm_warning(stage: str, counts: Dict[str, int]) -> Optional[str]:
+    """What to tell the user about hand-written normalisations in a stage, if any."""
+    n = counts.get(DECOMPOSED_NORM, 0)
+    if not n:
+        return None
+    return ("warning: stage %s has %d normalisation%s written out as ReduceMean of a square (RMSNorm or a hand-written "
+            "layer norm). In FP16 the square overflows for activations above 256: build this stage with "
+            "`wam-edge build --precision %s=fp32` (or bf16), use nn.LayerNorm where it fits, and check it with "
+            "`wam-edge verify`" % (stage, n, "" if n == 1 else "s", stage))
 
 
 # A symbolic output dim is an arithmetic expression of declared input dims (e.g. "image_head_2*image_head_3").
@@ -675,6 +702,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "wam-edge export") -> int
         for r in reports:
             ops = ", ".join("%d %s" % (n, op) for op, n in r.op_counts.items())
             print("%s  %s  %d bytes  (%s)" % (r.sha256, r.path, r.bytes, ops))
+            warning = norm_warning(r.name, r.op_counts)
+            if warning:
+                print(warning)
         print("wrote %s" % os.path.join(args.out, "manifest.json"))
         print("sampler: %s" % describe_sampler(manifest["sampler"]))
         if args.golden:
