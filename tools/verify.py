@@ -36,7 +36,7 @@ from runtime.policy.backends.engine_meta import (
     meta_path,
     read_meta,
 )
-from runtime.policy.manifest import Manifest, ManifestError, load_manifest, sha256_file
+from runtime.policy.manifest import Manifest, ManifestError, is_host_source, load_manifest, sha256_file
 
 GOLDEN_FILE = "golden.npz"
 REL_FLOOR = 1e-6
@@ -213,6 +213,34 @@ def engine_candidate(manifest: Manifest, model_dir: str) -> Candidate:
     return Candidate("tensorrt", precision, make)
 
 
+def run_runtime_backend(name: str, manifest: Manifest, model_dir: str, reference: Dict[str, np.ndarray],
+                        bars: Thresholds, precision: str) -> List[Comparison]:
+    """The runtime's own backend, as `wam-edge run` loads it, end to end: the reference's host inputs into its
+    buffers, every stage in manifest order with stage-to-stage tensors kept inside the backend (on the GPU for
+    tensorrt), then each sink compared with the reference. Errors compound along the chain here, unlike the
+    per-stage checks above: this is the number that reaches the robot."""
+    from runtime.policy.backends import create_backend  # noqa: PLC0415
+
+    backend = create_backend(name, manifest, model_dir)
+    try:
+        for stage in manifest.stages:
+            for t in stage.inputs:
+                if is_host_source(t.source or ""):
+                    backend.host_input(stage.name, t.name)[...] = reference["%s/%s" % (stage.name, t.name)]
+        for stage in manifest.stages:
+            backend.run(stage.name)
+        results = []
+        for stage in manifest.stages:
+            for t in stage.outputs:
+                if t.sink:
+                    got = backend.host_output(stage.name, t.name)
+                    want = reference["%s/%s" % (stage.name, t.name)]
+                    results.append(judge(stage.name, t.name, "runtime:" + name, precision, got, want, bars))
+        return results
+    finally:
+        backend.close()
+
+
 def engines_present(manifest: Manifest, model_dir: str) -> bool:
     return any(os.path.isfile(engine_path(model_dir, s.name)) for s in manifest.stages)
 
@@ -255,6 +283,14 @@ def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest,
     results = []
     for candidate in candidates:
         results.extend(run_candidate(candidate, manifest, reference, thresholds))
+    # end to end through what the runtime will run: the CPU backend always, the engines when they were checked
+    results.extend(run_runtime_backend("onnxruntime", manifest, model_dir, reference, thresholds["fp32"], "fp32"))
+    for candidate in candidates:
+        if candidate.backend == "tensorrt":
+            loosest = "fp32" if set(candidate.precision.values()) == {"fp32"} else \
+                ("bf16" if "bf16" in candidate.precision.values() else "fp16")
+            results.extend(run_runtime_backend("tensorrt", manifest, model_dir, reference, thresholds[loosest],
+                                               loosest))
     return {
         "model": model_dir,
         "manifest": manifest.name,
@@ -266,10 +302,10 @@ def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest,
 
 
 def print_report(report: Dict[str, Any], out: Any = sys.stdout) -> None:
-    out.write("%-16s %-14s %-22s %-5s %11s %11s %10s  %s\n"
+    out.write("%-20s %-14s %-22s %-5s %11s %11s %10s  %s\n"
               % ("backend", "stage", "output", "prec", "max abs", "max rel", "cosine", "result"))
     for r in report["results"]:
-        out.write("%-16s %-14s %-22s %-5s %11.3g %11.3g %10.6f  %s\n"
+        out.write("%-20s %-14s %-22s %-5s %11.3g %11.3g %10.6f  %s\n"
                   % (r["backend"], r["stage"], r["output"], r["precision"], r["max_abs"], r["max_rel"],
                      r["cosine"], "ok" if r["ok"] else "FAIL: " + r["why"]))
     for line in report["skipped"]:
