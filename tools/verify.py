@@ -4,7 +4,9 @@ The reference is the PyTorch model: run now from its factory (`--factory module:
 torch), or, on the robot where torch is absent, the golden data `wam-edge export` wrote beside the manifest
 (`golden.npz`: seeded random host inputs and every stage's PyTorch inputs and outputs). Each stage is checked in
 isolation: it gets the reference's inputs, including the tensors another stage produced, so an error is pinned on
-the stage that made it instead of compounding down the chain.
+the stage that made it instead of compounding down the chain. Then the runtime's own backends (the CPU one, and
+the TensorRT one when the engines were checked) run the whole chain as `wam-edge run` will, and their sinks are
+compared too.
 
 ONNX Runtime and the engines run through polygraphy's runners (OnnxrtRunner, TrtRunner): they load sessions and
 engines, bind and feed them; this module adds the metadata checks, the metrics and the thresholds. Per output it
