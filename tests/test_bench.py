@@ -64,6 +64,7 @@ def test_bench_one_latency(tmp_path):
     assert len(b["runs"]) == 1
     run = b["runs"][0]
     assert run["latency"] == "0.05" and run["ok"] is True and run["errors"] == []
+    assert run["backend"].startswith("reference") and "onnxruntime (CPUExecutionProvider)" in run["backend"]
     ex = run["execution"]
     assert ex["stalls"] == 0
     assert ex["seam_max_step_rad"] <= ex["max_step_allowed_rad"] + 1e-6

@@ -136,6 +136,7 @@ def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, A
     return {
         "latency": latency,
         "ok": run_ok(stalls, seam_step, allowed, bool(s.get("ok"))),
+        "backend": rt.get("backend"),  # what ran the model (and why, for model.backend auto): timings depend on it
         "errors": s.get("errors", []),
         "seconds_s": s.get("seconds"),
         "chunks": {
