@@ -303,7 +303,8 @@ def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest,
     }
 
 
-def print_report(report: Dict[str, Any], out: Any = sys.stdout) -> None:
+def print_report(report: Dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout  # looked up per call: whatever sys.stdout is now
     out.write("%-20s %-14s %-22s %-5s %11s %11s %10s  %s\n"
               % ("backend", "stage", "output", "prec", "max abs", "max rel", "cosine", "result"))
     for r in report["results"]:
