@@ -1,6 +1,9 @@
-"""What several test files share: a real PolicyRuntime between a real PULL (chunks) and a real PUB (robot state)."""
+"""What several test files share: a real PolicyRuntime between a real PULL (chunks) and a real PUB (robot state);
+the runtime's own heap growth over repeated calls."""
 
+import os
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,6 +13,26 @@ from runtime.config import load_config
 from runtime.protocol import RobotState, decode, encode_state
 from runtime.robot import g1
 from runtime.runner import PolicyRuntime
+
+RUNTIME_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime")
+
+
+def runtime_heap_growth(step, warmup=200, runs=50):
+    """Bytes still held after `runs` more calls of step(i) than after `warmup` calls, counting only allocations
+    made with the runtime package on the stack: what another thread of the test process (a library's, one left by
+    an earlier test) allocates meanwhile is not the hot path's and would make the check flaky."""
+    only_runtime = [tracemalloc.Filter(True, os.path.join(RUNTIME_DIR, "*"), all_frames=True)]
+    tracemalloc.start(25)
+    try:
+        for i in range(warmup):  # let numpy/ORT fill their small internal caches while traced
+            step(i)
+        before = tracemalloc.take_snapshot().filter_traces(only_runtime)
+        for i in range(runs):
+            step(warmup + i)
+        after = tracemalloc.take_snapshot().filter_traces(only_runtime)
+    finally:
+        tracemalloc.stop()
+    return sum(stat.size_diff for stat in after.compare_to(before, "filename"))
 
 
 @pytest.fixture

@@ -318,24 +318,17 @@ def test_runner_reports_rtc_false_for_the_reference(tmp_path):
 
 
 def test_set_rtc_and_infer_do_not_grow_memory(tmp_path):
-    import tracemalloc
+    from conftest import runtime_heap_growth
 
     policy = load_policy(build_model(tmp_path / "m"))
     try:
         last = np.zeros((H, D), np.float32)
         images, state = _images(), np.zeros(len(policy.manifest.state_joints), np.float32)
-        tracemalloc.start()
-        try:
-            for i in range(200):  # let numpy/ORT fill their small internal caches while traced
-                policy.set_rtc(last[i % H:], 3)
-                policy.infer(images, state)
-            before, _ = tracemalloc.get_traced_memory()
-            for i in range(50):
-                policy.set_rtc(last[i % H:], 3)
-                policy.infer(images, state)
-            after, _ = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert after - before < 1024
+
+        def step(i):
+            policy.set_rtc(last[i % H:], 3)
+            policy.infer(images, state)
+
+        assert runtime_heap_growth(step) < 1024
     finally:
         policy.close()
