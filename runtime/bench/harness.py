@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from runtime import demo
-from runtime.bench import OWN_TIME
+from runtime.bench import OWN_TIME, plot
 from runtime.config import Config, load_config
 from runtime.controller import operator
 from runtime.controller.safety import SAFE_STATES
@@ -314,8 +314,7 @@ def run_bench(cfg: Config, overrides: Sequence[str], latencies: Sequence[str], s
     wd_ok = watchdog["reaction_ms"] is not None and watchdog["reaction_ms"] <= watchdog["bound_ms"]
     report: Dict[str, Any] = {
         "ok": bool(runs) and all(r["ok"] for r in runs) and wd_ok,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-                 "platform": platform.platform()},
+        "host": _host(),
         "seconds_per_run_s": seconds,
         "runs": runs,
         "watchdog_reaction_ms": watchdog["reaction_ms"],
@@ -323,17 +322,7 @@ def run_bench(cfg: Config, overrides: Sequence[str], latencies: Sequence[str], s
         "plot": None,
         "notes": notes,
     }
-    if plot_path:
-        from runtime.bench import plot
-
-        problem = plot.plot_runs(runs, plot_path)
-        if problem:
-            notes.append(f"plot skipped: {problem}")
-        else:
-            report["plot"] = plot_path
-    report["bench_s"] = round(time.monotonic() - t0, 1)
-    if report_path:
-        write_json(report_path, report)
+    _finish(report, lambda: plot.plot_runs(runs, plot_path), plot_path, t0, report_path)
     return report
 
 
@@ -349,17 +338,26 @@ def run_sweep_bench(cfg: Config, overrides: Sequence[str], factors: Sequence[str
                               sweep.print_point)
     report: Dict[str, Any] = {
         "ok": bool(section["ok"]),
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-                 "platform": platform.platform()},
+        "host": _host(),
         "seconds_per_run_s": seconds,
         "sweep": section,
         "plot": None,
         "notes": ["--sweep runs the scaling sweeps only (no latency runs, no watchdog trial); see sweep.notes"],
     }
-    if plot_path:
-        from runtime.bench import plot
+    _finish(report, lambda: plot.plot_sweep(section, plot_path), plot_path, t0, report_path)
+    return report
 
-        problem = plot.plot_sweep(section, plot_path)
+
+def _host() -> Dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+            "platform": platform.platform()}
+
+
+def _finish(report: Dict[str, Any], draw: Callable[[], Optional[str]], plot_path: Optional[str], t0: float,
+            report_path: Optional[str]) -> None:
+    """The plot when asked for (draw() returns why it was skipped, or None), the bench's duration, the JSON file."""
+    if plot_path:
+        problem = draw()
         if problem:
             report["notes"].append(f"plot skipped: {problem}")
         else:
@@ -367,7 +365,6 @@ def run_sweep_bench(cfg: Config, overrides: Sequence[str], factors: Sequence[str
     report["bench_s"] = round(time.monotonic() - t0, 1)
     if report_path:
         write_json(report_path, report)
-    return report
 
 
 def print_sweep_summary(report: Dict[str, Any], out=sys.stdout) -> None:

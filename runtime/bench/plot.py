@@ -78,11 +78,7 @@ def plot_runs(runs: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
         _plot_seam_traces(axes[2 + i][1], r)
 
     fig.suptitle("wam-edge bench")
-    fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return None
 
 
@@ -175,9 +171,12 @@ def plot_sweep(section: Dict[str, Any], path: str) -> Optional[str]:
         ax.legend(fontsize=8)
     fig.suptitle(f"wam-edge bench --sweep: the runtime's own time per chunk (beyond the network and decoding) and "
                  f"preprocessing, injected latency {section.get('latency')}", fontsize=10)
+    _save(plt, fig, path)
+    return None
+
+
+def _save(plt: Any, fig: Any, path: str) -> None:
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return None
