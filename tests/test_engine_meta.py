@@ -20,6 +20,7 @@ from runtime.policy.backends.engine_meta import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "exported", "reference")
+NO_ENGINE = "stage world: no engine file world.engine (rebuild with `wam-edge build`)"
 SHA = "a" * 64
 ORIN = dict(trt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
 
@@ -180,7 +181,7 @@ def test_named_backends(model):
 def test_auto_without_engines(model):
     d, m = model
     assert select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only) == (
-        "onnxruntime", "stage world: no engine file world.engine" + CPU)
+        "onnxruntime", NO_ENGINE + CPU)
 
 
 def test_auto_without_meta(model):
@@ -188,7 +189,8 @@ def test_auto_without_meta(model):
     add_engines(d, m)
     os.remove(os.path.join(d, "action_expert.engine.json"))
     assert select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only) == (
-        "onnxruntime", "stage action_expert: no engine metadata action_expert.engine.json" + CPU)
+        "onnxruntime", "stage action_expert: no engine metadata action_expert.engine.json, so its TensorRT "
+        "version and GPU are unknown (rebuild with `wam-edge build`)" + CPU)
 
 
 def test_auto_bad_meta(model):
@@ -221,7 +223,7 @@ def test_auto_mismatch(model):
     add_engines(d, m, trt_version="8.6.1")
     name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only)
     assert name == "onnxruntime"
-    assert reason.startswith("stage world: ")
+    assert "engine for stage 'world' does not match" in reason
     assert "TensorRT version: recorded 8.6.1, present 10.3.0" in reason
     assert reason.endswith("rebuild with `wam-edge build`" + CPU)
 
@@ -234,7 +236,7 @@ def test_auto_stale_onnx(model):
     data["onnx_sha256"] = "0" * 64
     json.dump(data, open(path, "w"))
     name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=cpu_only)
-    assert name == "onnxruntime" and "stage action_expert: " in reason and "ONNX sha256" in reason
+    assert name == "onnxruntime" and "engine for stage 'action_expert'" in reason and "ONNX sha256" in reason
 
 
 def test_auto_all_match_takes_tensorrt(model):
@@ -259,7 +261,7 @@ def test_auto_gpu_providers_take_onnxruntime_gpu(model):
     d, m = model
     listed = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
     assert select_backend(m, d, "auto", probe=orin, ort_probe=lambda: listed) == (
-        "onnxruntime-gpu", "stage world: no engine file world.engine; onnxruntime providers: "
+        "onnxruntime-gpu", NO_ENGINE + "; onnxruntime providers: "
         "TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider -> GPU (tensorrt, cuda)")
     cuda_only = ("CUDAExecutionProvider", "CPUExecutionProvider")
     name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=lambda: cuda_only)
@@ -276,7 +278,7 @@ def test_auto_onnxruntime_probe_fails(model):
         raise ImportError("No module named 'onnxruntime'")
 
     name, reason = select_backend(m, d, "auto", probe=orin, ort_probe=broken)
-    assert (name, reason) == ("onnxruntime", "stage world: no engine file world.engine; onnxruntime providers "
+    assert (name, reason) == ("onnxruntime", NO_ENGINE + "; onnxruntime providers "
                                              "unknown (No module named 'onnxruntime') -> CPU")
 
 
@@ -286,9 +288,9 @@ def test_load_policy_auto_reports_reason(model, caplog):
         p = load_policy(d, backend="auto")
     try:
         assert p.backend.name == "onnxruntime"
-        assert p.backend_reason.startswith("stage world: no engine file world.engine; onnxruntime providers: ")
+        assert p.backend_reason.startswith(NO_ENGINE + "; onnxruntime providers: ")
         assert p.backend_reason.endswith("-> CPU")
-        assert "[auto: stage world: no engine file world.engine; onnxruntime providers" in p.describe()
+        assert "[auto: " + NO_ENGINE + "; onnxruntime providers" in p.describe()
         assert "no engine file world.engine" in caplog.text
     finally:
         p.close()

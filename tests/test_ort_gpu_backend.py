@@ -38,6 +38,7 @@ from runtime.policy.manifest import ManifestError, StageSpec, TensorSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "exported", "reference")
+NO_ENGINE = "stage world: no engine file world.engine (rebuild with `wam-edge build`)"
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 HAS_CUDA = CUDA in ort.get_available_providers()
 IMAGE_PROFILE = ((1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64))
@@ -233,9 +234,9 @@ def test_auto_reasons_for_each_branch(model):
     gpu_listed = lambda: (TRT, CUDA, CPU)  # noqa: E731
     cpu_listed = lambda: (CPU,)  # noqa: E731
     assert select_backend(m, d, "auto", probe=orin, ort_probe=cpu_listed) == (
-        "onnxruntime", "stage world: no engine file world.engine; onnxruntime providers: CPUExecutionProvider -> CPU")
+        "onnxruntime", NO_ENGINE + "; onnxruntime providers: CPUExecutionProvider -> CPU")
     assert select_backend(m, d, "auto", probe=orin, ort_probe=gpu_listed) == (
-        "onnxruntime-gpu", "stage world: no engine file world.engine; onnxruntime providers: "
+        "onnxruntime-gpu", NO_ENGINE + "; onnxruntime providers: "
         "TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider -> GPU (tensorrt, cuda)")
     _add_engines(d, m)
     assert "tensorrt" in BACKENDS

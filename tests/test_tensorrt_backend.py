@@ -20,7 +20,7 @@ import test_backend_conformance as conformance
 from standins.trt_runtime_standin_no_gpu import FakeGpu, fake_driver, install, write_engines
 
 from runtime.policy import load_manifest
-from runtime.policy.backends import TrtPlatform, engine_path, tensorrt_backend
+from runtime.policy.backends import EngineFileMissing, TrtPlatform, engine_path, tensorrt_backend
 from runtime.policy.backends import cuda_graph as cuda_graph_module
 from runtime.policy.backends.engine_meta import (
     REBUILD_HINT,
@@ -30,7 +30,7 @@ from runtime.policy.backends.engine_meta import (
     read_meta,
     write_meta,
 )
-from runtime.policy.backends.tensorrt_backend import EngineFileMissing, TensorRTBackend
+from runtime.policy.backends.tensorrt_backend import TensorRTBackend
 from runtime.policy.executor import Policy
 from runtime.policy.manifest import is_host_source
 
@@ -239,7 +239,8 @@ def edit_meta(model_dir, stage, **changes):
     (lambda d, p: other(p, trt_version="10.4.0"), EngineMismatch, "TensorRT version: recorded 10.3.0, present 10.4.0"),
     (lambda d, p: other(p, gpu_name="Orin"), EngineMismatch, "GPU: recorded 'StandinGPU', present 'Orin'"),
     (lambda d, p: other(p, compute_capability="8.6"), EngineMismatch, "compute capability: recorded 8.7, present 8.6"),
-    (lambda d, p: (os.remove(engine_path(d, "action_expert")), p)[1], EngineFileMissing, "no engine for stage"),
+    (lambda d, p: (os.remove(engine_path(d, "action_expert")), p)[1], EngineFileMissing,
+     "no engine file action_expert.engine"),
     (lambda d, p: (os.remove(meta_path(engine_path(d, "world"))), p)[1], EngineFileMissing, "no engine metadata"),
     (lambda d, p: (open(meta_path(engine_path(d, "world")), "w").write("{"), p)[1], EngineMetaError, "invalid JSON"),
 ])

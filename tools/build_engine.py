@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from runtime.policy.backends import TrtPlatform, engine_path, probe_tensorrt
+from runtime.policy.backends import EngineFileMissing, TrtPlatform, engine_path, probe_tensorrt, read_engine_meta
 from runtime.policy.backends.engine_meta import (
     VERSION_COMPATIBLE,
     EngineMeta,
@@ -39,7 +39,6 @@ from runtime.policy.backends.engine_meta import (
     check_engine_bytes,
     meta_path,
     parse_version,
-    read_meta,
     write_meta,
 )
 from runtime.policy.manifest import Manifest, ManifestError, StageSpec, load_manifest, sha256_file
@@ -290,14 +289,12 @@ def up_to_date(model_dir: str, stage: StageSpec, precision: str, options: BuildO
     path = engine_path(model_dir, stage.name)
     if not os.path.isfile(path):
         return False, "no engine yet"
-    if not os.path.isfile(meta_path(path)):
-        return False, "no metadata beside the engine"
     try:
-        meta = read_meta(meta_path(path))
+        meta = read_engine_meta(stage.name, model_dir)
         check_engine(meta, stage=stage.name, onnx_sha256=stage.sha256, trt_version=platform.trt_version,
                      gpu_name=platform.gpu_name, compute_capability=platform.compute_capability)
         check_engine_bytes(meta, sha256_file(path))
-    except (EngineMetaError, EngineMismatch) as exc:
+    except (EngineFileMissing, EngineMetaError, EngineMismatch) as exc:
         return False, str(exc)
     want = engine_meta(stage, precision, options, platform)
     if meta.precision != want.precision:

@@ -29,14 +29,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from runtime.policy.backends import engine_path, probe_tensorrt
+from runtime.policy.backends import EngineFileMissing, engine_path, match_engines, probe_tensorrt, read_engine_metas
 from runtime.policy.backends.engine_meta import (
     EngineMetaError,
     EngineMismatch,
-    check_engine,
     check_engine_bytes,
-    meta_path,
-    read_meta,
 )
 from runtime.policy.manifest import Manifest, ManifestError, is_host_source, load_manifest, sha256_file
 
@@ -196,16 +193,11 @@ def onnxruntime_candidate(manifest: Manifest, model_dir: str, provider: str) -> 
 def engine_candidate(manifest: Manifest, model_dir: str) -> Candidate:
     """The engines `wam-edge build` wrote; their metadata is checked against this machine before any load."""
     platform = probe_tensorrt()  # ImportError / CUDA errors: the caller reports TensorRT as unusable
-    precision = {}
-    for stage in manifest.stages:
-        path = engine_path(model_dir, stage.name)
-        if not os.path.isfile(path):
-            raise VerifyError("stage %s: no engine %s (build it with `wam-edge build`)" % (stage.name, path))
-        meta = read_meta(meta_path(path))
-        check_engine(meta, stage=stage.name, onnx_sha256=stage.sha256, trt_version=platform.trt_version,
-                     gpu_name=platform.gpu_name, compute_capability=platform.compute_capability)
-        check_engine_bytes(meta, sha256_file(path))
-        precision[stage.name] = meta.precision
+    metas = read_engine_metas(manifest, model_dir)
+    match_engines(manifest, metas, platform)
+    for name, meta in metas.items():
+        check_engine_bytes(meta, sha256_file(engine_path(model_dir, name)))
+    precision = {name: meta.precision for name, meta in metas.items()}
     from polygraphy.backend.trt import EngineFromPath, TrtRunner  # noqa: PLC0415
 
     def make(stage: str) -> Any:
@@ -387,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "wam-edge verify") ->
         report = verify(args.model, reference, manifest, args.providers or ["cpu"], args.engines, _thresholds(args))
     except ImportError as exc:
         return fail(3, "TensorRT is not usable here (%s); engines are checked on the robot" % exc)
-    except (VerifyError, EngineMismatch, EngineMetaError) as exc:
+    except (VerifyError, EngineMismatch, EngineMetaError, EngineFileMissing) as exc:
         return fail(2, str(exc))
     report["reference"] = source
     print_report(report)

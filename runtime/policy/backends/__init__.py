@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..manifest import Manifest
 from .base import StageBackend
-from .engine_meta import EngineMetaError, EngineMismatch, check_engine, meta_path, read_meta
+from .engine_meta import REBUILD_HINT, EngineMeta, EngineMetaError, EngineMismatch, check_engine, meta_path, read_meta
 
 log = logging.getLogger("wam_edge.policy")
 
@@ -107,6 +107,39 @@ def probe_onnxruntime() -> Sequence[str]:
     return tuple(onnxruntime.get_available_providers())
 
 
+class EngineFileMissing(FileNotFoundError):
+    """A stage has no engine file, or no metadata beside it."""
+
+
+def read_engine_meta(stage: str, model_dir: str) -> EngineMeta:
+    """The metadata beside ``<stage>.engine``: file checks and a strict read, no TensorRT. Raises
+    EngineFileMissing or EngineMetaError, each naming the stage and file and saying how to rebuild."""
+    path = engine_path(model_dir, stage)
+    if not os.path.isfile(path):
+        raise EngineFileMissing("stage %s: no engine file %s (%s)" % (stage, os.path.basename(path), REBUILD_HINT))
+    mpath = meta_path(path)
+    if not os.path.isfile(mpath):
+        raise EngineFileMissing("stage %s: no engine metadata %s, so its TensorRT version and GPU are unknown (%s)"
+                                % (stage, os.path.basename(mpath), REBUILD_HINT))
+    try:
+        return read_meta(mpath)
+    except EngineMetaError as exc:
+        raise EngineMetaError("stage %s: %s (%s)" % (stage, exc, REBUILD_HINT)) from None
+
+
+def read_engine_metas(manifest: Manifest, model_dir: str) -> Dict[str, EngineMeta]:
+    """Stage name -> read_engine_meta, for every stage (cheap: tried before TensorRT is imported)."""
+    return {stage.name: read_engine_meta(stage.name, model_dir) for stage in manifest.stages}
+
+
+def match_engines(manifest: Manifest, metas: Mapping[str, EngineMeta], platform: TrtPlatform) -> None:
+    """Every stage's engine metadata against its ONNX hash and this TensorRT and GPU (EngineMismatch)."""
+    for stage in manifest.stages:
+        check_engine(metas[stage.name], stage=stage.name, onnx_sha256=stage.sha256,
+                     trt_version=platform.trt_version, gpu_name=platform.gpu_name,
+                     compute_capability=platform.compute_capability)
+
+
 def select_ort(ort_probe: Callable[[], Sequence[str]] = probe_onnxruntime,
                gpu_providers: Sequence[str] = DEFAULT_GPU_PROVIDERS) -> Tuple[str, str]:
     """(backend, reason) for ONNX Runtime: "onnxruntime-gpu" when it lists one of
@@ -148,32 +181,20 @@ def select_backend(manifest: Manifest, model_dir: str, requested: str,
 def _engines_match(manifest: Manifest, model_dir: str,
                    probe: Callable[[], Optional[TrtPlatform]]) -> Tuple[bool, str]:
     """(every stage has a matching engine, why or why not)."""
-    # Cheap file checks first: no engines is the usual case and needs no TensorRT import.
-    metas = []
-    for stage in manifest.stages:
-        path = engine_path(model_dir, stage.name)
-        if not os.path.isfile(path):
-            return False, "stage %s: no engine file %s" % (stage.name, os.path.basename(path))
-        mpath = meta_path(path)
-        if not os.path.isfile(mpath):
-            return False, "stage %s: no engine metadata %s" % (stage.name, os.path.basename(mpath))
-        try:
-            metas.append((stage, read_meta(mpath)))
-        except EngineMetaError as exc:
-            return False, "stage %s: %s" % (stage.name, exc)
+    try:  # cheap file checks first: no engines is the usual case and needs no TensorRT import
+        metas = read_engine_metas(manifest, model_dir)
+    except (EngineFileMissing, EngineMetaError) as exc:
+        return False, str(exc)
     try:
         platform = probe()
     except Exception as exc:  # ImportError, CUDA init errors: TensorRT is not usable here
         return False, "tensorrt not importable: %s" % (exc,)
     if platform is None:
         return False, "tensorrt not available on this machine"
-    for stage, meta in metas:
-        try:
-            check_engine(meta, stage=stage.name, onnx_sha256=stage.sha256,
-                         trt_version=platform.trt_version, gpu_name=platform.gpu_name,
-                         compute_capability=platform.compute_capability)
-        except EngineMismatch as exc:
-            return False, "stage %s: %s" % (stage.name, exc)
+    try:
+        match_engines(manifest, metas, platform)
+    except EngineMismatch as exc:
+        return False, str(exc)
     return True, "engines for all %d stages match TensorRT %s on %s (sm %s)" % (
         len(metas), platform.trt_version, platform.gpu_name, platform.compute_capability)
 
@@ -205,6 +226,7 @@ def load_backend(manifest: Manifest, model_dir: str, requested: str,
             reason = "%s; %s; %s" % (reason, failed, why)
 
 
-__all__ = ["AUTO", "BACKENDS", "BackendUnavailable", "DEFAULT_GPU_PROVIDERS", "ORT_GPU_PROVIDERS", "StageBackend",
-           "TrtPlatform", "backend_options", "create_backend", "engine_path", "load_backend", "probe_onnxruntime",
-           "probe_tensorrt", "select_backend", "select_ort"]
+__all__ = ["AUTO", "BACKENDS", "BackendUnavailable", "DEFAULT_GPU_PROVIDERS", "EngineFileMissing", "ORT_GPU_PROVIDERS",
+           "StageBackend", "TrtPlatform", "backend_options", "create_backend", "engine_path", "load_backend",
+           "match_engines", "probe_onnxruntime", "probe_tensorrt", "read_engine_meta", "read_engine_metas",
+           "select_backend", "select_ort"]

@@ -32,18 +32,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..manifest import Manifest, StageSpec, TensorSpec, is_host_source
-from . import TrtPlatform, engine_path, probe_tensorrt
+from . import TrtPlatform, engine_path, match_engines, probe_tensorrt, read_engine_metas
 from .base import NUMPY_DTYPES, StageBackend
 from .cuda_graph import CudaGraph, load_driver
 from .engine_meta import (
     REBUILD_HINT,
     EngineMeta,
-    EngineMetaError,
     EngineMismatch,
-    check_engine,
     check_engine_bytes,
-    meta_path,
-    read_meta,
 )
 
 # Module-level DataType aliases of the tensorrt package, by name. Those that are
@@ -51,10 +47,6 @@ from .engine_meta import (
 # the mismatch message. Not trt.nptype: it has no numpy type for BF16/FP8.
 TRT_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int8", "int32", "int64", "uint8", "bool", "fp8")
 _NEEDS = "install the `tensorrt` extra (tensorrt, pycuda) on a machine with an NVIDIA GPU, or use backend onnxruntime"
-
-
-class EngineFileMissing(FileNotFoundError):
-    """A stage has no engine file, or no metadata beside it."""
 
 
 def _gpu_modules_error(module: str, exc: BaseException) -> RuntimeError:
@@ -66,20 +58,7 @@ def check_engines(manifest: Manifest, model_dir: str, platform: Optional[TrtPlat
     """Stage name -> its engine metadata, checked against the stage's ONNX hash and
     the platform (probed when not given). Reads no engine bytes; raises
     EngineFileMissing, EngineMetaError or EngineMismatch, each saying how to rebuild."""
-    metas: Dict[str, EngineMeta] = {}
-    for stage in manifest.stages:
-        path = engine_path(model_dir, stage.name)
-        if not os.path.isfile(path):
-            raise EngineFileMissing("no engine for stage %r (%s does not exist); %s"
-                                    % (stage.name, path, REBUILD_HINT))
-        mpath = meta_path(path)
-        if not os.path.isfile(mpath):
-            raise EngineFileMissing("no engine metadata for stage %r (%s does not exist), so its TensorRT "
-                                    "version and GPU are unknown; %s" % (stage.name, mpath, REBUILD_HINT))
-        try:
-            metas[stage.name] = read_meta(mpath)
-        except EngineMetaError as exc:
-            raise EngineMetaError("%s; %s" % (exc, REBUILD_HINT)) from None
+    metas = read_engine_metas(manifest, model_dir)
     if platform is None:
         try:
             platform = probe()
@@ -87,10 +66,7 @@ def check_engines(manifest: Manifest, model_dir: str, platform: Optional[TrtPlat
             raise _gpu_modules_error(getattr(exc, "name", None) or "tensorrt/pycuda", exc) from exc
         if platform is None:
             raise RuntimeError("no TensorRT platform found on this machine; %s" % _NEEDS)
-    for stage in manifest.stages:
-        check_engine(metas[stage.name], stage=stage.name, onnx_sha256=stage.sha256,
-                     trt_version=platform.trt_version, gpu_name=platform.gpu_name,
-                     compute_capability=platform.compute_capability)
+    match_engines(manifest, metas, platform)
     return metas
 
 
