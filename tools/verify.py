@@ -57,6 +57,10 @@ DEFAULT_THRESHOLDS: Dict[str, Thresholds] = {
 }
 
 
+#: precisions from the strictest to the loosest: an end-to-end run is judged by its loosest stage
+LOOSENESS = ("fp32", "fp16", "bf16")
+
+
 class VerifyError(RuntimeError):
     """Inputs verify cannot work with (no reference, a golden file for other ONNX files, ...)."""
 
@@ -281,8 +285,7 @@ def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest,
     results.extend(run_runtime_backend("onnxruntime", manifest, model_dir, reference, thresholds["fp32"], "fp32"))
     for candidate in candidates:
         if candidate.backend == "tensorrt":
-            loosest = "fp32" if set(candidate.precision.values()) == {"fp32"} else \
-                ("bf16" if "bf16" in candidate.precision.values() else "fp16")
+            loosest = max(candidate.precision.values(), key=LOOSENESS.index)
             results.extend(run_runtime_backend("tensorrt", manifest, model_dir, reference, thresholds[loosest],
                                                loosest))
     return {

@@ -32,7 +32,7 @@ HORIZONS: Tuple[int, ...] = (16, 32, 64)
 #: the sweep's inference trigger: a fixed grid at this rate, so a short run still gives enough chunks
 SWEEP_TRIGGER_RATE_HZ = 20.0
 #: the tools' sources a cached model variant depends on (the cache key hashes them)
-TOOL_SOURCES = ("tools/make_reference.py", "tools/reference_model.py", "tools/export.py")
+TOOL_SOURCES = ("tools/make_reference.py", "tools/reference_model.py", "tools/export.py", "tools/onnx_forms.py")
 
 
 def parse_factors(text: Optional[str]) -> List[str]:

@@ -621,8 +621,8 @@ def verify_files(manifest: Manifest, model_dir: str, check_hashes: bool = True) 
             if actual != stage.sha256:
                 raise ManifestError(
                     "%s: sha256 mismatch (manifest stages[%d].sha256 %s..., file %s...): the file "
-                    "changed after export; re-export the model (e.g. python -m "
-                    "tools.make_reference) instead of editing it" % (
+                    "changed after export; re-export the model (`wam-edge export`; the reference: `make "
+                    "reference`) instead of editing it" % (
                         path, i, stage.sha256[:12], actual[:12]))
 
 
