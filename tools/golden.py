@@ -14,17 +14,16 @@ from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 
+from runtime.policy.backends.base import NUMPY_DTYPES
 from runtime.policy.manifest import Manifest, is_host_source
 
 META_KEY = "__meta__"
 META_KEYS = ("seed", "torch", "stages")
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
-                 "uint8": np.uint8, "bool": np.bool_}
 SMALL_INT_HIGH = 4  # int inputs and rtc:delay draw from [0, 4): small, valid as counts and indices
 
 
 def _draw(rng: np.random.Generator, source: str, dtype: str, shape: Tuple[int, ...], horizon: int) -> np.ndarray:
-    np_dtype = _NUMPY_DTYPES[dtype]
+    np_dtype = NUMPY_DTYPES[dtype]
     if source == "sampler:t":
         return rng.uniform(0.0, 1.0, size=shape).astype(np_dtype)
     if source == "rtc:delay":
