@@ -163,8 +163,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "gpu_providers": Key(["tensorrt", "cuda"], list, "onnxruntime-gpu: execution providers in priority order, "
                              "from tensorrt, cuda (those ONNX Runtime does not list are skipped; nodes a provider "
                              "cannot run fall to the next, then to the CPU)", check=_gpu_providers),
-        "cuda_graph": Key(False, bool, "tensorrt: replay each stage as a captured CUDA graph (fixed shapes and "
-                          "buffers; less launch overhead)"),
+        "cuda_graph": Key(False, bool, "tensorrt: replay each denoising step (its copies in, "
+                          "its engines, the velocity out) as one captured CUDA graph launch (fixed shapes and "
+                          "buffers; less launch overhead; stages are then timed per step)"),
     },
     "policy": {
         "steps": Key(0, int, "sampler steps; 0 takes the manifest's (1 for a distilled model)", lo=0, hi=100),

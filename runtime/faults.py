@@ -155,6 +155,7 @@ class FaultInjectingBackend(StageBackend):
                     sinks.setdefault(stage.name, []).append(inner.host_output(stage.name, t.name))
         self._sinks: Dict[str, Tuple[np.ndarray, ...]] = {k: tuple(v) for k, v in sinks.items()}
         self._none: Tuple[np.ndarray, ...] = ()
+        self.fuses_groups = inner.fuses_groups
 
     @classmethod
     def install(cls, policy: Any, injector: FaultInjector) -> "FaultInjectingBackend":
@@ -174,6 +175,13 @@ class FaultInjectingBackend(StageBackend):
         if self.injector.fault == "nan":
             for buf in self._sinks.get(stage, self._none):
                 buf.fill(np.nan)
+
+    def run_group(self, stages: Tuple[str, ...]) -> None:
+        self.inner.run_group(stages)
+        if self.injector.fault == "nan":
+            for stage in stages:
+                for buf in self._sinks.get(stage, self._none):
+                    buf.fill(np.nan)
 
     def close(self) -> None:
         self.inner.close()

@@ -189,23 +189,123 @@ def _catch(errors, fn, *args):
 
 # --- CUDA graphs ---------------------------------------------------------------------------
 
-def test_cuda_graph_captures_each_stage_and_replays_it(gpu, engines, manifest, model_dir, monkeypatch):
-    driver, lib = fake_driver(gpu)
+def _graph_backend(gpu, manifest, model_dir, monkeypatch, fail=None):
+    driver, lib = fake_driver(gpu, fail)
     monkeypatch.setattr(tensorrt_backend, "load_driver", lambda: driver)
+    return TensorRTBackend(manifest, model_dir, cuda_graph=True, warmup_runs=WARMUP, platform=gpu.platform), lib
+
+
+def test_cuda_graph_captures_each_stage_and_each_step_and_replays_them(gpu, engines, manifest, model_dir,
+                                                                       monkeypatch):
     with TensorRTBackend(manifest, model_dir, warmup_runs=WARMUP, platform=gpu.platform) as plain:
+        assert not plain.fuses_groups
         want = policy_output(plain, manifest)
     gpu.exec_contexts.clear()
-    with TensorRTBackend(manifest, model_dir, cuda_graph=True, warmup_runs=WARMUP, platform=gpu.platform) as b:
-        assert "CUDA graphs" in b.providers
-        assert lib.calls["cuStreamBeginCapture_v2"] == lib.calls["cuStreamEndCapture"] == 2
+    b, lib = _graph_backend(gpu, manifest, model_dir, monkeypatch)
+    with b:
+        assert "CUDA graphs" in b.providers and b.fuses_groups
+        # world, action_expert, and the first step world+action_expert (a later step is action_expert's graph)
+        assert lib.calls["cuStreamBeginCapture_v2"] == lib.calls["cuStreamEndCapture"] == 3
         for ctx in gpu.exec_contexts:
-            assert ctx.calls["execute_async_v3"] == WARMUP + 1  # warm-up, then once inside the capture
-            assert ctx.executed == WARMUP + 1                   # warm-up, then the first graph launch
+            assert ctx.calls["execute_async_v3"] == WARMUP + 2  # warm-up, then inside its own and the step's capture
+            assert ctx.executed == WARMUP + 2                   # warm-up, then the first launch of each graph
+        launches = lib.calls["cuGraphLaunch"]
         got = policy_output(b, manifest)
-        assert all(ctx.calls["execute_async_v3"] == WARMUP + 1 for ctx in gpu.exec_contexts)  # graphs only
+        assert lib.calls["cuGraphLaunch"] == launches + 1  # the one-step student: one launch per inference
+        assert all(ctx.calls["execute_async_v3"] == WARMUP + 2 for ctx in gpu.exec_contexts)  # graphs only
     np.testing.assert_array_equal(got, want)
-    assert lib.calls["cuGraphExecDestroy"] == lib.calls["cuGraphDestroy"] == 2 and not gpu.graphs
+    assert lib.calls["cuGraphExecDestroy"] == lib.calls["cuGraphDestroy"] == 3 and not gpu.graphs
     assert released(gpu)
+
+
+def test_a_step_graph_holds_its_copies_and_engines_in_order(gpu, engines, manifest, model_dir, monkeypatch):
+    b, _ = _graph_backend(gpu, manifest, model_dir, monkeypatch)
+    with b:
+        world, expert = gpu.exec_contexts
+        (step,) = [g for g in gpu.graph_execs.values() if world.execute in g and expert.execute in g]
+        kinds = ["engine:" + ("world" if w == world.execute else "expert") if w in (world.execute, expert.execute)
+                 else "copy" for w in step]
+        host_fed = {id(buf) for buf in _host_input_buffers(b, manifest)}
+        n_up = len(host_fed)  # each host source goes up once, though two stages may read it
+        assert kinds == ["copy"] * n_up + ["engine:world", "engine:expert", "copy"]
+        gpu.copies.clear()
+        b.run_group(("world", "action_expert"))
+        assert sum(n for (kind, _), n in gpu.copies.items() if kind == "htod") == n_up
+        assert sum(n for (kind, _), n in gpu.copies.items() if kind == "dtoh") == 1  # the velocity only
+
+
+def _host_input_buffers(backend, manifest):
+    return [backend.host_input(s.name, t.name) for s in manifest.stages for t in s.inputs
+            if is_host_source(t.source or "")]
+
+
+def test_a_teacher_launches_one_graph_per_step_and_times_steps_as_groups(gpu, engines, manifest, model_dir,
+                                                                         monkeypatch):
+    with TensorRTBackend(manifest, model_dir, warmup_runs=WARMUP, platform=gpu.platform) as plain:
+        reference = Policy(manifest, plain, steps=3)
+        assert set(reference.last_stage_ms) == {"world", "action_expert"}
+        want = reference.infer_normalised(*_policy_inputs(manifest)).copy()
+    b, lib = _graph_backend(gpu, manifest, model_dir, monkeypatch)
+    with b:
+        policy = Policy(manifest, b, steps=3)
+        assert set(policy.last_stage_ms) == {"world+action_expert", "action_expert"}
+        launches = lib.calls["cuGraphLaunch"]
+        got = policy.infer_normalised(*_policy_inputs(manifest)).copy()
+        assert lib.calls["cuGraphLaunch"] == launches + 3
+        assert policy.last_stage_ms["world+action_expert"] > 0 and policy.last_stage_ms["action_expert"] > 0
+        one_step = Policy(manifest, b)  # the distilled student: no later steps to time
+        assert set(one_step.last_stage_ms) == {"world+action_expert"}
+    np.testing.assert_array_equal(got, want)
+
+
+def _policy_inputs(manifest):
+    rng = np.random.default_rng(5)
+    cams = {c.name: rng.standard_normal((1, 3, c.height, c.width)).astype(np.float32) for c in manifest.cameras}
+    state = rng.standard_normal(len(manifest.state.joints)).astype(np.float32)
+    noise = rng.standard_normal((1, manifest.horizon, manifest.action_dim)).astype(np.float32)
+    return cams, state, noise
+
+
+def test_run_group_without_graphs_or_for_another_group_runs_stage_by_stage(backend, gpu):
+    world, expert = gpu.exec_contexts
+    before = world.executed, expert.executed
+    backend.run_group(("world", "action_expert"))
+    backend.run_group(("action_expert", "world"))  # not a step the executor runs: still correct, just not fused
+    assert (world.executed, expert.executed) == (before[0] + 2, before[1] + 2)
+    with pytest.raises(KeyError, match="no stage 'nope'"):
+        backend.run_group(("nope",))
+
+
+def test_step_graph_is_refused_after_close_and_from_another_thread(gpu, engines, manifest, model_dir, monkeypatch):
+    b, _ = _graph_backend(gpu, manifest, model_dir, monkeypatch)
+    errors = []
+    thread = threading.Thread(target=_catch, args=(errors, b.run_group, ("world", "action_expert")))
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "from another thread" in str(errors[0])
+    b.close()
+    with pytest.raises(RuntimeError, match=r"run_group\(\('world', 'action_expert'\)\) after close"):
+        b.run_group(("world", "action_expert"))
+
+
+def test_nan_fault_injection_reaches_a_fused_step(gpu, engines, manifest, model_dir, monkeypatch):
+    from runtime.faults import FaultInjectingBackend, FaultInjector
+    from runtime.policy.errors import PolicyError
+
+    b, lib = _graph_backend(gpu, manifest, model_dir, monkeypatch)
+    with b:
+        policy = Policy(manifest, b)
+        injector = FaultInjector()
+        wrapped = FaultInjectingBackend.install(policy, injector)
+        assert wrapped.fuses_groups
+        images = {c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in manifest.cameras}
+        state = np.zeros(len(manifest.state.joints), np.float32)
+        assert np.isfinite(policy.infer(images, state)).all()
+        injector.inject("nan")
+        launches = lib.calls["cuGraphLaunch"]
+        with pytest.raises(PolicyError, match="non-finite"):
+            policy.infer(images, state)
+        assert lib.calls["cuGraphLaunch"] == launches + 1  # still the step's graph, then the sink filled with NaN
 
 
 def test_cuda_graph_needs_a_warmup_run(gpu, engines, manifest, model_dir):

@@ -20,7 +20,7 @@ import os
 import sys
 import types
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnxruntime as ort
@@ -78,8 +78,9 @@ class FakeGpu:
         self.exec_contexts: List["IExecutionContext"] = []
         self.host_allocations: List["HostAllocation"] = []
         self.capturing: Optional[int] = None  # stream handle being captured
-        self.graphs: Dict[int, List["IExecutionContext"]] = {}
-        self.graph_execs: Dict[int, List["IExecutionContext"]] = {}
+        # captured work, replayed by a launch: engine executions and copies, in stream order
+        self.graphs: Dict[int, List[Callable[[], None]]] = {}
+        self.graph_execs: Dict[int, List[Callable[[], None]]] = {}
 
     @property
     def platform(self) -> TrtPlatform:
@@ -224,7 +225,7 @@ class IExecutionContext:
         if not any(s.handle == stream_handle for s in gpu.streams) or set(self.addresses) != set(self._engine._io):
             return False
         if gpu.capturing == stream_handle:
-            gpu.graphs.setdefault(-1, []).append(self)  # recorded into the graph being captured
+            gpu.graphs.setdefault(-1, []).append(self.execute)  # recorded into the graph being captured
             return True
         self.execute()
         return True
@@ -349,17 +350,31 @@ def _driver_module(gpu: FakeGpu) -> types.ModuleType:
         gpu.host_allocations.append(host)
         return np.ndarray(shape, dtype, buffer=host, order=order)
 
-    def memcpy_htod_async(dest: Any, src: np.ndarray, stream: Optional[Stream] = None) -> None:
-        _check_pinned(src, "memcpy_htod_async")
+    def on_stream(stream: Optional[Stream], work: Callable[[], None]) -> None:
+        """Do the copy now, or record it into the graph being captured on this stream."""
         assert isinstance(stream, Stream), "standin: copies must go on the backend's stream"
-        gpu.device(dest, src.nbytes, "memcpy_htod_async")[...] = src.reshape(-1).view(np.uint8)
-        gpu.copies[("htod", int(dest))] += 1
+        if gpu.capturing == stream.handle:
+            gpu.graphs[-1].append(work)
+        else:
+            work()
+
+    def memcpy_htod_async(dest: Any, src: np.ndarray, stream: Optional[Stream] = None) -> None:
+        _check_pinned(src, "memcpy_htod_async")  # a capture refuses pageable memory
+        target = gpu.device(dest, src.nbytes, "memcpy_htod_async")
+
+        def copy() -> None:
+            target[...] = src.reshape(-1).view(np.uint8)
+            gpu.copies[("htod", int(dest))] += 1
+        on_stream(stream, copy)
 
     def memcpy_dtoh_async(dest: np.ndarray, src: Any, stream: Optional[Stream] = None) -> None:
         _check_pinned(dest, "memcpy_dtoh_async")
-        assert isinstance(stream, Stream), "standin: copies must go on the backend's stream"
-        dest.reshape(-1).view(np.uint8)[...] = gpu.device(src, dest.nbytes, "memcpy_dtoh_async")
-        gpu.copies[("dtoh", int(src))] += 1
+        source = gpu.device(src, dest.nbytes, "memcpy_dtoh_async")
+
+        def copy() -> None:
+            dest.reshape(-1).view(np.uint8)[...] = source
+            gpu.copies[("dtoh", int(src))] += 1
+        on_stream(stream, copy)
 
     for fn in (init, mem_alloc, memset_d8, pagelocked_empty, memcpy_htod_async, memcpy_dtoh_async):
         setattr(cuda, fn.__name__, fn)
@@ -434,8 +449,8 @@ class FakeLibcuda:
         return 0
 
     def _cuGraphLaunch(self, graph_exec: int, stream: int) -> int:
-        for context in self._gpu.graph_execs[graph_exec]:
-            context.execute()
+        for work in self._gpu.graph_execs[graph_exec]:
+            work()
         return 0
 
     def _cuGraphExecDestroy(self, graph_exec: int) -> int:

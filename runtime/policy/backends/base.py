@@ -55,6 +55,17 @@ class StageBackend(abc.ABC):
     def run(self, stage: str) -> None:
         """Run one stage synchronously. Must not allocate per call."""
 
+    #: True when run_group replays a group as one unit (TensorRT with CUDA graphs): the executor then times the
+    #: group as a whole, since the stages in it cannot be timed one by one.
+    fuses_groups = False
+
+    def run_group(self, stages: Tuple[str, ...]) -> None:
+        """Run stages in order, synchronously, as one denoising step. The host inputs of all of them are written
+        before the call and their host outputs are complete when it returns. Default: run() each; a backend may
+        replay the whole group at once (fuses_groups). Must not allocate per call."""
+        for stage in stages:
+            self.run(stage)
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release sessions/engines; buffers must not be used afterwards."""

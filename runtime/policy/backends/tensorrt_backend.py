@@ -6,7 +6,13 @@ the manifest after it is deserialized. Every buffer is allocated once: a device
 buffer plus a pinned host buffer per host source and per sink, one device
 buffer per stage output that is bound as the producer's output and the
 consumers' input, so the world K/V never visit the host. One CUDA stream, the
-name-based tensor API (TensorRT 8.5 through 10.x), optional CUDA graphs.
+name-based tensor API (TensorRT 8.5 through 10.x).
+
+Optional CUDA graphs (cuda_graph): each stage, and each denoising step the
+executor runs through run_group (the first step with the context stages, and
+a later step), is captured once after warm-up with its host-to-device copies,
+its engines and its device-to-host copies, and then replayed with one launch:
+a whole step costs one graph launch and one synchronize.
 
 CUDA context: no pycuda.autoinit. Device 0's primary context is retained and
 pushed on the creating thread for the backend's life, and popped and released by
@@ -128,16 +134,26 @@ def _nbytes(t: TensorSpec) -> int:
     return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(NUMPY_DTYPES[t.dtype]).itemsize
 
 
-class _StagePlan:
-    """What run(stage) does, precomputed: copies in, the engine, copies out."""
-    __slots__ = ("name", "context", "uploads", "downloads", "graph")
+class _Plan:
+    """What run(stage) or run_group(stages) does, precomputed: copies in, the engines in order, copies out."""
+    __slots__ = ("name", "contexts", "uploads", "downloads", "graph")
 
-    def __init__(self, name: str, context: Any) -> None:
+    def __init__(self, name: str, contexts: Tuple[Any, ...]) -> None:
         self.name = name
-        self.context = context
+        self.contexts = contexts
         self.uploads: List[Tuple[Any, np.ndarray]] = []    # (device, pinned host) for host-fed inputs
         self.downloads: List[Tuple[np.ndarray, Any]] = []  # (pinned host, device) for sinks
         self.graph: Optional[CudaGraph] = None
+
+    @classmethod
+    def merged(cls, plans: List["_Plan"]) -> "_Plan":
+        """One plan for stages run back to back: every upload first (a host source two stages share goes up
+        once), then the engines, then every download."""
+        group = cls("+".join(p.name for p in plans), tuple(c for p in plans for c in p.contexts))
+        for p in plans:
+            group.uploads += [u for u in p.uploads if all(u[0] is not v[0] for v in group.uploads)]
+            group.downloads += p.downloads
+        return group
 
 
 class TensorRTBackend(StageBackend):
@@ -167,7 +183,9 @@ class TensorRTBackend(StageBackend):
         self._stream: Any = None
         self._runtime: Any = None
         self._engines: List[Any] = []
-        self._plans: Dict[str, _StagePlan] = {}
+        self._plans: Dict[str, _Plan] = {}                # stage -> its plan, for run()
+        self._groups: Dict[Tuple[str, ...], _Plan] = {}   # the executor's steps, for run_group()
+        self.fuses_groups = cuda_graph
         self._device_buffers: List[Any] = []
         self._pinned_buffers: List[np.ndarray] = []
         self._host_inputs: Dict[Tuple[str, str], np.ndarray] = {}
@@ -223,16 +241,21 @@ class TensorRTBackend(StageBackend):
         for _ in range(warmup_runs):
             self._run_all()
         if cuda_graph:
+            self._groups = self._step_groups()
             driver = load_driver()
-            for plan in self._plans.values():
+            stage_plans = list(self._plans.values())
+            graphed = stage_plans + [g for g in self._groups.values() if g not in stage_plans]
+            for plan in graphed:
                 plan.graph = CudaGraph(driver)
                 try:
-                    plan.graph.capture(self._stream.handle, lambda p=plan: self._enqueue(p))
+                    plan.graph.capture(self._stream.handle, lambda p=plan: self._enqueue(p, in_graph=True))
                 except RuntimeError as exc:
-                    raise RuntimeError("stage %r: CUDA graph capture failed: %s; run without cuda_graph"
-                                       % (plan.name, exc)) from exc
+                    what = "stage %r" % plan.name if len(plan.contexts) == 1 else "stages %s" % plan.name
+                    raise RuntimeError("%s: CUDA graph capture failed: %s; run without cuda_graph"
+                                       % (what, exc)) from exc
             self._providers += ("CUDA graphs",)
-            self._run_all()  # the first launch of each graph, before reporting ready
+            for plan in graphed:
+                self._run_plan(plan)  # the first launch of each graph, before reporting ready
 
     def _bind(self, contexts: Dict[str, Any]) -> None:
         """Allocate every buffer once and bind it: set_input_shape and set_tensor_address per tensor."""
@@ -240,7 +263,7 @@ class TensorRTBackend(StageBackend):
         produced: Dict[str, Any] = {}                          # "<stage>:<output>" -> device
         for stage in self.manifest.stages:
             ctx = contexts[stage.name]
-            plan = _StagePlan(stage.name, ctx)
+            plan = _Plan(stage.name, (ctx,))
             where = "%s (stage %r)" % (engine_path(self.model_dir, stage.name), stage.name)
             for t in stage.inputs:
                 source = t.source or ""
@@ -270,6 +293,18 @@ class TensorRTBackend(StageBackend):
                 self._set_address(ctx, where, t.name, device)
             self._plans[stage.name] = plan
 
+    def _step_groups(self) -> Dict[Tuple[str, ...], _Plan]:
+        """The groups the executor runs (Policy._denoise): the context ('once') stages with the per-step stages for
+        the first denoising step, the per-step stages alone for every later one."""
+        once = tuple(s.name for s in self.manifest.stages if s.runs == "once")
+        per_step = tuple(s.name for s in self.manifest.stages if s.runs == "per_step")
+        groups: Dict[Tuple[str, ...], _Plan] = {}
+        for names in (once + per_step, per_step):
+            if names and names not in groups:
+                plans = [self._plans[n] for n in names]
+                groups[names] = plans[0] if len(plans) == 1 else _Plan.merged(plans)
+        return groups
+
     @staticmethod
     def _set_address(ctx: Any, where: str, name: str, device: Any) -> None:
         if not ctx.set_tensor_address(name, int(device)):
@@ -290,36 +325,62 @@ class TensorRTBackend(StageBackend):
 
     # --- hot path ---------------------------------------------------------------------
 
-    def _enqueue(self, plan: _StagePlan) -> None:
-        if not plan.context.execute_async_v3(self._stream.handle):
-            raise RuntimeError("stage %r: TensorRT execute_async_v3 failed (see its log above)" % plan.name)
-
-    def _run_plan(self, plan: _StagePlan) -> None:
+    def _enqueue(self, plan: _Plan, in_graph: bool = False) -> None:
+        """Put the plan's work on the stream: the copies too when it is being captured (from pinned host buffers,
+        which a capture allows), else only the engines, the copies being _run_plan's."""
         cuda, stream = self._cuda, self._stream
-        for device, host in plan.uploads:
-            cuda.memcpy_htod_async(device, host, stream)
-        if plan.graph is not None:
+        if in_graph:
+            for device, host in plan.uploads:
+                cuda.memcpy_htod_async(device, host, stream)
+        for context in plan.contexts:
+            if not context.execute_async_v3(stream.handle):
+                raise RuntimeError("stage(s) %s: TensorRT execute_async_v3 failed (see its log above)" % plan.name)
+        if in_graph:
+            for host, device in plan.downloads:
+                cuda.memcpy_dtoh_async(host, device, stream)
+
+    def _run_plan(self, plan: _Plan) -> None:
+        cuda, stream = self._cuda, self._stream
+        if plan.graph is not None:  # copies and engines in one launch
             plan.graph.launch(stream.handle)
         else:
+            for device, host in plan.uploads:
+                cuda.memcpy_htod_async(device, host, stream)
             self._enqueue(plan)
-        for host, device in plan.downloads:
-            cuda.memcpy_dtoh_async(host, device, stream)
+            for host, device in plan.downloads:
+                cuda.memcpy_dtoh_async(host, device, stream)
         stream.synchronize()
 
     def _run_all(self) -> None:
         for stage in self.manifest.stages:
             self._run_plan(self._plans[stage.name])
 
-    def run(self, stage: str) -> None:
+    def _check_caller(self, what: str) -> None:
         if self._closed:
-            raise RuntimeError("tensorrt backend: run(%r) after close()" % (stage,))
+            raise RuntimeError("tensorrt backend: %s after close()" % what)
         if threading.get_ident() != self._owner:
-            raise RuntimeError("tensorrt backend: run(%r) from another thread than the one that created it "
-                               "(its CUDA context is current there only)" % (stage,))
+            raise RuntimeError("tensorrt backend: %s from another thread than the one that created it (its CUDA "
+                               "context is current there only)" % what)
+
+    def run(self, stage: str) -> None:
+        if self._closed or threading.get_ident() != self._owner:
+            self._check_caller("run(%r)" % (stage,))
         plan = self._plans.get(stage)
         if plan is None:
             raise KeyError("no stage %r (stages: %s)" % (stage, ", ".join(self._plans)))
         self._run_plan(plan)
+
+    def run_group(self, stages: Tuple[str, ...]) -> None:
+        """A step the executor runs: one graph launch with cuda_graph, else (or for a group it does not run) one
+        run() per stage."""
+        if self._closed or threading.get_ident() != self._owner:
+            self._check_caller("run_group(%r)" % (stages,))
+        group = self._groups.get(stages)
+        if group is None:
+            for stage in stages:
+                self.run(stage)
+        else:
+            self._run_plan(group)
 
     # --- the rest of the interface ----------------------------------------------------
 
@@ -359,11 +420,12 @@ class TensorRTBackend(StageBackend):
         try:
             if self._stream is not None:
                 self._stream.synchronize()
-            for plan in self._plans.values():
+            for plan in list(self._plans.values()) + list(self._groups.values()):
                 if plan.graph is not None:
                     plan.graph.close()
             # TensorRT objects: execution contexts before their engines, engines before the runtime.
             self._plans.clear()
+            self._groups.clear()
             self._engines.clear()
             self._runtime = None
             for device in self._device_buffers:
