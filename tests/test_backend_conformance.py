@@ -145,6 +145,26 @@ def test_run_fills_outputs_deterministically(backend, manifest):
         np.testing.assert_array_equal(o, f)
 
 
+def test_run_group_equals_running_the_stages_one_by_one(backend, manifest):
+    """The first denoising step as the executor runs it (context stages, then per-step stages) in one run_group, and
+    a later step (per-step stages): the same outputs as run() stage by stage, fused or not."""
+    once = tuple(s.name for s in manifest.stages if s.runs == "once")
+    per_step = tuple(s.name for s in manifest.stages if s.runs == "per_step")
+    outs = [backend.host_output(stage, t.name) for stage, t in host_outputs(manifest)]
+    for group in (once + per_step, per_step):
+        fill(backend, manifest, 4)
+        run_all(backend, manifest)
+        for name in group:
+            backend.run(name)
+        want = [o.copy() for o in outs]
+        for o in outs:
+            o[...] = np.nan
+        backend.run_group(group)
+        for o, w in zip(outs, want):
+            np.testing.assert_array_equal(o, w)
+    assert isinstance(backend.fuses_groups, bool)
+
+
 def test_no_allocation_growth(backend, manifest):
     fill(backend, manifest, 2)
     for _ in range(5):

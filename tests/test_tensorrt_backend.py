@@ -87,6 +87,19 @@ def test_contract_no_python_heap_growth_over_100_runs(backend, manifest):
     conformance.test_no_allocation_growth(backend, manifest)
 
 
+def test_contract_run_group(backend, manifest):
+    conformance.test_run_group_equals_running_the_stages_one_by_one(backend, manifest)
+
+
+def test_contract_run_group_with_cuda_graphs(gpu, engines, manifest, model_dir, monkeypatch):
+    b, lib = _graph_backend(gpu, manifest, model_dir, monkeypatch)
+    with b:
+        launches = lib.calls["cuGraphLaunch"]
+        conformance.test_run_group_equals_running_the_stages_one_by_one(b, manifest)
+        conformance.test_no_allocation_growth(b, manifest)
+        assert lib.calls["cuGraphLaunch"] > launches
+
+
 def test_contract_providers_and_describe(backend, gpu):
     conformance.test_providers_and_describe(backend)
     assert backend.providers == ("TensorRT 10.3.0", "StandinGPU (sm 8.7)")
@@ -559,6 +572,7 @@ class TestOnRealGpu:
         conformance.test_host_buffers_stable_and_writable(backend, manifest)
         conformance.test_run_fills_outputs_deterministically(backend, manifest)
         conformance.test_no_allocation_growth(backend, manifest)
+        conformance.test_run_group_equals_running_the_stages_one_by_one(backend, manifest)
         conformance.test_providers_and_describe(backend)
 
     def test_policy_close_to_ort_cpu(self, real):
