@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     install.add_arguments(p)
 
+    p = sub.add_parser("doctor", help="what this machine can run and what the configured model will run on: "
+                       "Python, model, ONNX Runtime, TensorRT, engines, backend, DDS, camera, Jetson (exit 1 on a "
+                       "failed check)")
+    _common(p)
+    p.add_argument("--json", action="store_true", help='print {"ok": bool, "checks": [{name, status, detail}]}')
+
     p = sub.add_parser("config", help="print the effective configuration, or the documented defaults")
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print the schema's defaults as commented YAML")
@@ -139,6 +145,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return install.run(args)
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "doctor":  # a configuration error is one of its failed checks, not exit 2
+        from runtime import doctor
+
+        return doctor.main(args.config or default_config_path(), args.overrides, args.json)
     if args.command == "config" and args.defaults:
         sys.stdout.write(render_defaults())
         return 0
