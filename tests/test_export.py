@@ -475,6 +475,12 @@ def test_form_check_refuses_old_opsets_custom_domains_and_sequences():
 
     ok = model([helper.make_node("Softmax", ["x"], ["y"], name="sm")], [("", 17)])
     assert check_trt_friendly(ok, "s", "Mod") == {"LayerNormalization": 0, "Softmax": 1, "decomposed norm": 0}
+    unused = helper.make_model(helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "k")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ExportError, match=r"stage 's' \(Mod\): input \['k'\] is not used by the exported graph"):
+        check_trt_friendly(unused, "s", "Mod")
     with pytest.raises(ExportError, match=r"stage 's' \(Mod\): default-domain opset is 16; it must be >= 17"):
         check_trt_friendly(model([helper.make_node("Relu", ["x"], ["y"])], [("", 16)]), "s", "Mod")
     custom = model([helper.make_node("FusedThing", ["x"], ["y"], name="f0", domain="com.example")],
@@ -516,3 +522,111 @@ def test_hand_written_norms_are_counted_and_warned_about(tmp_path, capsys):
     reference = student()
     for r in export_model(reference.stages, str(tmp_path / "ref"), reference.manifest)[1]:
         assert r.op_counts[DECOMPOSED_NORM] == 0 and norm_warning(r.name, r.op_counts) is None
+
+
+# --- attention as user models write it ---------------------------------------------------------------------
+
+GQA_HEADS, GQA_KV_HEADS, GQA_DIM, GQA_TOKENS = 6, 2, 8, 256  # ImageWAM's expert: 24 query / 8 KV heads, smaller
+
+
+def gqa_sdpa(checkpoint=None):
+    """`--factory test_export:gqa_sdpa`: an action expert written with F.scaled_dot_product_attention over
+    grouped-query heads (enable_gqa) and nn.RMSNorm, attending to the world stage's K/V."""
+    import torch
+    import torch.nn.functional as F
+
+    from tools.export import ExportSpec, StageExport
+
+    h, kvh, d, n = GQA_HEADS, GQA_KV_HEADS, GQA_DIM, GQA_TOKENS
+
+    class World(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kv = torch.nn.Linear(3, 2 * kvh * d)
+
+        def forward(self, image):
+            kv = self.kv(image.flatten(2).transpose(1, 2)).reshape(1, n, 2, kvh, d).permute(2, 0, 3, 1, 4)
+            return kv[0], kv[1]
+
+    class Expert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(2, h * d)
+            self.norm = torch.nn.RMSNorm(h * d)
+            self.q = torch.nn.Linear(h * d, h * d)
+            self.out = torch.nn.Linear(h * d, 2)
+
+        def forward(self, x_t, t, state, k, v):
+            q = self.q(self.norm(self.inp(x_t) * t[:, None, None])).reshape(1, 4, h, d).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.out(a.transpose(1, 2).reshape(1, 4, h * d)) + state[:, None, :]
+
+    torch.manual_seed(0)
+    kv_example = torch.zeros(1, kvh, n, d)
+    return ExportSpec(manifest=_toy_manifest(), stages=[
+        StageExport("world", World(), (torch.zeros(1, 3, 16, 16),), ["image"], ["k", "v"],
+                    sources={"image": "camera:head"}),
+        StageExport("expert", Expert(), (torch.zeros(1, 4, 2), torch.ones(1), torch.zeros(1, 2), kv_example,
+                                         kv_example), ["x_t", "t", "state", "k", "v"], ["velocity"],
+                    runs="per_step", sinks={"velocity": "sampler:velocity"},
+                    sources={"x_t": "sampler:x", "t": "sampler:t", "state": "state", "k": "world:k",
+                             "v": "world:v"}),
+    ])
+
+
+#: what the SDPA expert may become at opset 17: plain ops TensorRT 8.5's ONNX parser takes (no fused Attention)
+PLAIN_ATTENTION_OPS = {"MatMul", "Softmax", "Add", "Mul", "Div", "Reshape", "Transpose", "Unsqueeze", "Expand",
+                       "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Gather", "Slice", "Concat", "Cast", "Shape",
+                       "Where", "Sub", "Neg", "Squeeze", "Constant"}
+
+
+@pytest.mark.slow
+def test_grouped_query_sdpa_and_rmsnorm_export_to_plain_ops_that_match_torch(tmp_path, capsys):
+    out = str(tmp_path / "gqa")
+    assert _export_main(["--factory", "test_export:gqa_sdpa", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "--precision expert=fp32" in printed  # the RMSNorm's square, named
+    import onnx
+
+    model = onnx.load(os.path.join(out, "expert.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert {"MatMul", "Softmax"} <= ops and ops <= PLAIN_ATTENTION_OPS, ops - PLAIN_ATTENTION_OPS
+    from tools import verify
+
+    assert verify.main(["--model", out]) == 0  # ONNX Runtime and the runtime's backend vs PyTorch's golden data
+    assert "verify: passed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_input_the_model_ignores_fails_naming_it(tmp_path):
+    torch = _torch()
+    from tools.export import ExportError, StageExport, export_model
+
+    class IgnoresT(torch.nn.Module):
+        def forward(self, image, x_t, t, state):
+            return x_t + state[:, None, :] + image.mean()
+
+    stage = StageExport("expert", IgnoresT(), (torch.zeros(1, 3, 16, 16), torch.zeros(1, 4, 2), torch.ones(1),
+                                              torch.zeros(1, 2)), ["image", "x_t", "t", "state"], ["velocity"],
+                        runs="per_step", sinks={"velocity": "sampler:velocity"},
+                        sources={"image": "camera:head", "x_t": "sampler:x", "t": "sampler:t", "state": "state"})
+    with pytest.raises(ExportError, match=r"stage 'expert' \(IgnoresT\): input \['t'\] is not used by the exported "
+                                          r"graph.*remove it from the stage's inputs"):
+        export_model([stage], str(tmp_path / "m"), _toy_manifest())
+
+
+def test_one_tensor_passed_for_two_inputs_is_cloned_for_the_exporter():
+    torch = _torch()
+    pytest.importorskip("onnx")
+    from tools.export import _distinct_examples
+
+    kv = torch.zeros(1, 2, 8, 4)
+    both = torch.zeros(2, 3)
+    other = torch.ones(3)
+    out = _distinct_examples((kv, kv, both[0], both[1], other, 1.0))
+    assert out[0] is kv and out[4] is other and out[5] == 1.0
+    assert out[1] is not kv and torch.equal(out[1], kv)
+    assert out[1].untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()
+    assert out[2].untyped_storage().data_ptr() == both.untyped_storage().data_ptr()  # the first is kept
+    assert out[3].untyped_storage().data_ptr() != both.untyped_storage().data_ptr()  # a view of the same memory

@@ -196,8 +196,25 @@ def _dim_names(stage: StageExport) -> Dict[str, Tuple[str, int, Profile]]:
     return names
 
 
+def _distinct_examples(examples: Sequence[Any]) -> Tuple[Any, ...]:
+    """The example inputs with every tensor that shares memory with an earlier one cloned. The dynamo exporter
+    takes one tensor passed for two inputs (zeros of the same shape for K and V, say) as one input: the graph then
+    reads it for both and leaves the other input unused, a silently wrong model."""
+    seen: set = set()
+    out = []
+    for t in examples:
+        if isinstance(t, torch.Tensor):
+            key = t.untyped_storage().data_ptr() if t.numel() else None
+            if key is not None and key in seen:
+                t = t.clone()
+            seen.add(key)
+        out.append(t)
+    return tuple(out)
+
+
 def _torch_export(stage: StageExport, path: str, opset: int, dims: Dict[str, Tuple[str, int, Profile]]) -> str:
     """dynamo exporter first; the TorchScript one only if dynamo fails (said aloud). Returns which one ran."""
+    examples = _distinct_examples(stage.example_inputs)
     kwargs: Dict[str, Any] = dict(input_names=list(stage.input_names), output_names=list(stage.output_names),
                                   opset_version=opset)
     dynamo_kwargs: Dict[str, Any] = dict(external_data=False, verbose=False)
@@ -213,7 +230,7 @@ def _torch_export(stage: StageExport, path: str, opset: int, dims: Dict[str, Tup
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's own chatter (opset conversion notes, deprecations)
-            torch.onnx.export(stage.module, stage.example_inputs, path, dynamo=True, **kwargs, **dynamo_kwargs)
+            torch.onnx.export(stage.module, examples, path, dynamo=True, **kwargs, **dynamo_kwargs)
         return "dynamo"
     except Exception as exc:  # any exporter failure triggers the fallback
         dynamo_error = exc
@@ -222,7 +239,7 @@ def _torch_export(stage: StageExport, path: str, opset: int, dims: Dict[str, Tup
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(stage.module, stage.example_inputs, path, dynamo=False, **kwargs, **legacy_kwargs)
+            torch.onnx.export(stage.module, examples, path, dynamo=False, **kwargs, **legacy_kwargs)
         return "torchscript"
     except Exception as exc:
         raise ExportError("%s: ONNX export failed with both exporters: dynamo: %s; torchscript: %s"

@@ -189,7 +189,8 @@ def walk_nodes(graph: onnx.GraphProto):
 
 def check_trt_friendly(model: onnx.ModelProto, stage: str, module_name: str) -> Dict[str, int]:
     """The form TensorRT parses: default-domain opset >= 17, no custom-domain nodes (no local functions), none of
-    TRT_UNSUPPORTED_OPS. Returns the count of each REPORTED_OPS (for the summary, never an error)."""
+    TRT_UNSUPPORTED_OPS, every graph input used. Returns the count of each REPORTED_OPS (for the summary, never an
+    error)."""
     label = "stage %r (%s)" % (stage, module_name)
     opset = default_opset(model)
     if opset is None or opset < MIN_OPSET:
@@ -210,6 +211,16 @@ def check_trt_friendly(model: onnx.ModelProto, stage: str, module_name: str) -> 
             counts[node.op_type] += 1
         if node.op_type == "ReduceMean" and _is_square(producer.get(node.input[0])):
             counts[DECOMPOSED_NORM] += 1
+    used = {name for n in nodes for name in n.input} | {o.name for o in model.graph.output}
+    weights = {t.name for t in model.graph.initializer}
+    unused = [i.name for i in model.graph.input if i.name not in used and i.name not in weights]
+    if unused:
+        raise ExportError("%s: input%s %s %s not used by the exported graph: the engine would not have %s (TensorRT "
+                          "drops unused inputs), so it could not match the manifest; remove %s from the stage's "
+                          "inputs and the module's forward" % (label, "s" if len(unused) > 1 else "", unused,
+                                                               "are" if len(unused) > 1 else "is",
+                                                               "them" if len(unused) > 1 else "it",
+                                                               "them" if len(unused) > 1 else "it"))
     return counts
 
 
