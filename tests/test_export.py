@@ -630,3 +630,80 @@ def test_one_tensor_passed_for_two_inputs_is_cloned_for_the_exporter():
     assert out[1].untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()
     assert out[2].untyped_storage().data_ptr() == both.untyped_storage().data_ptr()  # the first is kept
     assert out[3].untyped_storage().data_ptr() != both.untyped_storage().data_ptr()  # a view of the same memory
+
+
+# --- weights beside the ONNX file (external data) --------------------------------------------------------
+
+@pytest.mark.slow
+def test_external_data_export_loads_verifies_and_is_checked(tmp_path, capsys):
+    out = str(tmp_path / "ext")
+    assert _export_main(["--factory", "test_export:gqa_sdpa", "--out", out, "--external-data", "always"]) == 0
+    assert "weights in expert." in capsys.readouterr().out
+    with open(os.path.join(out, "manifest.json")) as f:
+        stages = {s["name"]: s for s in json.load(f)["stages"]}
+    assert "data" not in stages["world"]  # every tensor of the world stage is under the 1 kB threshold: inline
+    data = stages["expert"]["data"]
+    assert data["file"] == "expert.%s.onnx.data" % data["sha256"][:16]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".data")) == [data["file"]]
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(os.path.join(out, "expert.onnx"), load_external_data=False)
+    assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} == {data["file"]}
+    from tools import verify
+
+    assert verify.main(["--model", out]) == 0  # ONNX Runtime and the runtime's backend read the weights beside it
+    from runtime.policy import load_policy
+
+    policy = load_policy(out)
+    actions = policy.infer({"head": np.zeros((16, 16, 3), np.uint8)}, np.zeros(2, np.float32))
+    assert actions.shape == (4, 2) and np.isfinite(actions).all()
+    policy.close()
+
+    with open(os.path.join(out, data["file"]), "r+b") as f:  # one weight byte changed after the export
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ManifestError, match=r"sha256 mismatch \(manifest stages\[1\]\.data\.sha256"):
+        load_manifest(out)
+    os.remove(os.path.join(out, data["file"]))
+    with pytest.raises(ManifestError, match=r"stages\[1\]\.data\.file: .*does not exist"):
+        load_manifest(out, verify_hashes=False)
+
+
+@pytest.mark.slow
+def test_new_weights_change_the_onnx_hash_and_replace_the_old_data_file(tmp_path, monkeypatch):
+    torch = _torch()
+    from tools import export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_AUTO_BYTES", 1024)  # "auto" moves even these small weights out
+    out = str(tmp_path / "m")
+    spec = gqa_sdpa()
+    first, _ = export.export_model(spec.stages, out, spec.manifest)
+    with torch.no_grad():
+        spec.stages[1].module.q.weight.add_(0.5)  # "retrained" (a tensor big enough to live in the data file)
+    second, _ = export.export_model(spec.stages, out, spec.manifest)
+    old, new = first["stages"][1], second["stages"][1]
+    assert old["data"]["sha256"] != new["data"]["sha256"]
+    assert old["sha256"] != new["sha256"]  # the ONNX file names its weights: engines built from the old ones are stale
+    assert sorted(f for f in os.listdir(out) if f.endswith(".data")) == [new["data"]["file"]]
+    assert first["stages"][0] == second["stages"][0]
+    load_manifest(out)
+
+
+def test_manifest_data_entries_are_checked_like_stage_files():
+    def with_data(data):
+        m = _committed_manifest()
+        m["stages"][1]["data"] = data
+        return m
+
+    good = {"file": "action_expert.0123456789abcdef.onnx.data", "sha256": "ab" * 32}
+    stage = parse_manifest(with_data(good), "/m/manifest.json").stages[1]
+    assert (stage.data.file, stage.data.sha256) == (good["file"], good["sha256"])
+    assert parse_manifest(_committed_manifest(), "/m/manifest.json").stages[1].data is None
+    for data, words in [({"file": "../w.data", "sha256": "ab" * 32}, r"stages\[1\]\.data\.file: .*plain file name"),
+                        ({"file": "w.data", "sha256": "AB" * 32}, r"stages\[1\]\.data\.sha256: expected 64"),
+                        ({"file": "w.data"}, r"stages\[1\]\.data\.sha256: missing required key"),
+                        ({"file": "w.data", "sha256": "ab" * 32, "size": 3}, r"stages\[1\]\.data\.size: unknown key"),
+                        ({"file": "action_expert.onnx", "sha256": "ab" * 32}, r"is the stage's ONNX file itself")]:
+        with pytest.raises(ManifestError, match=words):
+            parse_manifest(with_data(data), "/m/manifest.json")

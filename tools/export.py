@@ -54,6 +54,10 @@ from tools.onnx_forms import (  # noqa: F401 (ExportError, MIN_OPSET and the for
 )
 
 DEFAULT_OPSET = 17  # JetPack 5's TensorRT 8.5 parses opsets up to 17
+#: --external-data: weights in a file beside the ONNX file ("always"), inside it ("never"), or beside it when they
+#: would bring the file near protobuf's 2 GB limit ("auto"; a 5B-parameter model is 10 GB even in FP16)
+EXTERNAL_DATA_MODES = ("auto", "always", "never")
+EXTERNAL_DATA_AUTO_BYTES = 1536 << 20
 Profile = Tuple[int, int, int]  # (min, opt, max) of one axis
 
 # ONNX TensorProto element type -> manifest dtype name.
@@ -97,8 +101,9 @@ class StageReport(NamedTuple):
     name: str
     path: str
     sha256: str
-    bytes: int
+    bytes: int                 # the ONNX file and its external data
     op_counts: Dict[str, int]  # REPORTED_OPS -> how many nodes
+    data_file: Optional[str] = None  # the external data file's name, when the weights are beside the ONNX file
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
@@ -212,12 +217,19 @@ def _distinct_examples(examples: Sequence[Any]) -> Tuple[Any, ...]:
     return tuple(out)
 
 
-def _torch_export(stage: StageExport, path: str, opset: int, dims: Dict[str, Tuple[str, int, Profile]]) -> str:
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers: what the ONNX file would hold."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _torch_export(stage: StageExport, path: str, opset: int, dims: Dict[str, Tuple[str, int, Profile]],
+                  external: bool = False) -> str:
     """dynamo exporter first; the TorchScript one only if dynamo fails (said aloud). Returns which one ran."""
     examples = _distinct_examples(stage.example_inputs)
     kwargs: Dict[str, Any] = dict(input_names=list(stage.input_names), output_names=list(stage.output_names),
                                   opset_version=opset)
-    dynamo_kwargs: Dict[str, Any] = dict(external_data=False, verbose=False)
+    dynamo_kwargs: Dict[str, Any] = dict(external_data=external, verbose=False)
     legacy_kwargs: Dict[str, Any] = {}
     if dims:
         per_input: Dict[str, Dict[int, Any]] = {}
@@ -332,7 +344,57 @@ def _tensor_entries(values: Sequence[onnx.ValueInfoProto], label: str, kind: str
     return entries
 
 
-def _export_stage(stage: StageExport, out_dir: str, opset: int) -> Tuple[Dict[str, Any], StageReport]:
+def _data_file_name(stage: str, sha256: str) -> str:
+    """The external data file is named after its content, and the ONNX file names it: so the ONNX file's sha256
+    (what engines and golden data record) changes whenever the weights do."""
+    return "%s.%s.onnx.data" % (stage, sha256[:16])
+
+
+def _save(model: onnx.ModelProto, path: str, stage: str, external: bool) -> Optional[Dict[str, str]]:
+    """Write the ONNX file; with external data, its weights go to a content-named file beside it, whose name and
+    sha256 are returned (for the manifest). Leaves no other data file of this stage in the directory."""
+    out_dir = os.path.dirname(path)
+    stale = [f for f in os.listdir(out_dir) if f.startswith(stage + ".") and f.endswith(".data")]
+    for name in stale:  # an earlier export's weights (named by their hash) or the exporter's own <file>.data
+        os.remove(os.path.join(out_dir, name))
+    if not external:
+        onnx.save_model(model, path, save_as_external_data=False)
+        return None
+    scratch = stage + ".onnx.data.partial"
+    # tensors under 1 kB (shapes, scalars) stay inline: shape inference and TensorRT's parser read their values
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=scratch,
+                    size_threshold=1024, convert_attribute=False)
+    if not os.path.exists(os.path.join(out_dir, scratch)):
+        return None  # every tensor under the threshold: nothing went beside the file
+    sha = sha256_file(os.path.join(out_dir, scratch))
+    final = _data_file_name(stage, sha)
+    os.replace(os.path.join(out_dir, scratch), os.path.join(out_dir, final))
+    os.chmod(os.path.join(out_dir, final), os.stat(path).st_mode & 0o777)  # onnx writes it 0600; copied as the model
+    light = onnx.load(path, load_external_data=False)
+    for tensor in _external_tensors(light):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = final
+    onnx.save_model(light, path, save_as_external_data=False)
+    return {"file": final, "sha256": sha}
+
+
+def _external_tensors(model: onnx.ModelProto) -> List[onnx.TensorProto]:
+    """The initializers (of the graph and its subgraphs) whose data lives in an external file."""
+    graphs, found = [model.graph], []
+    while graphs:
+        graph = graphs.pop()
+        found += [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+    return found
+
+
+def _export_stage(stage: StageExport, out_dir: str, opset: int,
+                  external_data: str = "auto") -> Tuple[Dict[str, Any], StageReport]:
+    if external_data not in EXTERNAL_DATA_MODES:
+        raise ExportError("external_data %r is not one of %s" % (external_data, ", ".join(EXTERNAL_DATA_MODES)))
     if opset < MIN_OPSET:
         raise ExportError("opset %d is below %d: TensorRT uses its normalization layer only for opset >= 17's "
                           "single LayerNormalization op" % (opset, MIN_OPSET))
@@ -346,8 +408,10 @@ def _export_stage(stage: StageExport, out_dir: str, opset: int) -> Tuple[Dict[st
     path = os.path.join(out_dir, file_name)
     stage.module.eval()
     torch_opset = max(opset, 18)  # torch's ONNX functions are opset 18; 17 is our own rewrite of its output
+    weights = weight_bytes(stage.module)
+    external = external_data == "always" or (external_data == "auto" and weights > EXTERNAL_DATA_AUTO_BYTES)
     with torch.no_grad():
-        _torch_export(stage, path, torch_opset, dims)
+        _torch_export(stage, path, torch_opset, dims, external)
     try:
         model = onnx.load(path)
     except Exception as exc:
@@ -358,7 +422,9 @@ def _export_stage(stage: StageExport, out_dir: str, opset: int) -> Tuple[Dict[st
     if opset < torch_opset:
         downgrade_18_to_17(model, label)
     strip_metadata(model)
-    onnx.save_model(model, path, save_as_external_data=False)
+    data = _save(model, path, stage.name, external)
+    if data is not None:
+        model = onnx.load(path, load_external_data=False)  # the graph; the weights stay on disk
     try:
         onnx.checker.check_model(path, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
@@ -387,18 +453,23 @@ def _export_stage(stage: StageExport, out_dir: str, opset: int) -> Tuple[Dict[st
         if "profile" in entry:
             entry["profile"] = entry.pop("profile")
     sha = sha256_file(path)
-    report = StageReport(stage.name, path, sha, os.path.getsize(path), counts)
-    return ({"name": stage.name, "file": file_name, "sha256": sha, "runs": stage.runs,
-             "inputs": inputs, "outputs": outputs}, report)
+    size = os.path.getsize(path) + (os.path.getsize(os.path.join(out_dir, data["file"])) if data else 0)
+    report = StageReport(stage.name, path, sha, size, counts, data["file"] if data else None)
+    entry: Dict[str, Any] = {"name": stage.name, "file": file_name, "sha256": sha}
+    if data is not None:
+        entry["data"] = data
+    entry.update({"runs": stage.runs, "inputs": inputs, "outputs": outputs})
+    return entry, report
 
 
-def export_stage(stage: StageExport, out_dir: str, opset: int = DEFAULT_OPSET) -> Dict[str, Any]:
+def export_stage(stage: StageExport, out_dir: str, opset: int = DEFAULT_OPSET,
+                 external_data: str = "auto") -> Dict[str, Any]:
     """Export one stage to <out_dir>/<name>.onnx, check it, return its manifest entry."""
-    return _export_stage(stage, out_dir, opset)[0]
+    return _export_stage(stage, out_dir, opset, external_data)[0]
 
 
 def export_model(stages: Sequence[StageExport], out_dir: str, manifest: Dict[str, Any],
-                 opset: int = DEFAULT_OPSET) -> Tuple[Dict[str, Any], List[StageReport]]:
+                 opset: int = DEFAULT_OPSET, external_data: str = "auto") -> Tuple[Dict[str, Any], List[StageReport]]:
     """Export every stage and write <out_dir>/manifest.json; returns the manifest and one report per file.
 
     manifest holds everything but "stages". The result is validated with the runtime's own parser before
@@ -408,7 +479,7 @@ def export_model(stages: Sequence[StageExport], out_dir: str, manifest: Dict[str
         raise ExportError("the manifest given to the exporter must not hold \"stages\" (the exporter writes them)")
     os.makedirs(out_dir, exist_ok=True)
     full = copy.deepcopy(dict(manifest))
-    done = [_export_stage(stage, out_dir, opset) for stage in stages]
+    done = [_export_stage(stage, out_dir, opset, external_data) for stage in stages]
     full["stages"] = [entry for entry, _ in done]
     manifest_path = os.path.join(out_dir, "manifest.json")
     try:
@@ -489,6 +560,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help="ONNX opset, >= %d (default %%(default)s: what JetPack 5's TensorRT 8.5 parses)"
                         % MIN_OPSET)
+    parser.add_argument("--external-data", choices=EXTERNAL_DATA_MODES, default="auto",
+                        help="weights in a file beside each ONNX file (always), inside it (never), or beside it when "
+                        "a stage's weights pass %d MiB, near protobuf's 2 GB limit (auto, the default)"
+                        % (EXTERNAL_DATA_AUTO_BYTES >> 20))
     parser.add_argument("--golden", dest="golden", action="store_true", default=True,
                         help="write <out>/golden.npz (the default)")
     parser.add_argument("--no-golden", dest="golden", action="store_false", help="do not write golden.npz")
@@ -507,10 +582,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "wam-edge export") -> int
         return 2
     try:
         spec = call_factory(args.factory, args.checkpoint)
-        manifest, reports = export_model(spec.stages, args.out, spec.manifest, args.opset)
+        manifest, reports = export_model(spec.stages, args.out, spec.manifest, args.opset, args.external_data)
         for r in reports:
             ops = ", ".join("%d %s" % (n, op) for op, n in r.op_counts.items())
-            print("%s  %s  %d bytes  (%s)" % (r.sha256, r.path, r.bytes, ops))
+            weights = "; weights in %s" % r.data_file if r.data_file else ""
+            print("%s  %s  %d bytes%s  (%s)" % (r.sha256, r.path, r.bytes, weights, ops))
             warning = norm_warning(r.name, r.op_counts)
             if warning:
                 print(warning)

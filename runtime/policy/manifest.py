@@ -107,6 +107,15 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class DataFileSpec:
+    """A stage's weights kept beside its ONNX file (ONNX external data: a model over protobuf's 2 GB). The export
+    names the file after its content, and the ONNX file names it, so the ONNX file's sha256 changes with the
+    weights (an engine built from other weights is stale) and this sha256 vouches for the bytes."""
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     file: str
@@ -114,6 +123,7 @@ class StageSpec:
     runs: str
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[TensorSpec, ...]
+    data: Optional[DataFileSpec] = None
 
 
 @dataclass(frozen=True)
@@ -362,23 +372,35 @@ def _tensor(ctx: _Ctx, value: Any, path: str, is_input: bool) -> TensorSpec:
 
 
 def _stage(ctx: _Ctx, value: Any, path: str) -> StageSpec:
-    d = ctx.obj(value, path, ("name", "file", "sha256", "runs", "inputs", "outputs"))
+    d = ctx.obj(value, path, ("name", "file", "sha256", "runs", "inputs", "outputs"), ("data",))
     name = ctx.name(d["name"], path + ".name")
     if name in RESERVED_STAGE_NAMES:
         raise ctx.error(path + ".name", "%r is reserved for sources" % name)
-    file = ctx.str_(d["file"], path + ".file")
-    if os.path.basename(file) != file or "/" in file or "\\" in file or file in (".", ".."):
-        raise ctx.error(path + ".file", "%r must be a plain file name in the model directory" % file)
-    sha = ctx.str_(d["sha256"], path + ".sha256")
-    if not _SHA256.match(sha):
-        raise ctx.error(path + ".sha256", "expected 64 lowercase hex digits, got %r" % sha)
+    file, sha = _file_and_hash(ctx, d, path)
+    data = None
+    if "data" in d:
+        data = DataFileSpec(*_file_and_hash(ctx, ctx.obj(d["data"], path + ".data", ("file", "sha256")),
+                                            path + ".data"))
+        if data.file == file:
+            raise ctx.error(path + ".data.file", "%r is the stage's ONNX file itself" % file)
     inputs = tuple(_tensor(ctx, v, "%s.inputs[%d]" % (path, i), True)
                    for i, v in enumerate(ctx.list_(d["inputs"], path + ".inputs")))
     outputs = tuple(_tensor(ctx, v, "%s.outputs[%d]" % (path, i), False)
                     for i, v in enumerate(ctx.list_(d["outputs"], path + ".outputs")))
     _check_unique(ctx, tuple(t.name for t in inputs), path + ".inputs", "input name")
     _check_unique(ctx, tuple(t.name for t in outputs), path + ".outputs", "output name")
-    return StageSpec(name, file, sha, ctx.str_(d["runs"], path + ".runs", RUNS), inputs, outputs)
+    return StageSpec(name, file, sha, ctx.str_(d["runs"], path + ".runs", RUNS), inputs, outputs, data)
+
+
+def _file_and_hash(ctx: _Ctx, d: Dict[str, Any], path: str) -> Tuple[str, str]:
+    """A plain file name in the model directory and its sha256 (64 lowercase hex digits)."""
+    file = ctx.str_(d["file"], path + ".file")
+    if os.path.basename(file) != file or "/" in file or "\\" in file or file in (".", ".."):
+        raise ctx.error(path + ".file", "%r must be a plain file name in the model directory" % file)
+    sha = ctx.str_(d["sha256"], path + ".sha256")
+    if not _SHA256.match(sha):
+        raise ctx.error(path + ".sha256", "expected 64 lowercase hex digits, got %r" % sha)
+    return file, sha
 
 
 # --- cross-references ------------------------------------------------------------
@@ -610,20 +632,22 @@ def sha256_file(path: str) -> str:
 
 
 def verify_files(manifest: Manifest, model_dir: str, check_hashes: bool = True) -> None:
-    """Every stage file exists and (optionally) matches its recorded sha256."""
+    """Every stage file (and external data file) exists and (optionally) matches its recorded sha256."""
     for i, stage in enumerate(manifest.stages):
-        path = os.path.join(model_dir, stage.file)
-        if not os.path.isfile(path):
-            raise ManifestError("%s: stages[%d].file: %s does not exist"
-                                % (manifest.path, i, path))
-        if check_hashes:
-            actual = sha256_file(path)
-            if actual != stage.sha256:
-                raise ManifestError(
-                    "%s: sha256 mismatch (manifest stages[%d].sha256 %s..., file %s...): the file "
-                    "changed after export; re-export the model (`wam-edge export`; the reference: `make "
-                    "reference`) instead of editing it" % (
-                        path, i, stage.sha256[:12], actual[:12]))
+        files = [("stages[%d]" % i, stage.file, stage.sha256)]
+        if stage.data is not None:
+            files.append(("stages[%d].data" % i, stage.data.file, stage.data.sha256))
+        for key, file, sha in files:
+            path = os.path.join(model_dir, file)
+            if not os.path.isfile(path):
+                raise ManifestError("%s: %s.file: %s does not exist" % (manifest.path, key, path))
+            if check_hashes:
+                actual = sha256_file(path)
+                if actual != sha:
+                    raise ManifestError(
+                        "%s: sha256 mismatch (manifest %s.sha256 %s..., file %s...): the file "
+                        "changed after export; re-export the model (`wam-edge export`; the reference: `make "
+                        "reference`) instead of editing it" % (path, key, sha[:12], actual[:12]))
 
 
 def load_manifest(model_dir: str, verify_hashes: bool = True) -> Manifest:
