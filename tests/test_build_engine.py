@@ -45,9 +45,10 @@ def model(tmp_path):
 
 @pytest.fixture
 def standin(monkeypatch):
-    """install(version, cc="8.7", free_memory_mb=4096) -> the stand-in tensorrt module, injected with its GPU probe."""
-    def install(version, compute_capability="8.7", free_memory_mb=4096):
-        trt = make_tensorrt_standin_no_gpu(version, free_memory_mb=free_memory_mb)
+    """install(version, cc="8.7", free_memory_mb=4096, refuse_profiles=False) -> the stand-in tensorrt module,
+    injected with its GPU probe."""
+    def install(version, compute_capability="8.7", free_memory_mb=4096, refuse_profiles=False):
+        trt = make_tensorrt_standin_no_gpu(version, free_memory_mb=free_memory_mb, refuse_profiles=refuse_profiles)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         monkeypatch.setattr(be, "probe_tensorrt",
                             platform_probe_standin_no_gpu(version, "Orin", compute_capability))
@@ -384,8 +385,8 @@ def test_failed_rebuild_keeps_the_previous_engine(model, standin, capsys):
     assert read_meta(os.path.join(model, "world.engine.json")).precision == "fp16"
 
 
-@pytest.mark.parametrize("version", TRT_VERSIONS)
-def test_dynamic_input_gets_its_profile(tmp_path, standin, version):
+def _dynamic_stage(tmp_path):
+    """A one-input stage whose ONNX graph has a dynamic axis, and its manifest profile."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
@@ -393,10 +394,41 @@ def test_dynamic_input_gets_its_profile(tmp_path, standin, version):
         [helper.make_node("Relu", ["x"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 17])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", 17])])
-    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.save(model_proto, str(tmp_path / "s.onnx"))
-    stage = SimpleNamespace(name="s", file="s.onnx", sha256="b" * 64, inputs=(
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "s.onnx"))
+    return SimpleNamespace(name="s", file="s.onnx", sha256="b" * 64, inputs=(
         SimpleNamespace(name="x", shape=(1, "n", 17), profile=((1, 1, 17), (1, 32, 17), (1, 64, 17))),))
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_refused_profile_is_a_build_error_naming_stage_and_shapes(tmp_path, standin, version):
+    """add_optimization_profile returns -1 for an invalid profile; the build must stop there, not build without."""
+    stage = _dynamic_stage(tmp_path)
+    trt = standin(version, refuse_profiles=True)
+    options = be.BuildOptions(precisions={"s": "fp16"})
+    with pytest.raises(be.BuildError) as info:
+        be.build_stage(be.open_session(be.import_tensorrt()), str(tmp_path), stage, "fp16", options,
+                       be.probe_tensorrt())
+    assert str(info.value) == ("stage 's': TensorRT refused the optimisation profile (its log above says why): "
+                               "x min [1, 1, 17] opt [1, 32, 17] max [1, 64, 17]")
+    assert calls_named(trt, "build_serialized_network") == [] and not os.path.exists(str(tmp_path / "s.engine"))
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_invalid_profile_is_refused_by_add_profile(standin, version):
+    """The stand-in refuses, as TensorRT does (-1), a profile without min <= opt <= max on every axis."""
+    trt = standin(version)
+    session = be.open_session(be.import_tensorrt())
+    config = session.builder.create_builder_config()
+    with pytest.raises(be.BuildError, match=r"stage 'w': .* y min \[2, 8\] opt \[1, 8\] max \[4, 8\]"):
+        be.add_profile(session, config, [be.ProfileShape("y", (2, 8), (1, 8), (4, 8))], "w")
+    be.add_profile(session, config, [be.ProfileShape("y", (1, 8), (2, 8), (4, 8))], "w")
+    assert any("not valid" in line for line in trt.log)
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_dynamic_input_gets_its_profile(tmp_path, standin, version):
+    stage = _dynamic_stage(tmp_path)
     trt = standin(version)
     options = be.BuildOptions(precisions={"s": "fp16"}, timing_cache=str(tmp_path / "t.cache"))
     platform = be.probe_tensorrt()

@@ -20,6 +20,7 @@ from runtime.policy.backends import (
     backend_options,
     create_backend,
     load_backend,
+    onnxruntime_gpu_backend,
     select_backend,
 )
 from runtime.policy.backends.engine_meta import EngineMeta, write_meta
@@ -28,6 +29,7 @@ from runtime.policy.backends.onnxruntime_gpu_backend import (
     OnnxRuntimeGpuBackend,
     ProviderUnavailable,
     fallback_warning,
+    ort_version,
     profile_shape_options,
     provider_entries,
     resolve_providers,
@@ -97,7 +99,7 @@ def test_bad_options_name_themselves(manifest, kwargs, text):
 def test_trt_options_caches_under_cache_dir_and_profile_strings():
     cache = os.path.join("robot", "cache")
     opts = trt_provider_options(1, cache, True, [("image", IMAGE_PROFILE)], max_workspace_bytes=1 << 30,
-                                builder_optimization_level=3)
+                                builder_optimization_level=3, onnxruntime_version="1.17.0")
     assert opts == {
         "device_id": "1",
         "trt_fp16_enable": "True",
@@ -115,6 +117,33 @@ def test_trt_options_caches_under_cache_dir_and_profile_strings():
     assert bare == {"device_id": "0", "trt_fp16_enable": "False"}  # no caches, no profiles: none of their keys
     with pytest.raises(ValueError, match="builder_optimization_level"):
         trt_provider_options(0, None, False, builder_optimization_level=7)
+
+
+@pytest.mark.parametrize("text, version", [
+    ("1.16.3", (1, 16)), ("1.17.0+cu118", (1, 17)), ("1.18.0.dev20240118001", (1, 18)), ("1.9.0", (1, 9)),
+    ("2.0", (2, 0)), (" 1.17.1 ", (1, 17)), ("", None), ("unknown", None), ("1", None), ("v1.17.0", None),
+])
+def test_ort_version_parsing(text, version):
+    assert ort_version(text) == version
+
+
+@pytest.mark.parametrize("version, has_path", [
+    ("1.16.3", False), ("1.9.0", False), ("1.17.0+cu118", True), ("1.18.0.dev20240118001", True), ("1.20.1", True),
+    ("2.0.0", True), ("weird", False),
+])
+def test_timing_cache_path_only_where_onnxruntime_knows_the_key(monkeypatch, version, has_path):
+    """trt_timing_cache_path is ONNX Runtime 1.17+; an older one rejects it and retries on the next provider
+    without any options. The installed version is what counts by default (faked here)."""
+    monkeypatch.setattr(onnxruntime_gpu_backend.ort, "__version__", version)
+    for opts in (trt_provider_options(0, "/c", True), provider_entries([TRT], _stage_with_profiles(), 0, "/c",
+                                                                       True)[0][1]):
+        assert ("trt_timing_cache_path" in opts) is has_path
+        assert opts["trt_timing_cache_enable"] == opts["trt_engine_cache_enable"] == "True"
+        assert opts["trt_engine_cache_path"] == os.path.join("/c", "ort-trt")  # the timing cache's home when older
+        if has_path:
+            assert opts["trt_timing_cache_path"] == opts["trt_engine_cache_path"]
+    assert "trt_timing_cache_path" in trt_provider_options(0, "/c", True, onnxruntime_version="1.17.0")
+    assert "trt_timing_cache_path" not in trt_provider_options(0, "/c", True, onnxruntime_version="1.16.3")
 
 
 def test_profiles_all_three_or_none():
@@ -145,6 +174,8 @@ def test_fallback_warning_when_the_first_provider_did_not_load():
     text = fallback_warning("world", TRT, (CUDA, CPU))
     assert text.startswith("stage world: asked for TensorrtExecutionProvider first, but ONNX Runtime runs it on "
                            "CUDAExecutionProvider")
+    assert "check its libraries (CUDA, cuDNN, TensorRT)" in text
+    assert text.endswith("or a provider option this ONNX Runtime version rejects (look for 'EP Error' in the log)")
 
 
 # --- stages chained on the device ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import pytest
 import test_backend_conformance as conformance
-from standins.trt_runtime_standin_no_gpu import FakeGpu, fake_driver, install, write_engines
+from standins.trt_runtime_standin_no_gpu import Context, FakeGpu, fake_driver, install, write_engines
 
 from runtime.policy import load_manifest
 from runtime.policy.backends import EngineFileMissing, TrtPlatform, engine_path, tensorrt_backend
@@ -30,7 +30,7 @@ from runtime.policy.backends.engine_meta import (
     read_meta,
     write_meta,
 )
-from runtime.policy.backends.tensorrt_backend import TensorRTBackend
+from runtime.policy.backends.tensorrt_backend import CU_STREAM_NON_BLOCKING, TensorRTBackend, check_engines
 from runtime.policy.executor import Policy
 from runtime.policy.manifest import is_host_source
 
@@ -67,9 +67,10 @@ def backend(gpu, engines, manifest, model_dir):
     b.close()
 
 
-def released(gpu):
-    """Everything the backend took from the fake device is given back."""
-    return (not gpu.memory and not gpu.context_stack and gpu.retained == 0
+def released(gpu, stack_before=()):
+    """Everything the backend took from the fake device is given back, and this thread's context stack is as it
+    was (the primary context stays retained: see test_close_pops_the_context_and_never_detaches_it)."""
+    return (not gpu.memory and gpu.context_stack == list(stack_before) and not gpu.calls["Context.detach"]
             and all(getattr(h, "freed", False) for h in gpu.host_allocations))
 
 
@@ -148,6 +149,10 @@ def test_bound_once_one_stream_and_warmed_up(backend, gpu, manifest):
     for _ in range(5):
         conformance.run_all(backend, manifest)
     assert len(gpu.streams) == 1 and gpu.calls["Runtime"] == 1
+    # non-blocking: no implicit sync with the legacy default stream, which could invalidate a capture; the
+    # stand-in refuses stream work before a synchronize has waited for the default stream's memsets
+    assert CU_STREAM_NON_BLOCKING == 1 and gpu.streams[0].flags == CU_STREAM_NON_BLOCKING
+    assert gpu.calls["Context.synchronize"] == 1
     for ctx, stage in zip(gpu.exec_contexts, manifest.stages):
         assert ctx.calls["set_input_shape"] == len(stage.inputs)
         assert ctx.calls["set_tensor_address"] == len(stage.inputs) + len(stage.outputs)
@@ -170,6 +175,39 @@ def test_primary_context_held_for_life_and_everything_freed_on_close(gpu, engine
     b.close()  # idempotent
     with pytest.raises(RuntimeError, match="after close"):
         b.run("world")
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["empty-stack", "under-an-application-context"])
+def test_close_pops_the_context_and_never_detaches_it(gpu, engines, manifest, model_dir, outer):
+    """pycuda's detach() on a retained primary context pushes it and releases it without popping: close() pops
+    only, and the retain is kept for the process (one retain however many backends come and go)."""
+    if outer:
+        Context(gpu).push()  # a context the application made current before loading the policy
+    before, pushes = list(gpu.context_stack), gpu.calls["Context.push"]
+    for _ in range(2):  # a second backend in the same thread reuses the retained context
+        b = TensorRTBackend(manifest, model_dir, warmup_runs=1, platform=gpu.platform)
+        assert gpu.context_stack[:-1] == before and len(gpu.context_stack) == len(before) + 1  # pushed on top
+        b.close()
+        assert released(gpu, before)
+    assert gpu.retained == 1 and gpu.calls["Context.detach"] == 0
+    assert gpu.calls["Context.push"] - pushes == gpu.calls["Context.pop"] == 2
+
+
+def test_close_from_another_thread_pushes_frees_and_pops_there(gpu, engines, manifest, model_dir):
+    b = TensorRTBackend(manifest, model_dir, warmup_runs=1, platform=gpu.platform)
+    owner_stack = list(gpu.context_stack)
+    seen = []
+
+    def close_here():
+        b.close()
+        seen.append(list(gpu.context_stack))
+
+    thread = threading.Thread(target=close_here)
+    thread.start()
+    thread.join()
+    assert seen == [[]]  # pushed, freed (the stand-in refuses frees without a current context), popped
+    assert not gpu.memory and all(h.freed for h in gpu.host_allocations) and gpu.calls["Context.detach"] == 0
+    assert gpu.context_stack == owner_stack  # the creating thread's stack: no thread can pop another's
 
 
 def test_host_output_of_a_stage_to_stage_tensor_stays_on_gpu(backend):
@@ -378,6 +416,27 @@ def test_platform_probed_when_not_given(gpu, engines, manifest, model_dir):
     gpu.gpu_name = "Thor"
     with pytest.raises(EngineMismatch, match="GPU: recorded 'StandinGPU', present 'Thor'"):
         TensorRTBackend(manifest, model_dir)
+
+
+class LogicError(Exception):
+    """Named like pycuda.driver.LogicError (a pycuda.driver.Error), which cuInit's failures raise."""
+
+
+@pytest.mark.parametrize("error, text", [
+    (LogicError("cuInit failed: no CUDA-capable device is detected"),
+     "cannot use the GPU: LogicError: cuInit failed: no CUDA-capable device is detected"),
+    (RuntimeError("cuInit failed: unknown error"), "cannot use the GPU: RuntimeError: cuInit failed: unknown error"),
+    (ImportError("No module named 'pycuda'", name="pycuda"), "needs the Python module pycuda (No module named"),
+])
+def test_probe_failure_is_a_clear_error(manifest, model_dir, error, text):
+    def probe():
+        raise error
+
+    write_engines(model_dir, manifest, TrtPlatform("10.3.0", "Orin", "8.7"))
+    with pytest.raises(RuntimeError) as info:
+        check_engines(manifest, model_dir, probe=probe)
+    assert text in str(info.value) and "backend onnxruntime" in str(info.value)
+    assert info.value.__cause__ is error
 
 
 @pytest.mark.parametrize("module", ["tensorrt", "pycuda.driver"])

@@ -141,6 +141,61 @@ def test_engines_demanded_without_tensorrt_exit_3():
     assert r.returncode == 3 and "TensorRT is not usable" in r.stderr
 
 
+def test_engine_candidate_loads_engines_as_bytes_for_old_polygraphy(tmp_path, monkeypatch):
+    """The TrtRunner path without TensorRT: engines checked against their metadata, then each stage's runner is
+    TrtRunner(EngineFromBytes(BytesFromPath(engine))) (polygraphy loads lazily: nothing runs until activated).
+    EngineFromPath is removed here, as in the polygraphy of JetPack 5 (TensorRT 8.5), which lacks it."""
+    import polygraphy.backend.trt as polygraphy_trt
+    from polygraphy.backend.common import BytesFromPath
+    from standins.trt_runtime_standin_no_gpu import write_engines
+
+    from runtime.policy.backends import TrtPlatform, engine_path
+
+    model = str(_golden_copy(tmp_path))
+    manifest = load_manifest(model)
+    platform = TrtPlatform("8.5.2", "Orin", "8.7")
+    write_engines(model, manifest, platform)
+    monkeypatch.setattr(verify, "probe_tensorrt", lambda: platform)
+    monkeypatch.delattr(polygraphy_trt, "EngineFromPath", raising=False)
+    candidate = verify.engine_candidate(manifest, model)
+    assert candidate.backend == "tensorrt" and candidate.precision == {s.name: "fp16" for s in manifest.stages}
+    for stage in manifest.stages:
+        runner = candidate.make_runner(stage.name)
+        assert isinstance(runner, polygraphy_trt.TrtRunner) and runner.name == "tensorrt:%s" % stage.name
+        loader = runner._engine_or_context  # polygraphy's: the loader TrtRunner calls when activated
+        assert isinstance(loader, polygraphy_trt.EngineFromBytes)
+        assert isinstance(loader._serialized_engine, BytesFromPath)
+        with open(engine_path(model, stage.name), "rb") as f:
+            assert loader._serialized_engine() == f.read()
+    monkeypatch.setattr(verify, "probe_tensorrt", lambda: TrtPlatform("10.3.0", "Orin", "8.7"))
+    with pytest.raises(verify.EngineMismatch, match="TensorRT version: recorded 8.5.2, present 10.3.0"):
+        verify.engine_candidate(manifest, model)
+
+
+class LogicError(Exception):
+    """Named like pycuda.driver.LogicError, which cuInit raises on a machine without a usable GPU."""
+
+
+def test_gpu_probe_failure_is_tensorrt_unusable_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from standins.trt_runtime_standin_no_gpu import write_engines
+
+    from runtime.policy.backends import TrtPlatform
+
+    model = str(_golden_copy(tmp_path))
+    write_engines(model, load_manifest(model), TrtPlatform("8.5.2", "Orin", "8.7"))
+
+    def probe():
+        raise LogicError("cuInit failed: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(verify, "probe_tensorrt", probe)
+    assert verify.main(["--model", model, "--engines"]) == 3
+    err = capsys.readouterr().err
+    assert "TensorRT is not usable here (LogicError: cuInit failed: no CUDA-capable device is detected)" in err
+    assert verify.main(["--model", model]) == 0  # engines present but not demanded: skipped, said why
+    out = capsys.readouterr().out
+    assert "skipped tensorrt: engines present but TensorRT is not usable here (LogicError: cuInit failed" in out
+
+
 @pytest.mark.slow
 def test_against_pytorch_now(tmp_path):
     """--factory: the reference model run in PyTorch now, same seeded inputs, through ONNX Runtime."""

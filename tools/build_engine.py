@@ -393,14 +393,17 @@ def create_config(s: TrtSession, precision: str, options: BuildOptions) -> Any:
     return config
 
 
-def add_profile(s: TrtSession, config: Any, profiles: Sequence[ProfileShape]) -> None:
+def add_profile(s: TrtSession, config: Any, profiles: Sequence[ProfileShape], stage: str) -> None:
     """One optimisation profile covering every dynamic input; none when all inputs are static."""
     if not profiles:
         return
     profile = s.builder.create_optimization_profile()
     for p in profiles:
         profile.set_shape(p.name, p.min, p.opt, p.max)
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:  # TensorRT returns -1 for an invalid profile
+        raise BuildError("stage %r: TensorRT refused the optimisation profile (its log above says why): %s"
+                         % (stage, "; ".join("%s min %s opt %s max %s" % (p.name, list(p.min), list(p.opt),
+                                                                          list(p.max)) for p in profiles)))
 
 
 def attach_timing_cache(config: Any, path: str) -> None:
@@ -437,7 +440,7 @@ def build_stage(s: TrtSession, model_dir: str, stage: StageSpec, precision: str,
     network = create_network(s)
     parser = parse_onnx(s, network, stage.name, onnx_file)
     config = create_config(s, precision, options)
-    add_profile(s, config, resolve_profiles(stage, network_inputs(network)))
+    add_profile(s, config, resolve_profiles(stage, network_inputs(network)), stage.name)
     if options.timing_cache:
         attach_timing_cache(config, options.timing_cache)
     plan = build_plan(s, network, config, stage.name, options.workspace_mb)

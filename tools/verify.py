@@ -65,6 +65,10 @@ class VerifyError(RuntimeError):
     """Inputs verify cannot work with (no reference, a golden file for other ONNX files, ...)."""
 
 
+class TensorRTUnusable(RuntimeError):
+    """TensorRT or pycuda cannot be imported here, or cannot reach the GPU (exit 3 when engines are demanded)."""
+
+
 @dataclass
 class Comparison:
     stage: str
@@ -196,17 +200,22 @@ def onnxruntime_candidate(manifest: Manifest, model_dir: str, provider: str) -> 
 
 def engine_candidate(manifest: Manifest, model_dir: str) -> Candidate:
     """The engines `wam-edge build` wrote; their metadata is checked against this machine before any load."""
-    platform = probe_tensorrt()  # ImportError / CUDA errors: the caller reports TensorRT as unusable
+    try:
+        platform = probe_tensorrt()
+    except Exception as exc:  # ImportError, or pycuda.driver.Error from cuInit (no GPU, no driver)
+        raise TensorRTUnusable("%s: %s" % (type(exc).__name__, exc)) from exc
     metas = read_engine_metas(manifest, model_dir)
     match_engines(manifest, metas, platform)
     for name, meta in metas.items():
         check_engine_bytes(meta, sha256_file(engine_path(model_dir, name)))
     precision = {name: meta.precision for name, meta in metas.items()}
-    from polygraphy.backend.trt import EngineFromPath, TrtRunner  # noqa: PLC0415
+    # Not EngineFromPath: it is recent (TensorRT 10 era), absent from the polygraphy of JetPack 5 (TensorRT 8.5)
+    from polygraphy.backend.common import BytesFromPath  # noqa: PLC0415
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner  # noqa: PLC0415
 
     def make(stage: str) -> Any:
-        # EngineFromPath sets engine_host_code_allowed itself for version-compatible engines
-        return TrtRunner(EngineFromPath(engine_path(model_dir, stage)), name="tensorrt:%s" % stage)
+        # EngineFromBytes sets engine_host_code_allowed where the runtime has it (version-compatible engines)
+        return TrtRunner(EngineFromBytes(BytesFromPath(engine_path(model_dir, stage))), name="tensorrt:%s" % stage)
 
     return Candidate("tensorrt", precision, make)
 
@@ -272,7 +281,7 @@ def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest,
     if engines is not False and (engines or engines_present(manifest, model_dir)):
         try:
             candidates.append(engine_candidate(manifest, model_dir))
-        except ImportError as exc:
+        except TensorRTUnusable as exc:
             if engines:
                 raise
             skipped.append("tensorrt: engines present but TensorRT is not usable here (%s)" % exc)
@@ -380,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "wam-edge verify") ->
         return fail(2, "%s: %s" % (type(exc).__name__, exc) if isinstance(exc, ImportError) else str(exc))
     try:
         report = verify(args.model, reference, manifest, args.providers or ["cpu"], args.engines, _thresholds(args))
-    except ImportError as exc:
+    except (TensorRTUnusable, ImportError) as exc:
         return fail(3, "TensorRT is not usable here (%s); engines are checked on the robot" % exc)
     except (VerifyError, EngineMismatch, EngineMetaError, EngineFileMissing) as exc:
         return fail(2, str(exc))

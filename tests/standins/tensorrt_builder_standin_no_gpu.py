@@ -19,6 +19,9 @@ What it emulates, and why (each from NVIDIA's docs):
   workspace is larger than the stand-in's free memory ("Tactic Device request").
 - Timing caches serialize to bytes tagged with the TensorRT version; one from
   another version is rejected by set_timing_cache(..., ignore_mismatch=False).
+- add_optimization_profile returns the profile's index, or -1 (after logging)
+  for an invalid profile: min <= opt <= max broken on an axis, or any profile
+  when made with refuse_profiles=True.
 """
 
 from __future__ import annotations
@@ -78,8 +81,10 @@ class _HostMemory(bytes):
         return len(self)
 
 
-def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 4096) -> types.ModuleType:
-    """A module object standing in for ``tensorrt`` version ``version`` (8.5 .. 10.x)."""
+def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 4096,
+                                 refuse_profiles: bool = False) -> types.ModuleType:
+    """A module object standing in for ``tensorrt`` version ``version`` (8.5 .. 10.x); refuse_profiles:
+    add_optimization_profile returns -1 for every profile."""
     vt = _version_tuple(version)
     calls: List[Tuple[Any, ...]] = []
     mod = types.ModuleType("tensorrt")
@@ -248,6 +253,10 @@ def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 
             if not isinstance(profile, IOptimizationProfile):
                 raise TypeError("add_optimization_profile: expected IOptimizationProfile")
             calls.append(("add_optimization_profile", len(profile.shapes)))
+            ordered = all(a <= b <= c for lo, mid, hi in profile.shapes.values() for a, b, c in zip(lo, mid, hi))
+            if refuse_profiles or not ordered:
+                _log("ERROR", "IOptimizationProfile is not valid")
+                return -1
             self.profiles.append(profile)
             return len(self.profiles) - 1
 

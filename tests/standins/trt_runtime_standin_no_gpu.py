@@ -5,7 +5,10 @@ addresses, copies move bytes and are counted, and an "engine" is a stage's ONNX
 file behind a small header, executed by a real ONNX Runtime CPU session that
 reads and writes the fake device buffers bound with set_tensor_address. Only
 the documented names the backend uses exist (no __getattr__), so a misspelt
-call fails here as it would on a Jetson.
+call fails here as it would on a Jetson. CUDA's rules it keeps: context stacks
+are per thread; memset_d8 is default-stream work, which work on a non-blocking
+stream must follow a Context.synchronize(); Context.detach() on the retained
+primary context does what pycuda's does (push unless current, release, no pop).
 
     gpu = install(monkeypatch)             # fake modules in sys.modules, undone after the test
     write_engines(model_dir, manifest, gpu.platform)
@@ -18,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import types
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -25,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnxruntime as ort
 
-from runtime.policy.backends import TrtPlatform, engine_path
+from runtime.policy.backends import TrtPlatform, engine_path, tensorrt_backend
 from runtime.policy.backends.cuda_graph import CudaDriver
 from runtime.policy.backends.engine_meta import EngineMeta, meta_path, write_meta
 
@@ -71,8 +75,9 @@ class FakeGpu:
         self._next = 0x7F0000001000
         self.copies: Counter = Counter()  # ("htod" | "dtoh", device address) -> count
         self.calls: Counter = Counter()   # API name -> count
-        self.context_stack: List[Any] = []
-        self.retained = 0
+        self.context_stacks: Dict[int, List[Any]] = {}  # thread id -> its CUDA context stack (CUDA's is per thread)
+        self.retained = 0                 # cuDevicePrimaryCtxRetain minus cuDevicePrimaryCtxRelease
+        self.default_stream_work = 0      # legacy default stream work no synchronize has waited for (memset_d8)
         self.streams: List["Stream"] = []
         self.runtimes: List["Runtime"] = []
         self.exec_contexts: List["IExecutionContext"] = []
@@ -85,6 +90,11 @@ class FakeGpu:
     @property
     def platform(self) -> TrtPlatform:
         return TrtPlatform(self.trt_version, self.gpu_name, "%d.%d" % self.capability)
+
+    @property
+    def context_stack(self) -> List[Any]:
+        """The calling thread's context stack."""
+        return self.context_stacks.setdefault(threading.get_ident(), [])
 
     def allocate(self, nbytes: int) -> int:
         self.require_context("mem_alloc")
@@ -222,8 +232,10 @@ class IExecutionContext:
     def execute_async_v3(self, stream_handle: int) -> bool:
         gpu = self._gpu
         self.calls["execute_async_v3"] += 1
-        if not any(s.handle == stream_handle for s in gpu.streams) or set(self.addresses) != set(self._engine._io):
+        streams = [s for s in gpu.streams if s.handle == stream_handle]
+        if not streams or set(self.addresses) != set(self._engine._io):
             return False
+        streams[0].check_ordered("execute_async_v3")
         if gpu.capturing == stream_handle:
             gpu.graphs.setdefault(-1, []).append(self.execute)  # recorded into the graph being captured
             return True
@@ -281,12 +293,25 @@ class HostAllocation(bytearray):
         self.freed = True
 
 
+_CU_STREAM_NON_BLOCKING = 1  # cuda.h CUstream_flags
+
+
 class Stream:
     def __init__(self, flags: int = 0) -> None:
         gpu = _GPU[0]
         gpu.require_context("Stream")
+        if isinstance(flags, bool) or not isinstance(flags, int) or flags not in (0, _CU_STREAM_NON_BLOCKING):
+            raise TypeError("standin pycuda: Stream(flags=...) takes CUstream_flags (0 or 1), got %r" % (flags,))
         gpu.streams.append(self)
+        self.flags = flags
         self.handle = 0x5000 + len(gpu.streams)
+
+    def check_ordered(self, what: str) -> None:
+        """A non-blocking stream does not wait for the legacy default stream: its work must come after a
+        synchronize that did."""
+        if self.flags & _CU_STREAM_NON_BLOCKING and _GPU[0].default_stream_work:
+            raise RuntimeError("standin: %s on a non-blocking stream while default-stream work (memset_d8) is not "
+                               "synchronised: it may run before that work" % what)
 
     def synchronize(self) -> None:
         if _GPU[0].capturing == self.handle:
@@ -294,18 +319,41 @@ class Stream:
 
 
 class Context:
+    """A retained primary context (pycuda's primary_context)."""
+
     def __init__(self, gpu: FakeGpu) -> None:
         self._gpu = gpu
+        self.thread = threading.get_ident()  # pycuda's m_thread: detach() cleans up from this thread only
 
     def push(self) -> None:
+        self._gpu.calls["Context.push"] += 1
         self._gpu.context_stack.append(self)
 
     @staticmethod
     def pop() -> None:
-        _GPU[0].context_stack.pop()
+        gpu = _GPU[0]
+        gpu.calls["Context.pop"] += 1
+        if not gpu.context_stack:
+            raise RuntimeError("standin pycuda: context::pop: cannot pop non-current context")
+        gpu.context_stack.pop()
+
+    @staticmethod
+    def synchronize() -> None:
+        gpu = _GPU[0]
+        gpu.require_context("Context.synchronize")
+        gpu.calls["Context.synchronize"] += 1
+        gpu.default_stream_work = 0
 
     def detach(self) -> None:
-        self._gpu.retained -= 1
+        """As pycuda does for a primary context: unless current, push it (from its own thread; from another it
+        does nothing), then cuDevicePrimaryCtxRelease, which does not pop, so it stays current."""
+        gpu = self._gpu
+        gpu.calls["Context.detach"] += 1
+        if not gpu.context_stack or gpu.context_stack[-1] is not self:
+            if threading.get_ident() != self.thread:
+                return
+            gpu.context_stack.append(self)
+        gpu.retained -= 1
 
 
 class Device:
@@ -341,6 +389,7 @@ def _driver_module(gpu: FakeGpu) -> types.ModuleType:
 
     def memset_d8(dest: Any, data: int, size: int) -> None:
         gpu.device(dest, size, "memset_d8")[...] = data
+        gpu.default_stream_work += 1  # cuMemsetD8 is asynchronous, on the legacy default stream
 
     def pagelocked_empty(shape: Any, dtype: Any, order: str = "C", mem_flags: int = 0) -> np.ndarray:
         gpu.require_context("pagelocked_empty")
@@ -353,6 +402,7 @@ def _driver_module(gpu: FakeGpu) -> types.ModuleType:
     def on_stream(stream: Optional[Stream], work: Callable[[], None]) -> None:
         """Do the copy now, or record it into the graph being captured on this stream."""
         assert isinstance(stream, Stream), "standin: copies must go on the backend's stream"
+        stream.check_ordered("a copy")
         if gpu.capturing == stream.handle:
             gpu.graphs[-1].append(work)
         else:
@@ -471,9 +521,11 @@ _GPU: List[FakeGpu] = []
 
 
 def install(monkeypatch: Any, gpu: Optional[FakeGpu] = None) -> FakeGpu:
-    """Put the fake tensorrt and pycuda.driver into sys.modules for this test."""
+    """Put the fake tensorrt and pycuda.driver into sys.modules for this test, and give the backend a fresh
+    process-wide primary-context cache (as in a new process)."""
     gpu = gpu or FakeGpu()
     monkeypatch.setattr(sys.modules[__name__], "_GPU", [gpu])
+    monkeypatch.setattr(tensorrt_backend, "_PRIMARY_CONTEXTS", {})
     pycuda = types.ModuleType("pycuda")
     driver = _driver_module(gpu)
     pycuda.driver = driver

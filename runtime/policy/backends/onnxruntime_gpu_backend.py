@@ -8,15 +8,17 @@ are numpy buffers bound as cpu inputs (ORT copies them in on each run); sinks
 Stages are separate sessions; a run synchronises its providers before it
 returns (ORT's default run options), so the next stage reads a finished tensor.
 
-ORT silently drops a provider that fails to load (say libnvinfer is missing)
-and runs on the next one, so the provider each session actually got is checked
-at load, logged, and reported by ``providers``.
+ORT silently drops a provider that fails to load (say libnvinfer is missing),
+or whose options it rejects (then retrying the next providers without any
+options), and runs on the next one, so the provider each session actually got
+is checked at load, logged, and reported by ``providers``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import onnxruntime as ort
@@ -41,6 +43,9 @@ CPU_PROVIDER = "CPUExecutionProvider"
 DEVICES = ("cuda", "cpu")
 #: engine and timing caches of ORT's TensorRT provider, under cache_dir
 TRT_CACHE_SUBDIR = "ort-trt"
+#: the TensorRT provider knows trt_timing_cache_path from ONNX Runtime 1.17 (microsoft/onnxruntime#17865); older
+#: builds throw "Invalid TensorRT EP option" and InferenceSession retries on the next provider WITHOUT any options
+TIMING_CACHE_PATH_FROM = (1, 17)
 
 Shape = Tuple[int, ...]
 Profile = Tuple[Shape, Shape, Shape]  # (min, opt, max)
@@ -112,6 +117,13 @@ def profile_shape_options(profiles: Sequence[Tuple[str, Profile]]) -> Dict[str, 
     return out
 
 
+def ort_version(text: str) -> Optional[Tuple[int, int]]:
+    """(major, minor) of an ONNX Runtime version ("1.16.3", "1.17.0+cu118", "1.18.0.dev20240118001"); None when
+    it does not start with two numbers."""
+    match = re.match(r"\s*(\d+)\.(\d+)", str(text))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _flag(value: bool) -> str:
     return "True" if value else "False"
 
@@ -119,8 +131,10 @@ def _flag(value: bool) -> str:
 def trt_provider_options(device_id: int, cache_dir: Optional[str], fp16: bool,
                          profiles: Sequence[Tuple[str, Profile]] = (),
                          max_workspace_bytes: Optional[int] = None,
-                         builder_optimization_level: Optional[int] = None) -> Dict[str, str]:
-    """TensorrtExecutionProvider options (documented keys only, values as strings).
+                         builder_optimization_level: Optional[int] = None,
+                         onnxruntime_version: Optional[str] = None) -> Dict[str, str]:
+    """TensorrtExecutionProvider options (documented keys only, values as strings, only those this ONNX Runtime
+    knows: onnxruntime_version, default the installed one).
     cache_dir: engine and timing caches go to <cache_dir>/ort-trt (None: no caches;
     every session creation then builds the engines again, which can take minutes)."""
     opts = {"device_id": str(int(device_id)), "trt_fp16_enable": _flag(fp16)}
@@ -130,8 +144,12 @@ def trt_provider_options(device_id: int, cache_dir: Optional[str], fp16: bool,
             "trt_engine_cache_enable": "True",
             "trt_engine_cache_path": path,
             "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": path,
         })
+        version = ort_version(ort.__version__ if onnxruntime_version is None else onnxruntime_version)
+        if version is not None and version >= TIMING_CACHE_PATH_FROM:
+            opts["trt_timing_cache_path"] = path
+        # else: older ONNX Runtime keeps the timing cache beside the engines, under trt_engine_cache_path (the
+        # same directory); an unreadable version is treated as old: the key would fail the whole option set
     if max_workspace_bytes is not None:
         opts["trt_max_workspace_size"] = str(int(max_workspace_bytes))
     if builder_optimization_level is not None:
@@ -165,12 +183,13 @@ def provider_entries(names: Sequence[str], stage: StageSpec, device_id: int, cac
 
 def fallback_warning(stage: str, requested_first: str, session_providers: Sequence[str]) -> Optional[str]:
     """The warning to log when ORT did not give a session the provider asked for
-    first (it drops one that fails to load and says so only in its own log)."""
+    first (it drops one that fails to load or rejects an option, and says so only in its own output)."""
     actual = session_providers[0] if session_providers else "none"
     if actual == requested_first:
         return None
     return ("stage %s: asked for %s first, but ONNX Runtime runs it on %s (session providers: %s); %s "
-            "failed to load: check its libraries (CUDA, cuDNN, TensorRT) and ONNX Runtime's log"
+            "failed to load: check its libraries (CUDA, cuDNN, TensorRT) and ONNX Runtime's log, or a provider "
+            "option this ONNX Runtime version rejects (look for 'EP Error' in the log)"
             % (stage, requested_first, actual, ", ".join(session_providers), requested_first))
 
 

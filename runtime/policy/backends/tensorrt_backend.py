@@ -14,9 +14,22 @@ a later step), is captured once after warm-up with its host-to-device copies,
 its engines and its device-to-host copies, and then replayed with one launch:
 a whole step costs one graph launch and one synchronize.
 
-CUDA context: no pycuda.autoinit. Device 0's primary context is retained and
-pushed on the creating thread for the backend's life, and popped and released by
-close(); run() must be called from that thread.
+The stream is non-blocking (CU_STREAM_NON_BLOCKING): a blocking stream
+synchronises with the legacy default stream, so other code using the default
+stream could invalidate a capture. Nothing orders our stream after work on the
+default stream then, so the constructor synchronises the context once after
+the buffers are zeroed (memset_d8 runs on the default stream).
+
+CUDA context: no pycuda.autoinit. As pycuda's own autoprimaryctx does, device
+0's primary context is retained once per process and never released: it is
+per-process and shared (the CUDA runtime, ONNX Runtime, TensorRT use it too),
+and pycuda's Context.detach() on a retained primary context pushes it and calls
+cuDevicePrimaryCtxRelease, which never pops, so it would stay current on the
+thread. pycuda's Context detaches itself when garbage collected, so the retained
+Context is kept (_PRIMARY_CONTEXTS). Each backend pushes it on the creating
+thread for its life and close() pops it; run() must be called from that thread.
+close() from another thread pushes it there, frees, and pops it there (the
+creating thread's stack keeps it: no thread can pop another's).
 
 TensorRT / pycuda calls used (check against NVIDIA's and pycuda's docs):
 trt.Logger, trt.Runtime, Runtime.engine_host_code_allowed (8.6+),
@@ -24,8 +37,8 @@ Runtime.deserialize_cuda_engine, ICudaEngine.num_io_tensors / get_tensor_name /
 get_tensor_mode / get_tensor_dtype / get_tensor_shape / create_execution_context,
 IExecutionContext.set_input_shape / get_tensor_shape / set_tensor_address /
 execute_async_v3 (all 8.5+); pycuda.driver.init, Device, retain_primary_context,
-Context.push / pop / detach, mem_alloc, memset_d8, pagelocked_empty, Stream,
-memcpy_htod_async, memcpy_dtoh_async.
+Context.push / pop / synchronize, mem_alloc, memset_d8, pagelocked_empty,
+Stream(flags), memcpy_htod_async, memcpy_dtoh_async.
 """
 
 from __future__ import annotations
@@ -52,6 +65,11 @@ from .engine_meta import (
 # manifest dtypes map to themselves; the rest (bfloat16, fp8, int8) are named in
 # the mismatch message. Not trt.nptype: it has no numpy type for BF16/FP8.
 TRT_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int8", "int32", "int64", "uint8", "bool", "fp8")
+#: cuda.h's CUstream_flags: work on the stream does not synchronise with the legacy default stream
+CU_STREAM_NON_BLOCKING = 1
+#: pycuda.driver module -> device 0's primary context, retained once and kept for the process's life
+_PRIMARY_CONTEXTS: Dict[Any, Any] = {}
+_PRIMARY_LOCK = threading.Lock()
 _NEEDS = "install the `tensorrt` extra (tensorrt, pycuda) on a machine with an NVIDIA GPU, or use backend onnxruntime"
 
 
@@ -70,6 +88,9 @@ def check_engines(manifest: Manifest, model_dir: str, platform: Optional[TrtPlat
             platform = probe()
         except ImportError as exc:
             raise _gpu_modules_error(getattr(exc, "name", None) or "tensorrt/pycuda", exc) from exc
+        except Exception as exc:  # pycuda.driver.Error (LogicError, RuntimeError from cuInit, ...), TensorRT's
+            raise RuntimeError("the tensorrt backend cannot use the GPU: %s: %s; %s"
+                               % (type(exc).__name__, exc, _NEEDS)) from exc
         if platform is None:
             raise RuntimeError("no TensorRT platform found on this machine; %s" % _NEEDS)
     match_engines(manifest, metas, platform)
@@ -87,6 +108,17 @@ def import_gpu_modules() -> Tuple[Any, Any]:
     except ImportError as exc:
         raise _gpu_modules_error("pycuda", exc) from exc
     return trt, cuda
+
+
+def primary_context(cuda: Any) -> Any:
+    """Device 0's primary context, retained on the first call and then the same Context for the process's life
+    (never detached: see the module's "CUDA context")."""
+    with _PRIMARY_LOCK:
+        context = _PRIMARY_CONTEXTS.get(cuda)
+        if context is None:
+            cuda.init()
+            context = _PRIMARY_CONTEXTS[cuda] = cuda.Device(0).retain_primary_context()
+        return context
 
 
 def dtype_names(trt: Any) -> Dict[Any, str]:
@@ -157,6 +189,9 @@ class _Plan:
 
 
 class TensorRTBackend(StageBackend):
+    """host_input / host_output return pinned (page-locked) arrays that close() frees: do not touch them, or views
+    of them, after close() (copy out what must outlive the backend)."""
+
     name = "tensorrt"
 
     def __init__(self, manifest: Manifest, model_dir: str, cuda_graph: bool = False, warmup_runs: int = 1,
@@ -201,11 +236,10 @@ class TensorRTBackend(StageBackend):
 
     def _load(self, metas: Dict[str, EngineMeta], cuda_graph: bool, warmup_runs: int) -> None:
         trt, cuda = self._trt, self._cuda
-        cuda.init()
-        device = cuda.Device(0)
-        context = device.retain_primary_context()
+        context = primary_context(cuda)
         context.push()
         self._cuda_context = context
+        device = cuda.Device(0)
         major, minor = device.compute_capability()
         self._providers = ("TensorRT %s" % trt.__version__,
                            "%s (sm %d.%d)" % (device.name(), major, minor))
@@ -237,7 +271,8 @@ class TensorRTBackend(StageBackend):
             contexts[stage.name] = ctx
 
         self._bind(contexts)
-        self._stream = cuda.Stream()
+        cuda.Context.synchronize()  # the memsets ran on the default stream, which a non-blocking one does not wait for
+        self._stream = cuda.Stream(flags=CU_STREAM_NON_BLOCKING)
         for _ in range(warmup_runs):
             self._run_all()
         if cuda_graph:
@@ -385,12 +420,14 @@ class TensorRTBackend(StageBackend):
     # --- the rest of the interface ----------------------------------------------------
 
     def host_input(self, stage: str, tensor: str) -> np.ndarray:
+        """The pinned buffer to fill before run(); freed by close()."""
         try:
             return self._host_inputs[(stage, tensor)]
         except KeyError:
             raise KeyError("stage %r has no host-fed input %r" % (stage, tensor)) from None
 
     def host_output(self, stage: str, tensor: str) -> np.ndarray:
+        """The pinned buffer run() fills (sinks only); freed by close()."""
         try:
             return self._host_outputs[(stage, tensor)]
         except KeyError:
@@ -409,7 +446,8 @@ class TensorRTBackend(StageBackend):
         return self._providers
 
     def close(self) -> None:
-        """Free graphs, TensorRT objects and buffers, then pop and release the context; idempotent."""
+        """Free graphs, TensorRT objects and buffers (host_input/host_output arrays too), then pop the context,
+        which stays retained (see the module's "CUDA context"); idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -442,5 +480,4 @@ class TensorRTBackend(StageBackend):
         finally:
             if context is not None:
                 self._cuda_context = None
-                context.pop()
-                context.detach()  # releases the retained primary context
+                context.pop()  # pushed at load (or above, on another thread); no detach: see "CUDA context"
