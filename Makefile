@@ -45,9 +45,9 @@ $(VENV)/.bench: setup.py $(VENV)/.runtime
 bench: $(VENV)/.bench
 	$(BIN)/wam-edge bench --report reports/bench.json
 
+# vermin: runtime/ and the tools that run on the robot (JetPack 5 is Python 3.8): build, verify, golden data
 lint: $(VENV)/.dev
 	$(BIN)/ruff check runtime tools tests
-	# runtime/ and the tools that run on the robot (JetPack 5 is Python 3.8): build, verify, golden data
 	$(BIN)/vermin -q --no-tips --violations --eval-annotations -t=3.8- runtime tools/build_engine.py tools/verify.py tools/golden.py
 
 test: lint $(VENV)/.dds
