@@ -641,10 +641,11 @@ def test_external_data_export_loads_verifies_and_is_checked(tmp_path, capsys):
     assert "weights in expert." in capsys.readouterr().out
     with open(os.path.join(out, "manifest.json")) as f:
         stages = {s["name"]: s for s in json.load(f)["stages"]}
-    assert "data" not in stages["world"]  # every tensor of the world stage is under the 1 kB threshold: inline
+    for name, stage in stages.items():  # each stage's weights in one file, named after its content
+        assert stage["data"]["file"] == "%s.%s.onnx.data" % (name, stage["data"]["sha256"][:16])
     data = stages["expert"]["data"]
-    assert data["file"] == "expert.%s.onnx.data" % data["sha256"][:16]
-    assert sorted(f for f in os.listdir(out) if f.endswith(".data")) == [data["file"]]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".data")) == sorted(s["data"]["file"]
+                                                                               for s in stages.values())
     onnx = pytest.importorskip("onnx")
     graph = onnx.load(os.path.join(out, "expert.onnx"), load_external_data=False)
     assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} == {data["file"]}
@@ -707,3 +708,29 @@ def test_manifest_data_entries_are_checked_like_stage_files():
                         ({"file": "action_expert.onnx", "sha256": "ab" * 32}, r"is the stage's ONNX file itself")]:
         with pytest.raises(ManifestError, match=words):
             parse_manifest(with_data(data), "/m/manifest.json")
+
+
+def test_save_gathers_weights_from_any_layout_into_one_content_named_file(tmp_path):
+    _torch()
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tools.export import _external_tensors, _save
+
+    weights = [numpy_helper.from_array(np.full((32, 32), i, np.float32), "w%d" % i) for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = str(tmp_path / "s.onnx")
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    scattered = sorted(os.listdir(tmp_path))  # one file per tensor, as the TorchScript exporter writes them
+    assert len(scattered) == 3
+    data = _save(onnx.load(path, load_external_data=False), path, "s", external=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(["s.onnx", data["file"]])
+    assert {t.external_data[0].value for t in _external_tensors(onnx.load(path, load_external_data=False))} \
+        == {data["file"]}
+    loaded = onnx.load(path)
+    assert [float(numpy_helper.to_array(t)[0, 0]) for t in loaded.graph.initializer] == [0.0, 1.0]
+    assert _save(onnx.load(path), path, "s", external=False) is None  # back inside the file, the data file gone
+    assert sorted(os.listdir(tmp_path)) == ["s.onnx"]

@@ -352,31 +352,47 @@ def _data_file_name(stage: str, sha256: str) -> str:
 
 def _save(model: onnx.ModelProto, path: str, stage: str, external: bool) -> Optional[Dict[str, str]]:
     """Write the ONNX file; with external data, its weights go to a content-named file beside it, whose name and
-    sha256 are returned (for the manifest). Leaves no other data file of this stage in the directory."""
+    sha256 are returned (for the manifest). Leaves no other data file of this stage in the directory.
+
+    model is the graph as loaded without its external data: when the exporter wrote one data file, that file is
+    hashed and renamed, never read into memory; otherwise the weights are loaded and written out here."""
     out_dir = os.path.dirname(path)
-    stale = [f for f in os.listdir(out_dir) if f.startswith(stage + ".") and f.endswith(".data")]
-    for name in stale:  # an earlier export's weights (named by their hash) or the exporter's own <file>.data
+    locations = {_location(t) for t in _external_tensors(model)}
+    stale = [f for f in os.listdir(out_dir) if f.startswith(stage + ".") and f.endswith(".data")
+             and f not in locations]  # an earlier export's weights, named by their hash
+    if len(locations) > 1 or (locations and not external):  # e.g. the TorchScript exporter's file per tensor
+        onnx.load_external_data_for_model(model, out_dir)
+        stale += sorted(locations)
+        locations = set()
+    for name in stale:
         os.remove(os.path.join(out_dir, name))
     if not external:
         onnx.save_model(model, path, save_as_external_data=False)
         return None
-    scratch = stage + ".onnx.data.partial"
-    # tensors under 1 kB (shapes, scalars) stay inline: shape inference and TensorRT's parser read their values
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=scratch,
-                    size_threshold=1024, convert_attribute=False)
-    if not os.path.exists(os.path.join(out_dir, scratch)):
-        return None  # every tensor under the threshold: nothing went beside the file
-    sha = sha256_file(os.path.join(out_dir, scratch))
+    if locations:
+        written = locations.pop()
+    else:
+        # tensors under 1 kB (shapes, scalars) stay inline: shape inference and TensorRT's parser read their values
+        written = stage + ".onnx.data.partial"
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=written,
+                        size_threshold=1024, convert_attribute=False)
+        if not os.path.exists(os.path.join(out_dir, written)):
+            return None  # every tensor under the threshold: nothing went beside the file
+        model = onnx.load(path, load_external_data=False)
+    sha = sha256_file(os.path.join(out_dir, written))
     final = _data_file_name(stage, sha)
-    os.replace(os.path.join(out_dir, scratch), os.path.join(out_dir, final))
-    os.chmod(os.path.join(out_dir, final), os.stat(path).st_mode & 0o777)  # onnx writes it 0600; copied as the model
-    light = onnx.load(path, load_external_data=False)
-    for tensor in _external_tensors(light):
+    os.replace(os.path.join(out_dir, written), os.path.join(out_dir, final))
+    for tensor in _external_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = final
-    onnx.save_model(light, path, save_as_external_data=False)
+    onnx.save_model(model, path, save_as_external_data=False)
+    os.chmod(os.path.join(out_dir, final), os.stat(path).st_mode & 0o777)  # written 0600; copied as the model
     return {"file": final, "sha256": sha}
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next(e.value for e in tensor.external_data if e.key == "location")
 
 
 def _external_tensors(model: onnx.ModelProto) -> List[onnx.TensorProto]:
@@ -412,8 +428,9 @@ def _export_stage(stage: StageExport, out_dir: str, opset: int,
     external = external_data == "always" or (external_data == "auto" and weights > EXTERNAL_DATA_AUTO_BYTES)
     with torch.no_grad():
         _torch_export(stage, path, torch_opset, dims, external)
-    try:
-        model = onnx.load(path)
+    try:  # with external data, the graph only: the weights stay in the exporter's file (a 2 GB proto cannot be
+        # serialised, and shape inference serialises)
+        model = onnx.load(path, load_external_data=not external)
     except Exception as exc:
         raise ExportError("%s: the exporter wrote an unreadable %s: %s" % (label, path, exc)) from exc
     if default_opset(model) != torch_opset:

@@ -33,6 +33,10 @@ REPORTED_OPS = ("LayerNormalization", "Softmax")
 DECOMPOSED_NORM = "decomposed norm"
 
 
+#: initializers with at most this many elements are read as constants by the opset-17 rewrite
+SMALL_CONSTANT = 4096
+
+
 def strip_metadata(model: onnx.ModelProto) -> None:
     """Drop exporter debug metadata (stack traces with absolute paths, fx node
     dumps): it makes files machine-dependent and bigger, and no backend uses it."""
@@ -117,7 +121,10 @@ def downgrade_18_to_17(model: onnx.ModelProto, label: str) -> None:
     shapes: Dict[str, List[Optional[int]]] = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    constants: Dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    # the small ones only (axes, split sizes, pads): weights may be external and are never needed here
+    constants: Dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init) for init in graph.initializer
+                                        if init.data_location != onnx.TensorProto.EXTERNAL
+                                        and int(np.prod(init.dims, dtype=np.int64)) <= SMALL_CONSTANT}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
             for a in node.attribute:
