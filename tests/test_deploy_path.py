@@ -3,6 +3,7 @@ the runtime loading it, `wam-edge verify` against its golden data, and `wam-edge
 profiles into TensorRT optimisation profiles (against the recording builder stand-in: no GPU here)."""
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_export_writes_profiles_the_runtime_binds_at_opt(exported):
 def test_verify_passes_on_the_golden_data(exported, capsys):
     assert verify.main(["--model", exported]) == 0
     out = capsys.readouterr().out
-    assert "runtime:onnxruntime  expert" in out and "verify: passed" in out
+    assert re.search(r"runtime:onnxruntime +expert", out) and "verify: passed" in out
 
 
 @pytest.mark.slow

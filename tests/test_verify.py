@@ -172,6 +172,43 @@ def test_engine_candidate_loads_engines_as_bytes_for_old_polygraphy(tmp_path, mo
         verify.engine_candidate(manifest, model)
 
 
+def _standin_engines(tmp_path, monkeypatch, fail=None):
+    """The reference with stand-in engines (ONNX Runtime behind a fake TensorRT and pycuda: no GPU here), its
+    golden reference data, and the fake libcuda the backend's CUDA graphs go through."""
+    from standins.trt_runtime_standin_no_gpu import fake_driver, install, write_engines
+
+    from runtime.policy.backends import tensorrt_backend
+
+    gpu = install(monkeypatch)
+    model = str(_golden_copy(tmp_path))
+    manifest = load_manifest(model)
+    write_engines(model, manifest, gpu.platform)
+    driver, lib = fake_driver(gpu, fail)
+    monkeypatch.setattr(tensorrt_backend, "load_driver", lambda: driver)
+    monkeypatch.setattr(tensorrt_backend, "probe_tensorrt", lambda: gpu.platform)
+    reference = verify.reference_from_golden(os.path.join(model, verify.GOLDEN_FILE), manifest)
+    return manifest, model, reference, lib
+
+
+def test_the_runtime_tensorrt_backend_is_checked_with_and_without_cuda_graphs(tmp_path, monkeypatch):
+    manifest, model, reference, lib = _standin_engines(tmp_path, monkeypatch)
+    bars = verify.DEFAULT_THRESHOLDS["fp32"]
+    plain = verify.run_runtime_backend("tensorrt", manifest, model, reference, bars, "fp32")
+    assert [(r.backend, r.stage, r.output) for r in plain] == [("runtime:tensorrt", "action_expert", "velocity")]
+    assert lib.calls["cuGraphLaunch"] == 0
+    graphed, why_not = verify.run_runtime_graphs(manifest, model, reference, bars, "fp32")
+    assert why_not is None and [r.backend for r in graphed] == ["runtime:tensorrt+graphs"]
+    assert all(r.ok for r in plain + graphed) and graphed[0].max_abs == plain[0].max_abs
+    assert lib.calls["cuGraphLaunch"] > 0
+
+
+def test_a_cuda_graph_capture_that_fails_is_a_skip_line_not_a_failure(tmp_path, monkeypatch):
+    manifest, model, reference, _ = _standin_engines(tmp_path, monkeypatch, fail={"cuStreamEndCapture": 900})
+    graphed, why_not = verify.run_runtime_graphs(manifest, model, reference, verify.DEFAULT_THRESHOLDS["fp16"],
+                                                 "fp16")
+    assert graphed == [] and "CUDA graph capture failed" in why_not and "leave model.cuda_graph false" in why_not
+
+
 class LogicError(Exception):
     """Named like pycuda.driver.LogicError, which cuInit raises on a machine without a usable GPU."""
 

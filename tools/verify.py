@@ -221,31 +221,46 @@ def engine_candidate(manifest: Manifest, model_dir: str) -> Candidate:
 
 
 def run_runtime_backend(name: str, manifest: Manifest, model_dir: str, reference: Dict[str, np.ndarray],
-                        bars: Thresholds, precision: str) -> List[Comparison]:
+                        bars: Thresholds, precision: str, options: Optional[Dict[str, Any]] = None,
+                        label: Optional[str] = None) -> List[Comparison]:
     """The runtime's own backend, as `wam-edge run` loads it, end to end: the reference's host inputs into its
-    buffers, every stage in manifest order with stage-to-stage tensors kept inside the backend (on the GPU for
-    tensorrt), then each sink compared with the reference. Errors compound along the chain here, unlike the
-    per-stage checks above: this is the number that reaches the robot."""
+    buffers, the first denoising step as the executor runs it (run_group: the context stages, then the per-step
+    ones; one CUDA graph launch for tensorrt with cuda_graph) with stage-to-stage tensors kept inside the backend
+    (on the GPU for tensorrt), then each sink compared with the reference. Errors compound along the chain here,
+    unlike the per-stage checks above: this is the number that reaches the robot."""
     from runtime.policy.backends import create_backend  # noqa: PLC0415
 
-    backend = create_backend(name, manifest, model_dir)
+    backend = create_backend(name, manifest, model_dir, **(options or {}))
+    first_step = tuple(s.name for s in manifest.stages if s.runs == "once") + tuple(
+        s.name for s in manifest.stages if s.runs == "per_step")
     try:
         for stage in manifest.stages:
             for t in stage.inputs:
                 if is_host_source(t.source or ""):
                     backend.host_input(stage.name, t.name)[...] = reference["%s/%s" % (stage.name, t.name)]
-        for stage in manifest.stages:
-            backend.run(stage.name)
+        backend.run_group(first_step)
         results = []
         for stage in manifest.stages:
             for t in stage.outputs:
                 if t.sink:
                     got = backend.host_output(stage.name, t.name)
                     want = reference["%s/%s" % (stage.name, t.name)]
-                    results.append(judge(stage.name, t.name, "runtime:" + name, precision, got, want, bars))
+                    results.append(judge(stage.name, t.name, "runtime:" + (label or name), precision, got, want,
+                                         bars))
         return results
     finally:
         backend.close()
+
+
+def run_runtime_graphs(manifest: Manifest, model_dir: str, reference: Dict[str, np.ndarray], bars: Thresholds,
+                       precision: str) -> Tuple[List[Comparison], Optional[str]]:
+    """The TensorRT backend as `model.cuda_graph: true` runs it (each denoising step one captured graph), or, when
+    the capture fails on this machine, why: a skip line, since the robot can run without graphs."""
+    try:
+        return run_runtime_backend("tensorrt", manifest, model_dir, reference, bars, precision,
+                                   options={"cuda_graph": True}, label="tensorrt+graphs"), None
+    except RuntimeError as exc:  # capture failed, or no usable libcuda: the plain run above already passed or failed
+        return [], "runtime:tensorrt+graphs: %s (leave model.cuda_graph false on this machine)" % exc
 
 
 def engines_present(manifest: Manifest, model_dir: str) -> bool:
@@ -297,6 +312,10 @@ def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest,
             loosest = max(candidate.precision.values(), key=LOOSENESS.index)
             results.extend(run_runtime_backend("tensorrt", manifest, model_dir, reference, thresholds[loosest],
                                                loosest))
+            graphed, why_not = run_runtime_graphs(manifest, model_dir, reference, thresholds[loosest], loosest)
+            results.extend(graphed)
+            if why_not:
+                skipped.append(why_not)
     return {
         "model": model_dir,
         "manifest": manifest.name,
@@ -309,10 +328,10 @@ def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest,
 
 def print_report(report: Dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout  # looked up per call: whatever sys.stdout is now
-    out.write("%-20s %-14s %-22s %-5s %11s %11s %10s  %s\n"
+    out.write("%-24s %-14s %-22s %-5s %11s %11s %10s  %s\n"
               % ("backend", "stage", "output", "prec", "max abs", "max rel", "cosine", "result"))
     for r in report["results"]:
-        out.write("%-20s %-14s %-22s %-5s %11.3g %11.3g %10.6f  %s\n"
+        out.write("%-24s %-14s %-22s %-5s %11.3g %11.3g %10.6f  %s\n"
                   % (r["backend"], r["stage"], r["output"], r["precision"], r["max_abs"], r["max_rel"],
                      r["cosine"], "ok" if r["ok"] else "FAIL: " + r["why"]))
     for line in report["skipped"]:
