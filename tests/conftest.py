@@ -46,6 +46,37 @@ def runtime_heap_growth(step, warmup=200, runs=50, windows=3):
     return min(growth)
 
 
+def heap_peak_above_baseline(step, warmup=100, runs=50, windows=3):
+    """The least, over `windows` windows of `runs` calls of step(i), of how far the traced heap rose above where it
+    stood at the window's start: array-sized temporaries show here even when freed. Whole-process (a peak cannot be
+    filtered by stack), so the least of several windows keeps out a one-off allocation by another thread."""
+    tracemalloc.start()
+    peaks = []
+    try:
+        for i in range(warmup):
+            step(i)
+        done = warmup
+        for _ in range(windows):
+            _reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            for i in range(runs):
+                step(done + i)
+            done += runs
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    return min(peaks)
+
+
+def _reset_peak():
+    """tracemalloc.reset_peak is Python 3.9+; on 3.8 a restart resets the peak (and the baseline) too."""
+    if hasattr(tracemalloc, "reset_peak"):
+        tracemalloc.reset_peak()
+    else:
+        tracemalloc.stop()
+        tracemalloc.start()
+
+
 @pytest.fixture
 def runtime_rig(tmp_path):
     """make(*sets, start=True) -> (runtime, pull, pub, ctx): the runtime on ipc endpoints in tmp_path, warmed up,

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -74,36 +73,23 @@ def test_any_image_size_works(policy):
         assert np.isfinite(policy.infer(frames(1, h, w), joint_state())).all()
 
 
-def _reset_peak():
-    """tracemalloc.reset_peak is Python 3.9+; on 3.8 a restart resets the peak (and the baseline) too."""
-    if hasattr(tracemalloc, "reset_peak"):
-        tracemalloc.reset_peak()
-    else:
-        tracemalloc.stop()
-        tracemalloc.start()
-
-
 def test_same_buffer_and_no_allocation_across_calls(policy):
+    from conftest import heap_peak_above_baseline, runtime_heap_growth
+
     images, state = frames(), joint_state()
     first = policy.infer(images, state)
     stage_ms = policy.last_stage_ms
-    tracemalloc.start()
-    try:
-        for _ in range(100):  # let numpy/ORT fill their small internal caches while traced
-            policy.infer(images, state)
-        _reset_peak()
-        before, _ = tracemalloc.get_traced_memory()
-        for _ in range(50):
-            out = policy.infer(images, state)
-            assert out is first
-        after, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+
+    def step(i):
+        assert policy.infer(images, state) is first
+
+    growth = runtime_heap_growth(step, warmup=100)  # warm-up: numpy/ORT fill their small internal caches
+    assert growth < 1024, "memory grew by %d bytes over 50 calls" % growth
     assert policy.last_stage_ms is stage_ms
-    assert after - before < 1024, "memory grew by %d bytes over 50 calls" % (after - before)
     # No array-sized temporaries either (one 3x64x64 float32 image is 48 KiB;
     # numpy's own buffered iteration would show up as 32 KiB).
-    assert peak - before < 8 * 1024, "peak %d bytes above baseline" % (peak - before)
+    peak = heap_peak_above_baseline(step)
+    assert peak < 8 * 1024, "peak %d bytes above baseline" % peak
 
 
 def test_ort_reads_and_writes_the_bound_buffers(policy):
@@ -330,17 +316,11 @@ def test_preprocess_reads_strided_camera_views_in_place():
         CameraPreprocessor(spec, a)(view)
         CameraPreprocessor(spec, b)(np.ascontiguousarray(view))
         np.testing.assert_array_equal(a, b)
+    from conftest import heap_peak_above_baseline
+
     pre = CameraPreprocessor(spec, np.empty((1, 3, 64, 48), np.float32))
-    pre(views[0])
-    tracemalloc.start()
-    try:
-        before, _ = tracemalloc.get_traced_memory()
-        _reset_peak()
-        pre(views[0])
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak - before < 4096, "a strided view was copied (%d bytes)" % (peak - before)
+    peak = heap_peak_above_baseline(lambda i: pre(views[0]), warmup=1, runs=1)
+    assert peak < 4096, "a strided view was copied (%d bytes)" % peak
 
 
 def test_preprocess_same_size_is_identity_resize():
