@@ -24,6 +24,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "exported", "reference")
 STAGES = ("world", "action_expert")
 TRT_VERSIONS = ("8.5.2", "10.3.0")
+REFERENCE_LAYER_NORMS = {"world": 3, "action_expert": 5}  # nn.LayerNorm: LayerNormalization nodes at opset 17
+
+
+def _onnx_importable():
+    """The stand-in parser makes layers only with the onnx package (absent from the Python 3.8 env)."""
+    try:
+        import onnx  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+HAVE_ONNX = _onnx_importable()
 
 
 def _tensorrt_importable():
@@ -95,6 +109,7 @@ def test_parse_precisions_refuses(text, needle):
 @pytest.mark.parametrize("kw, needle", [
     (dict(workspace_mb=0), "workspace"), (dict(opt_level=6), "0..5"), (dict(opt_level=-1), "0..5"),
     (dict(precisions={"world": "int8"}), "stage 'world': precision 'int8'"),
+    (dict(fp32_norms="no"), "fp32 norms: expected True or False, got 'no'"),
 ])
 def test_build_options_refuse(kw, needle):
     args = dict(precisions={"world": "fp16"})
@@ -186,11 +201,22 @@ def test_dry_run_prints_the_plan_without_tensorrt(model, capsys, monkeypatch):
     code, out, err = run(["--model", model, "--dry-run", "--precision", "fp16,world=fp32", "--workspace-mb", "512",
                           "--version-compatible"], capsys)
     assert code == 0, err
-    assert "world: world.onnx -> world.engine, fp32, flags [VERSION_COMPATIBLE], static shapes" in out
-    assert "action_expert: action_expert.onnx -> action_expert.engine, fp16, flags [FP16, VERSION_COMPATIBLE]" in out
+    assert "world: world.onnx -> world.engine, fp32, flags [VERSION_COMPATIBLE], fp32 norms off, static shapes" in out
+    assert ("action_expert: action_expert.onnx -> action_expert.engine, fp16, flags [FP16, VERSION_COMPATIBLE], "
+            "fp32 norms on, static shapes") in out
+    assert "fp32 norms on: in fp16/bf16 stages, normalisations written out as primitives are pinned to FP32 " \
+           "(OBEY_PRECISION_CONSTRAINTS)" in out
     assert "workspace 512 MiB, optimisation level 3, timing cache %s" % os.path.join(model, "timing.cache") in out
     assert "nothing built" in out
     assert not any(name.endswith(".engine") for name in os.listdir(model))
+    code, out, err = run(["--model", model, "--dry-run", "--no-fp32-norms"], capsys)
+    assert code == 0, err
+    assert "fp32 norms off (--no-fp32-norms)" in out and "fp16, flags [FP16], fp32 norms off" in out
+
+
+def test_fp32_norms_and_no_fp32_norms_exclude_each_other(model, capsys):
+    code, _, err = run(["--model", model, "--dry-run", "--fp32-norms", "--no-fp32-norms"], capsys)
+    assert code == 2 and "not allowed with argument" in err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -241,7 +267,10 @@ def test_build_writes_engines_metadata_and_timing_cache(model, standin, capsys, 
     explicit_batch = 0 if version.startswith("10.") else 1
     assert calls_named(trt, "create_network") == [("create_network", explicit_batch)] * 2
     assert calls_named(trt, "set_memory_pool_limit") == [("set_memory_pool_limit", "WORKSPACE", 256 << 20)] * 2
-    assert calls_named(trt, "set_flag") == [("set_flag", "FP16")]  # world is fp32
+    # world is fp32; action_expert's layer norms are decomposed on 8.5 only (and seen only with onnx)
+    pinned = REFERENCE_LAYER_NORMS["action_expert"] if version == "8.5.2" and HAVE_ONNX else 0
+    assert calls_named(trt, "set_flag") == [("set_flag", "FP16")] + (
+        [("set_flag", "OBEY_PRECISION_CONSTRAINTS")] if pinned else [])
     assert calls_named(trt, "clear_flag") == [("clear_flag", "TF32")]
     assert calls_named(trt, "builder_optimization_level") == ([] if version == "8.5.2" else
                                                               [("builder_optimization_level", 3)] * 2)
@@ -252,11 +281,13 @@ def test_build_writes_engines_metadata_and_timing_cache(model, standin, capsys, 
         precision = "fp32" if stage.name == "world" else "fp16"
         assert (meta.stage, meta.onnx_sha256, meta.trt_version, meta.gpu_name, meta.compute_capability,
                 meta.precision) == (stage.name, stage.sha256, version, "Orin", "8.7", precision)
-        assert meta.builder_flags == (() if precision == "fp32" else ("FP16",))
+        assert meta.builder_flags == (() if precision == "fp32" else ("FP16",) + (
+            ("OBEY_PRECISION_CONSTRAINTS",) if pinned else ()) + ("fp32 norms: %d" % pinned,))
         plan = read_plan_standin(engine)
         assert ("FP16" in plan["flags"]) == (precision == "fp16")
         assert ("TF32" in plan["flags"]) == (precision == "fp16")  # cleared for fp32
         assert "%s  %s  built in" % (stage.name.ljust(13), precision) in out
+    assert out.count("fp32 norms: %d" % pinned) == 1  # the action expert's summary line; none for fp32 stages
     # the timing cache: created empty for the first stage, reloaded from the file for the second
     cache = os.path.join(model, "timing.cache")
     assert os.path.isfile(cache)
@@ -324,7 +355,7 @@ def test_bf16_version_compatible_and_opt_level_on_10(model, standin, capsys):
     assert calls_named(trt, "set_flag") == [("set_flag", "BF16"), ("set_flag", "VERSION_COMPATIBLE")] * 2
     assert calls_named(trt, "builder_optimization_level") == [("builder_optimization_level", 5)] * 2
     meta = read_meta(os.path.join(model, "world.engine.json"))
-    assert meta.builder_flags == ("BF16", "VERSION_COMPATIBLE") and meta.version_compatible
+    assert meta.builder_flags == ("BF16", "VERSION_COMPATIBLE", "fp32 norms: 0") and meta.version_compatible
     assert read_plan_standin(os.path.join(model, "world.engine"))["opt_level"] == 5
     assert os.path.isfile(os.path.join(model, "other.cache"))
     assert not os.path.exists(os.path.join(model, "timing.cache"))
@@ -432,12 +463,215 @@ def test_dynamic_input_gets_its_profile(tmp_path, standin, version):
     trt = standin(version)
     options = be.BuildOptions(precisions={"s": "fp16"}, timing_cache=str(tmp_path / "t.cache"))
     platform = be.probe_tensorrt()
-    size = be.build_stage(be.open_session(be.import_tensorrt()), str(tmp_path), stage, "fp16", options, platform)
-    assert size == os.path.getsize(str(tmp_path / "s.engine"))
+    built = be.build_stage(be.open_session(be.import_tensorrt()), str(tmp_path), stage, "fp16", options, platform)
+    assert built == be.BuiltStage(os.path.getsize(str(tmp_path / "s.engine")), 0)
     assert calls_named(trt, "set_shape") == [("set_shape", "x", (1, 1, 17), (1, 32, 17), (1, 64, 17))]
     assert calls_named(trt, "add_optimization_profile") == [("add_optimization_profile", 1)]
     assert read_plan_standin(str(tmp_path / "s.engine"))["profiles"] == {"x": [[1, 1, 17], [1, 32, 17], [1, 64, 17]]}
     assert read_meta(str(tmp_path / "s.engine.json")).onnx_sha256 == "b" * 64
+
+
+# --- fp32 norms: decomposed normalisations pinned to FP32 in fp16/bf16 stages -----------------------------------------
+
+NORM_SHAPE = [1, 4, 8]
+
+
+def _graph_stage(tmp_path, nodes, constants):
+    """A stage of one input x and one output y (static [1, 4, 8]) made of these ONNX nodes; constants: name ->
+    numpy array, as initializers."""
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, NORM_SHAPE)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, NORM_SHAPE)],
+        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "s.onnx"))
+    return SimpleNamespace(name="s", file="s.onnx", sha256="c" * 64, inputs=(
+        SimpleNamespace(name="x", shape=tuple(NORM_SHAPE), profile=None),))
+
+
+def _rms_norm(tmp_path, square="pow", scale="rsqrt"):
+    """x * rsqrt(mean(x^2) + eps) * w as torch's exporter writes it (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul);
+    square="mul": x * x; scale="div": x / sqrt(...). Node names say what each is."""
+    helper = pytest.importorskip("onnx").helper
+
+    sq = (helper.make_node("Pow", ["x", "two"], ["sq"], name="square") if square == "pow" else
+          helper.make_node("Mul", ["x", "x"], ["sq"], name="square"))
+    nodes = [sq, helper.make_node("ReduceMean", ["sq"], ["mean"], name="mean", axes=[-1], keepdims=1),
+             helper.make_node("Add", ["mean", "eps"], ["var_eps"], name="add_eps"),
+             helper.make_node("Sqrt", ["var_eps"], ["std"], name="sqrt")]
+    if scale == "rsqrt":
+        nodes += [helper.make_node("Reciprocal", ["std"], ["inv"], name="scale"),
+                  helper.make_node("Mul", ["x", "inv"], ["normed"], name="apply")]
+    else:
+        nodes += [helper.make_node("Div", ["x", "std"], ["normed"], name="scale")]
+    nodes += [helper.make_node("Mul", ["normed", "w"], ["y"], name="weight")]
+    return _graph_stage(tmp_path, nodes, {"two": 2.0, "eps": 1e-6, "w": [1.0] * NORM_SHAPE[-1]})
+
+
+def _build(tmp_path, stage, precision, **kw):
+    """build_all on one stage: (results, report lines, the stand-in plan, the metadata)."""
+    options = be.BuildOptions(precisions={stage.name: precision}, **kw)
+    lines = []
+    results = be.build_all(be.open_session(be.import_tensorrt()), SimpleNamespace(stages=[stage]), str(tmp_path),
+                           options, be.probe_tensorrt(), report=lines.append)
+    engine = str(tmp_path / (stage.name + ".engine"))
+    return results, lines + be.summary_lines(results), read_plan_standin(engine), read_meta(engine + ".json")
+
+
+def _pinned(trt):
+    """Layer name -> what was set on it: the precision, and the type of each output."""
+    out = {}
+    for call in trt.calls:
+        if call[0] == "layer.precision":
+            out.setdefault(call[1], []).append(call[2])
+        elif call[0] == "set_output_type":
+            out.setdefault(call[1], []).append("out%d:%s" % (call[2], call[3]))
+    return out
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+@pytest.mark.parametrize("square, scale", [("pow", "rsqrt"), ("mul", "div")])
+def test_rms_norm_is_pinned_to_fp32_in_fp16(tmp_path, standin, version, square, scale):
+    stage = _rms_norm(tmp_path, square, scale)
+    trt = standin(version)
+    results, lines, plan, meta = _build(tmp_path, stage, "fp16")
+    chain = ["square", "mean", "add_eps", "sqrt", "scale"]  # not "apply" nor "weight": they follow the scale
+    assert _pinned(trt) == {name: ["FLOAT", "out0:FLOAT"] for name in chain}
+    assert plan["fp32_layers"] == chain  # the builder honoured them: the constraints flag is set
+    assert "OBEY_PRECISION_CONSTRAINTS" in plan["flags"]
+    assert calls_named(trt, "set_flag") == [("set_flag", "FP16"), ("set_flag", "OBEY_PRECISION_CONSTRAINTS")]
+    assert meta.builder_flags == ("FP16", "OBEY_PRECISION_CONSTRAINTS", "fp32 norms: 1")
+    assert results[0].fp32_norms == 1
+    assert lines[-1].endswith("  fp32 norms: 1 (OBEY_PRECISION_CONSTRAINTS)")
+    assert not trt.log
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_no_fp32_norms_pins_nothing(tmp_path, standin, version):
+    stage = _rms_norm(tmp_path)
+    trt = standin(version)
+    results, lines, plan, meta = _build(tmp_path, stage, "fp16", fp32_norms=False)
+    assert _pinned(trt) == {} and plan["fp32_layers"] == []
+    assert calls_named(trt, "set_flag") == [("set_flag", "FP16")]
+    assert meta.builder_flags == ("FP16",) and results[0].fp32_norms is None and "fp32 norms" not in lines[-1]
+
+
+def test_bf16_stage_is_pinned_too(tmp_path, standin):
+    trt = standin("10.3.0")
+    _, _, plan, meta = _build(tmp_path, _rms_norm(tmp_path), "bf16")
+    assert plan["fp32_layers"] == ["square", "mean", "add_eps", "sqrt", "scale"] and len(_pinned(trt)) == 5
+    assert meta.builder_flags == ("BF16", "OBEY_PRECISION_CONSTRAINTS", "fp32 norms: 1")
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_fp32_stage_pins_nothing(tmp_path, standin, version):
+    trt = standin(version)
+    results, lines, plan, meta = _build(tmp_path, _rms_norm(tmp_path), "fp32")
+    assert _pinned(trt) == {} and calls_named(trt, "set_flag") == []
+    assert "OBEY_PRECISION_CONSTRAINTS" not in plan["flags"]
+    assert meta.builder_flags == () and results[0].fp32_norms is None and "fp32 norms" not in lines[-1]
+
+
+def test_what_is_no_norm_is_not_pinned_and_chains_stop_at_the_rest(tmp_path, standin):
+    """x**2 used elsewhere (its mean is of a sum), a mean of a product of two tensors, a max of a square: not norms.
+    A chain stops at what is not a norm's next step: a max after the mean, a root used twice, a root followed by
+    something other than a reciprocal, division or product."""
+    helper = pytest.importorskip("onnx").helper
+
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"], name="pow_elsewhere"),
+             helper.make_node("Add", ["sq", "x"], ["sum"], name="add"),
+             helper.make_node("ReduceMean", ["sum"], ["m1"], name="mean_of_sum", axes=[-1], keepdims=1),
+             helper.make_node("Mul", ["x", "w"], ["xw"], name="product"),
+             helper.make_node("ReduceMean", ["xw"], ["m2"], name="mean_of_product", axes=[-1], keepdims=1),
+             helper.make_node("Mul", ["x", "x"], ["sq2"], name="square"),
+             helper.make_node("ReduceMean", ["sq2"], ["m3"], name="mean_of_square", axes=[-1], keepdims=1),
+             helper.make_node("Max", ["m3", "m1"], ["mx"], name="max"),
+             helper.make_node("Sqrt", ["mx"], ["r"], name="sqrt_after_max"),
+             helper.make_node("Pow", ["x", "two"], ["sq3"], name="pow_for_max"),
+             helper.make_node("ReduceMax", ["sq3"], ["m4"], name="max_of_square", axes=[-1], keepdims=1),
+             helper.make_node("Add", ["m2", "r"], ["m5"], name="join"),
+             helper.make_node("Add", ["m5", "m4"], ["m6"], name="join_max"),
+             # a norm whose root is used twice: the chain ends at the root
+             helper.make_node("Pow", ["x", "two"], ["b_sq"], name="b_square"),
+             helper.make_node("ReduceMean", ["b_sq"], ["b_mean"], name="b_mean", axes=[-1], keepdims=1),
+             helper.make_node("Add", ["b_mean", "eps"], ["b_var"], name="b_add_eps"),
+             helper.make_node("Sqrt", ["b_var"], ["b_std"], name="b_sqrt"),
+             helper.make_node("Div", ["x", "b_std"], ["b_normed"], name="b_div"),
+             helper.make_node("Add", ["b_normed", "b_std"], ["b_out"], name="b_other_use_of_the_root"),
+             # a norm whose root feeds something that applies no scale: the chain ends at the root
+             helper.make_node("Pow", ["x", "two"], ["c_sq"], name="c_square"),
+             helper.make_node("ReduceMean", ["c_sq"], ["c_mean"], name="c_mean", axes=[-1], keepdims=1),
+             helper.make_node("Add", ["c_mean", "eps"], ["c_var"], name="c_add_eps"),
+             helper.make_node("Sqrt", ["c_var"], ["c_std"], name="c_sqrt"),
+             helper.make_node("Neg", ["c_std"], ["c_neg"], name="c_neg"),
+             helper.make_node("Add", ["m6", "b_out"], ["m7"], name="join_b"),
+             helper.make_node("Add", ["m7", "c_neg"], ["m"], name="join_c"),
+             helper.make_node("Mul", ["x", "m"], ["y"], name="out")]
+    stage = _graph_stage(tmp_path, nodes, {"two": 2.0, "eps": 1e-6, "w": [1.0] * NORM_SHAPE[-1]})
+    trt = standin("10.3.0")
+    _, _, plan, meta = _build(tmp_path, stage, "fp16")
+    pinned = ["square", "mean_of_square", "b_square", "b_mean", "b_add_eps", "b_sqrt", "c_square", "c_mean",
+              "c_add_eps", "c_sqrt"]
+    assert plan["fp32_layers"] == pinned and set(_pinned(trt)) == set(pinned)
+    assert meta.builder_flags == ("FP16", "OBEY_PRECISION_CONSTRAINTS", "fp32 norms: 3")
+
+
+@pytest.mark.parametrize("version, pinned", [("10.3.0", False), ("8.5.2", True)])
+def test_reference_layer_norms_are_pinned_only_where_decomposed(model, standin, capsys, version, pinned):
+    """nn.LayerNorm (opset 17): TensorRT >= 8.6 parses it into its normalisation layer (FP32 inside, nothing to
+    pin); 8.5's parser writes it out as primitives, whose square, mean, epsilon add, root and division are pinned."""
+    onnx = pytest.importorskip("onnx")
+    trt = standin(version)
+    code, out, err = run(["--model", model, "--precision", "fp16"], capsys)
+    assert code == 0, err
+    everywhere = set()
+    for stage in STAGES:
+        norms = [n.name for n in onnx.load(os.path.join(model, stage + ".onnx"), load_external_data=False).graph.node
+                 if n.op_type == "LayerNormalization"]
+        assert len(norms) == REFERENCE_LAYER_NORMS[stage]
+        chain = ["%s/%s" % (n, step) for n in norms for step in ("pow", "var", "add_eps", "sqrt", "div")]
+        everywhere.update(chain if pinned else [])
+        plan = read_plan_standin(os.path.join(model, stage + ".engine"))
+        assert plan["fp32_layers"] == (chain if pinned else [])
+        assert ("OBEY_PRECISION_CONSTRAINTS" in plan["flags"]) == pinned
+        count = len(norms) if pinned else 0
+        flags = read_meta(os.path.join(model, stage + ".engine.json")).builder_flags
+        assert flags == ("FP16",) + (("OBEY_PRECISION_CONSTRAINTS",) if pinned else ()) + ("fp32 norms: %d" % count,)
+        assert "fp32 norms: %d" % count in [line for line in out.splitlines() if line.startswith(stage + " ")][-1]
+    assert set(_pinned(trt)) == everywhere
+
+
+@pytest.mark.parametrize("version", TRT_VERSIONS)
+def test_changing_fp32_norms_makes_the_stage_out_of_date(model, standin, capsys, version):
+    trt = standin(version)
+    assert run(["--model", model, "--precision", "fp16,world=fp32"], capsys)[0] == 0
+    code, out, _ = run(["--model", model, "--precision", "fp16,world=fp32", "--no-fp32-norms"], capsys)
+    assert code == 0
+    assert "action_expert: building fp16 engine (fp32 norms: recorded on (" in out and "), asked off)" in out
+    assert "world: up to date" in out  # fp32: the option does not apply
+    assert read_meta(os.path.join(model, "action_expert.engine.json")).builder_flags == ("FP16",)
+    del trt.calls[:]
+    code, out, _ = run(["--model", model, "--precision", "fp16,world=fp32", "--no-fp32-norms"], capsys)
+    assert "action_expert: up to date" in out and calls_named(trt, "build_serialized_network") == []
+    code, out, _ = run(["--model", model, "--precision", "fp16,world=fp32"], capsys)
+    assert "action_expert: building fp16 engine (fp32 norms: recorded off, asked on)" in out
+
+
+def test_pin_to_fp32_refuses_a_tensorrt_without_precision_constraints(standin):
+    """TensorRT 11 removed weak typing (BuilderFlag.OBEY_PRECISION_CONSTRAINTS with it): a clear error, not an
+    AttributeError from deep inside the build."""
+    trt = standin("10.3.0")
+    del trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS
+    config = be.open_session(trt).builder.create_builder_config()
+    with pytest.raises(be.BuildError, match=r"stage 's': TensorRT 10.3.0 has no BuilderFlag.OBEY_PRECISION_"
+                                            r"CONSTRAINTS .* build with --no-fp32-norms"):
+        be.pin_to_fp32(trt, config, ["a layer"], "s")
+    be.pin_to_fp32(trt, config, [], "s")  # nothing to pin: nothing asked of TensorRT
 
 
 # --- the real thing ---------------------------------------------------------------------------------------------------

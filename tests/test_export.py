@@ -516,7 +516,8 @@ def test_hand_written_norms_are_counted_and_warned_about(tmp_path, capsys):
                         sources={"image": "camera:head", "x_t": "sampler:x", "t": "sampler:t", "state": "state"})
     _, reports = export_model([stage], str(tmp_path / "rms"), _toy_manifest())
     assert reports[0].op_counts[DECOMPOSED_NORM] == 1
-    assert "--precision expert=fp32" in norm_warning("expert", reports[0].op_counts)
+    warning = norm_warning("expert", reports[0].op_counts)
+    assert "--precision expert=fp32" in warning and "(--fp32-norms, on by default)" in warning
     from tools.make_reference import student
 
     reference = student()

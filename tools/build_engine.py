@@ -13,6 +13,11 @@ few small functions, one per builder step, each a handful of calls from NVIDIA's
 documented Python API (TensorRT 8.5 through 10.x), so a reader can check them line
 by line. Never imports torch; imports tensorrt only inside functions.
 
+FP32 norms (``--fp32-norms``, on by default; ``--no-fp32-norms``): in a stage built in fp16 or bf16, the
+normalisations written out as primitives (RMSNorm; layer norm on TensorRT 8.5, which has no normalisation layer)
+are pinned to FP32 with precision constraints, because the square they average overflows FP16 above 256. See
+find_decomposed_norms. The metadata records it ("fp32 norms: N", and OBEY_PRECISION_CONSTRAINTS when N > 0).
+
 Precision grammar (``--precision``): comma-separated items, each either a bare
 precision, the default for every stage not named, or ``<stage>=<precision>``.
 ``fp16`` builds all stages in FP16; ``fp32,action_expert=fp16`` builds the action
@@ -53,6 +58,14 @@ TIMING_CACHE_NAME = "timing.cache"
 
 # What each build precision sets on the builder config (TensorRT BuilderFlag names).
 PRECISION_FLAGS: Dict[str, Tuple[str, ...]] = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}
+# Precisions whose stages get their decomposed normalisations pinned to FP32 (--fp32-norms).
+FP32_NORMS_PRECISIONS = ("fp16", "bf16")
+# Set when a layer was pinned: TensorRT then honours the layers' precisions (8.2+; deprecated with the rest of
+# weak typing, BuilderFlag.FP16 included, in 10.12, removed in 11).
+OBEY_PRECISION_CONSTRAINTS = "OBEY_PRECISION_CONSTRAINTS"
+# The metadata's record of --fp32-norms for a stage: how many normalisations were pinned.
+FP32_NORMS_RECORD = "fp32 norms: %d"
+_FP32_NORMS_PREFIX = "fp32 norms: "
 
 # Oldest TensorRT for each feature (major, minor).
 MIN_TRT = (8, 5)                 # the name-based tensor API and set_memory_pool_limit
@@ -94,12 +107,15 @@ class BuildOptions:
     version_compatible: bool = False
     stages: Tuple[str, ...] = ()          # empty: every stage
     force: bool = False
+    fp32_norms: bool = True               # pin decomposed normalisations to FP32 in fp16/bf16 stages
 
     def __post_init__(self) -> None:
         if isinstance(self.workspace_mb, bool) or not isinstance(self.workspace_mb, int) or self.workspace_mb <= 0:
             raise OptionError("workspace: expected a positive number of MiB, got %r" % (self.workspace_mb,))
         if isinstance(self.opt_level, bool) or self.opt_level not in OPT_LEVELS:
             raise OptionError("optimisation level: expected 0..5, got %r" % (self.opt_level,))
+        if not isinstance(self.fp32_norms, bool):
+            raise OptionError("fp32 norms: expected True or False, got %r" % (self.fp32_norms,))
         for stage, precision in self.precisions.items():
             if precision not in BUILD_PRECISIONS:
                 raise OptionError("stage %r: precision %r is not one of %s"
@@ -118,6 +134,13 @@ class StageResult(NamedTuple):
     engine_bytes: int
     engine: str          # path
     note: str            # why it was built or skipped
+    fp32_norms: Optional[int] = None  # normalisations pinned to FP32; None: not asked (fp32 stage, --no-fp32-norms)
+
+
+class BuiltStage(NamedTuple):
+    """What build_stage made."""
+    engine_bytes: int
+    fp32_norms: Optional[int]  # normalisations pinned to FP32; None: not asked
 
 
 # --- planning (pure) ----------------------------------------------------------------------------------------------
@@ -232,8 +255,30 @@ def resolve_profiles(stage: StageSpec, network_inputs: Sequence[Tuple[str, Tuple
 
 
 def flag_names(precision: str, version_compatible: bool) -> List[str]:
-    """The BuilderFlag names a build sets; also what the metadata records."""
+    """The BuilderFlag names a build sets from its options (find_decomposed_norms may add
+    OBEY_PRECISION_CONSTRAINTS); the metadata records them."""
     return list(PRECISION_FLAGS[precision]) + ([VERSION_COMPATIBLE] if version_compatible else [])
+
+
+def fp32_norms_apply(precision: str, options: BuildOptions) -> bool:
+    """Whether a stage of this precision gets its decomposed normalisations pinned to FP32."""
+    return options.fp32_norms and precision in FP32_NORMS_PRECISIONS
+
+
+def recorded_flags(precision: str, options: BuildOptions, fp32_norms: Optional[int]) -> List[str]:
+    """What the metadata's builder_flags say: the flags set, and for --fp32-norms how many norms were pinned."""
+    flags = flag_names(precision, options.version_compatible)
+    if fp32_norms is not None:
+        flags += ([OBEY_PRECISION_CONSTRAINTS] if fp32_norms else []) + [FP32_NORMS_RECORD % fp32_norms]
+    return flags
+
+
+def fp32_norms_recorded(builder_flags: Sequence[str]) -> Optional[int]:
+    """The count in recorded builder flags ("fp32 norms: N"); None when the engine was built without."""
+    for flag in builder_flags:
+        if flag.startswith(_FP32_NORMS_PREFIX) and flag[len(_FP32_NORMS_PREFIX):].isdigit():
+            return int(flag[len(_FP32_NORMS_PREFIX):])
+    return None
 
 
 def _major_minor(text: str, what: str) -> Tuple[int, int]:
@@ -275,11 +320,12 @@ def check_capabilities(trt_version: str, compute_capability: str, options: Build
 
 
 def engine_meta(stage: StageSpec, precision: str, options: BuildOptions, platform: TrtPlatform,
-                engine_sha256: str = "") -> EngineMeta:
-    """What goes beside the engine (engine_sha256: of the engine file written)."""
+                engine_sha256: str = "", fp32_norms: Optional[int] = None) -> EngineMeta:
+    """What goes beside the engine (engine_sha256: of the engine file written; fp32_norms: how many
+    normalisations were pinned to FP32, None when not asked)."""
     return EngineMeta(stage=stage.name, onnx_sha256=stage.sha256, trt_version=platform.trt_version,
                       gpu_name=platform.gpu_name, compute_capability=platform.compute_capability,
-                      precision=precision, builder_flags=tuple(flag_names(precision, options.version_compatible)),
+                      precision=precision, builder_flags=tuple(recorded_flags(precision, options, fp32_norms)),
                       engine_sha256=engine_sha256)
 
 
@@ -296,11 +342,17 @@ def up_to_date(model_dir: str, stage: StageSpec, precision: str, options: BuildO
         check_engine_bytes(meta, sha256_file(path))
     except (EngineFileMissing, EngineMetaError, EngineMismatch) as exc:
         return False, str(exc)
-    want = engine_meta(stage, precision, options, platform)
-    if meta.precision != want.precision:
-        return False, "precision: recorded %s, asked %s" % (meta.precision, want.precision)
-    if sorted(meta.builder_flags) != sorted(want.builder_flags):
-        return False, "builder flags: recorded %s, asked %s" % (list(meta.builder_flags), list(want.builder_flags))
+    if meta.precision != precision:
+        return False, "precision: recorded %s, asked %s" % (meta.precision, precision)
+    pinned = fp32_norms_recorded(meta.builder_flags)
+    asked = flag_names(precision, options.version_compatible)
+    recorded = [f for f in meta.builder_flags
+                if f != OBEY_PRECISION_CONSTRAINTS and not f.startswith(_FP32_NORMS_PREFIX)]
+    if sorted(recorded) != sorted(asked):
+        return False, "builder flags: recorded %s, asked %s" % (recorded, asked)
+    if (pinned is not None) != fp32_norms_apply(precision, options):
+        return False, "fp32 norms: recorded %s, asked %s" % ("off" if pinned is None else "on (%d)" % pinned,
+                                                            "on" if fp32_norms_apply(precision, options) else "off")
     return True, "up to date (TensorRT %s, %s, sm %s, %s)" % (
         meta.trt_version, meta.gpu_name, meta.compute_capability, meta.precision)
 
@@ -311,16 +363,20 @@ def describe_plan(manifest: Manifest, model_dir: str, options: BuildOptions) -> 
     lines = ["model %s (%s): %d of %d stages" % (model_dir, manifest.name, len(stages), len(manifest.stages)),
              "workspace %d MiB, optimisation level %d, timing cache %s, version-compatible %s, force %s"
              % (options.workspace_mb, options.opt_level, options.timing_cache or "none",
-                "yes" if options.version_compatible else "no", "yes" if options.force else "no")]
+                "yes" if options.version_compatible else "no", "yes" if options.force else "no"),
+             "fp32 norms %s" % ("on: in fp16/bf16 stages, normalisations written out as primitives are pinned to "
+                                "FP32 (%s)" % OBEY_PRECISION_CONSTRAINTS if options.fp32_norms
+                                else "off (--no-fp32-norms)")]
     for stage in stages:
         precision = options.precisions[stage.name]
         engine = engine_path(model_dir, stage.name)
         profiles = plan_profiles(stage)
         shapes = "; ".join("%s min %s opt %s max %s" % (p.name, list(p.min), list(p.opt), list(p.max))
                            for p in profiles) or "static shapes"
-        lines.append("%s: %s -> %s, %s, flags [%s], %s%s" % (
+        lines.append("%s: %s -> %s, %s, flags [%s], fp32 norms %s, %s%s" % (
             stage.name, stage.file, os.path.basename(engine), precision,
-            ", ".join(flag_names(precision, options.version_compatible)), shapes,
+            ", ".join(flag_names(precision, options.version_compatible)),
+            "on" if fp32_norms_apply(precision, options) else "off", shapes,
             " (engine exists: checked against TensorRT and the GPU when built)" if os.path.isfile(engine) else ""))
     return lines
 
@@ -381,6 +437,95 @@ def network_inputs(network: Any) -> List[Tuple[str, Tuple[int, ...]]]:
     return out
 
 
+def _typed(trt: Any, layer: Any) -> Tuple[Any, Any]:
+    """(type, op) of a layer; op only for the three layer kinds a norm is made of, else None. TensorRT's Python
+    API returns every layer as ILayer: the concrete class (which has ``op``) is set by hand, as polygraphy does."""
+    classes = {trt.LayerType.ELEMENTWISE: trt.IElementWiseLayer, trt.LayerType.REDUCE: trt.IReduceLayer,
+               trt.LayerType.UNARY: trt.IUnaryLayer}
+    kind = layer.type
+    if kind not in classes:
+        return kind, None
+    layer.__class__ = classes[kind]
+    return kind, layer.op
+
+
+def find_decomposed_norms(trt: Any, network: Any) -> List[List[Any]]:
+    """The layers of each normalisation written out as primitives (RMSNorm; layer norm where the parser has no
+    normalisation layer, TensorRT 8.5), one list per norm, in network order. The rules:
+
+    - the anchor: a REDUCE layer with op AVG whose input 0 is made by a square: an ELEMENTWISE POW (any exponent;
+      norms use 2) or an ELEMENTWISE PROD whose two inputs are one tensor;
+    - then, each the only consumer of the previous layer's output: an optional ELEMENTWISE SUM (the epsilon), a
+      UNARY SQRT, and the first layer after the SQRT when it is a UNARY RECIP or an ELEMENTWISE DIV or PROD (what
+      applies the scale). Anything else ends the chain: what was matched so far is the norm.
+
+    A square's overflow needs the square and the mean in FP32; the rest of the chain keeps the tiny variance
+    and its root out of FP16 too. TensorRT's normalisation layer (INormalizationLayer, 8.6+) computes in FP32
+    itself and is never matched."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    producer: Dict[str, Any] = {}
+    consumers: Dict[str, List[Any]] = {}
+    for layer in layers:
+        for i in range(layer.num_outputs):
+            producer[layer.get_output(i).name] = layer
+        for i in range(layer.num_inputs):
+            tensor = layer.get_input(i)
+            if tensor is not None:  # optional inputs left out are None
+                consumers.setdefault(tensor.name, []).append(layer)
+    E, U = trt.ElementWiseOperation, trt.UnaryOperation
+
+    def is_(layer: Any, kind: Any, *ops: Any) -> bool:
+        if layer is None:
+            return False
+        found, op = _typed(trt, layer)
+        return found == kind and op in ops
+
+    def next_of(layer: Any) -> Any:
+        users = consumers.get(layer.get_output(0).name, [])
+        return users[0] if len(users) == 1 else None
+
+    def is_square(layer: Any) -> bool:
+        if is_(layer, trt.LayerType.ELEMENTWISE, E.POW):
+            return True
+        return is_(layer, trt.LayerType.ELEMENTWISE, E.PROD) and layer.get_input(0).name == layer.get_input(1).name
+
+    norms = []
+    for layer in layers:
+        if not is_(layer, trt.LayerType.REDUCE, trt.ReduceOperation.AVG):
+            continue
+        square = producer.get(layer.get_input(0).name)
+        if not is_square(square):
+            continue
+        chain = [square, layer]
+        step = next_of(layer)
+        if is_(step, trt.LayerType.ELEMENTWISE, E.SUM):
+            chain.append(step)
+            step = next_of(step)
+        if is_(step, trt.LayerType.UNARY, U.SQRT):
+            chain.append(step)
+            step = next_of(step)
+            if is_(step, trt.LayerType.UNARY, U.RECIP) or is_(step, trt.LayerType.ELEMENTWISE, E.DIV, E.PROD):
+                chain.append(step)
+        norms.append(chain)
+    return norms
+
+
+def pin_to_fp32(trt: Any, config: Any, layers: Sequence[Any], stage: str) -> None:
+    """Run these layers in FP32 (precision and every output type) and make TensorRT obey it: without
+    OBEY_PRECISION_CONSTRAINTS the builder treats layer precisions as hints it may ignore."""
+    if not layers:
+        return
+    if not hasattr(trt.BuilderFlag, OBEY_PRECISION_CONSTRAINTS):
+        raise BuildError("stage %r: TensorRT %s has no BuilderFlag.%s (weak typing was removed in TensorRT 11), so "
+                         "normalisations cannot be pinned to FP32; build with --no-fp32-norms"
+                         % (stage, trt.__version__, OBEY_PRECISION_CONSTRAINTS))
+    for layer in layers:
+        layer.precision = trt.float32
+        for i in range(layer.num_outputs):
+            layer.set_output_type(i, trt.float32)
+    config.set_flag(getattr(trt.BuilderFlag, OBEY_PRECISION_CONSTRAINTS))
+
+
 def create_config(s: TrtSession, precision: str, options: BuildOptions) -> Any:
     config = s.builder.create_builder_config()
     config.set_memory_pool_limit(s.trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
@@ -434,12 +579,17 @@ def build_plan(s: TrtSession, network: Any, config: Any, stage: str, workspace_m
 
 
 def build_stage(s: TrtSession, model_dir: str, stage: StageSpec, precision: str, options: BuildOptions,
-                platform: TrtPlatform) -> int:
-    """ONNX -> ``<stage>.engine`` (+ metadata, + timing cache); returns the engine's size in bytes."""
+                platform: TrtPlatform) -> BuiltStage:
+    """ONNX -> ``<stage>.engine`` (+ metadata, + timing cache); returns its size and the norms pinned to FP32."""
     onnx_file = os.path.join(model_dir, stage.file)
     network = create_network(s)
     parser = parse_onnx(s, network, stage.name, onnx_file)
     config = create_config(s, precision, options)
+    fp32_norms = None
+    if fp32_norms_apply(precision, options):
+        norms = find_decomposed_norms(s.trt, network)
+        pin_to_fp32(s.trt, config, [layer for norm in norms for layer in norm], stage.name)
+        fp32_norms = len(norms)
     add_profile(s, config, resolve_profiles(stage, network_inputs(network)), stage.name)
     if options.timing_cache:
         attach_timing_cache(config, options.timing_cache)
@@ -452,10 +602,11 @@ def build_stage(s: TrtSession, model_dir: str, stage: StageSpec, precision: str,
         os.remove(meta_path(engine))  # never leave old metadata vouching for a new engine
     _atomic_write(engine, plan)
     try:
-        write_meta(meta_path(engine), engine_meta(stage, precision, options, platform, sha256_file(engine)))
+        write_meta(meta_path(engine), engine_meta(stage, precision, options, platform, sha256_file(engine),
+                                                  fp32_norms))
     except EngineMetaError as exc:
         raise BuildError("stage %r: engine written, but its metadata is invalid: %s" % (stage.name, exc)) from exc
-    return os.path.getsize(engine)
+    return BuiltStage(os.path.getsize(engine), fp32_norms)
 
 
 # --- a run ----------------------------------------------------------------------------------------------------------
@@ -472,13 +623,15 @@ def build_all(s: TrtSession, manifest: Manifest, model_dir: str, options: BuildO
         current, why = up_to_date(model_dir, stage, precision, options, platform)
         if current and not options.force:
             report("%s: %s; skipped (--force rebuilds)" % (stage.name, why))
-            results.append(StageResult(stage.name, precision, False, 0.0, os.path.getsize(engine), engine, why))
+            results.append(StageResult(stage.name, precision, False, 0.0, os.path.getsize(engine), engine, why,
+                                       fp32_norms_recorded(read_engine_meta(stage.name, model_dir).builder_flags)))
             continue
         note = "forced" if current else why
         report("%s: building %s engine (%s)" % (stage.name, precision, note))
         start = time.monotonic()
-        size = build_stage(s, model_dir, stage, precision, options, platform)
-        results.append(StageResult(stage.name, precision, True, time.monotonic() - start, size, engine, note))
+        built = build_stage(s, model_dir, stage, precision, options, platform)
+        results.append(StageResult(stage.name, precision, True, time.monotonic() - start, built.engine_bytes,
+                                   engine, note, built.fp32_norms))
     return results
 
 
@@ -487,8 +640,10 @@ def summary_lines(results: Sequence[StageResult]) -> List[str]:
     lines = []
     for r in results:
         what = "built in %.1f s" % r.seconds if r.built else "up to date"
-        lines.append("%-*s  %-4s  %-16s  %12d bytes  %s" % (width, r.stage, r.precision, what, r.engine_bytes,
-                                                         r.engine))
+        norms = "" if r.fp32_norms is None else "  fp32 norms: %d%s" % (
+            r.fp32_norms, " (%s)" % OBEY_PRECISION_CONSTRAINTS if r.fp32_norms else "")
+        lines.append("%-*s  %-4s  %-16s  %12d bytes  %s%s" % (width, r.stage, r.precision, what, r.engine_bytes,
+                                                           r.engine, norms))
     return lines
 
 
@@ -509,6 +664,12 @@ def build_parser(prog: str = "wam-edge build") -> argparse.ArgumentParser:
                    % TIMING_CACHE_NAME)
     p.add_argument("--version-compatible", action="store_true",
                    help="version-compatible engines (TensorRT >= 8.6; the runtime must allow engine host code)")
+    norms = p.add_mutually_exclusive_group()  # argparse.BooleanOptionalAction is Python 3.9+; JetPack 5 has 3.8
+    norms.add_argument("--fp32-norms", dest="fp32_norms", action="store_true", default=True,
+                       help="in fp16/bf16 stages, pin normalisations written out as primitives (RMSNorm; layer norm "
+                       "on TensorRT 8.5) to FP32, where their squares cannot overflow (the default)")
+    norms.add_argument("--no-fp32-norms", dest="fp32_norms", action="store_false",
+                       help="leave those normalisations to the stage's precision")
     p.add_argument("--stage", dest="stages", action="append", default=[], metavar="NAME",
                    help="build only this stage (repeatable; default: all)")
     p.add_argument("--force", action="store_true", help="rebuild engines that are already up to date")
@@ -526,7 +687,8 @@ def options_from_args(args: argparse.Namespace, manifest: Manifest) -> BuildOpti
     return BuildOptions(precisions=parse_precisions(args.precision, names), workspace_mb=args.workspace_mb,
                         opt_level=args.opt_level,
                         timing_cache=args.timing_cache or os.path.join(args.model, TIMING_CACHE_NAME),
-                        version_compatible=args.version_compatible, stages=tuple(args.stages), force=args.force)
+                        version_compatible=args.version_compatible, stages=tuple(args.stages), force=args.force,
+                        fp32_norms=args.fp32_norms)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "wam-edge build") -> int:

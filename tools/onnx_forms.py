@@ -246,6 +246,7 @@ def norm_warning(stage: str, counts: Dict[str, int]) -> Optional[str]:
     if not n:
         return None
     return ("warning: stage %s has %d normalisation%s written out as ReduceMean of a square (RMSNorm or a hand-written "
-            "layer norm). In FP16 the square overflows for activations above 256: build this stage with "
-            "`wam-edge build --precision %s=fp32` (or bf16), use nn.LayerNorm where it fits, and check it with "
-            "`wam-edge verify`" % (stage, n, "" if n == 1 else "s", stage))
+            "layer norm). In FP16 the square overflows for activations above 256: `wam-edge build` keeps these layers "
+            "in FP32 in fp16 and bf16 stages (--fp32-norms, on by default); check the engine with `wam-edge verify`, "
+            "and if it still fails, build the whole stage with `wam-edge build --precision %s=fp32`. Use "
+            "nn.LayerNorm where it fits" % (stage, n, "" if n == 1 else "s", stage))

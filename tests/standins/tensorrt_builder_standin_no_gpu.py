@@ -14,6 +14,17 @@ What it emulates, and why (each from NVIDIA's docs):
 - Before 10.0 the ONNX parser needs an explicit-batch network (creation flag).
 - The parser reads the real ONNX file (with ONNX Runtime) for the input names and
   shapes (-1 on dynamic axes) and fails on a file that is not ONNX, like TensorRT.
+- With the ``onnx`` package it also makes one fake layer per ONNX node (the network
+  has none without it): Pow/Mul/Add/Sub/Div -> ELEMENTWISE POW/PROD/SUM/SUB/DIV,
+  ReduceMean/ReduceSum/ReduceMax -> REDUCE AVG/SUM/MAX, Sqrt/Reciprocal -> UNARY SQRT/RECIP, initializers and
+  Constant -> CONSTANT, LayerNormalization -> NORMALIZATION from 8.6 and, on 8.5
+  (no normalisation layer), the primitives ReduceMean, Sub, Pow, ReduceMean, Add,
+  Sqrt, Div, Mul, Add; any other op a SHUFFLE (a type the builder never inspects).
+  Layers come back as ILayer, which has no ``op``: the builder must cast them
+  (``layer.__class__ = trt.IElementWiseLayer``), as with TensorRT's bindings.
+- Layer precisions are honoured only with OBEY_PRECISION_CONSTRAINTS or
+  PREFER_PRECISION_CONSTRAINTS set; otherwise the build logs a warning and ignores
+  them. The plan records the layers built in FP32 (``fp32_layers``).
 - build_serialized_network returns None (after logging, as TensorRT does) when a
   dynamic input has no profile, a profile disagrees with the graph, or the
   workspace is larger than the stand-in's free memory ("Tactic Device request").
@@ -108,6 +119,18 @@ def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 
         (["STRONGLY_TYPED"] if vt >= (9, 0) else [])
     NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", creation_flags)
     Severity = _enum("Severity", ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"])
+    data_types = ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8"] + (["FP8"] if vt >= (8, 6) else []) + \
+        (["BF16", "INT64"] if vt >= (9, 0) else [])
+    DataType = _enum("DataType", data_types)
+    layer_types = ["CONVOLUTION", "ACTIVATION", "POOLING", "SCALE", "SOFTMAX", "CONCATENATION", "ELEMENTWISE",
+                   "UNARY", "SHUFFLE", "REDUCE", "GATHER", "MATRIX_MULTIPLY", "CONSTANT", "IDENTITY", "SLICE",
+                   "SHAPE", "SELECT", "CAST"] + (["NORMALIZATION"] if vt >= (8, 6) else [])
+    LayerType = _enum("LayerType", layer_types)
+    ElementWiseOperation = _enum("ElementWiseOperation", ["SUM", "PROD", "MAX", "MIN", "SUB", "DIV", "POW",
+                                                          "FLOOR_DIV", "AND", "OR", "XOR", "EQUAL", "GREATER",
+                                                          "LESS"])
+    ReduceOperation = _enum("ReduceOperation", ["SUM", "PROD", "MAX", "MIN", "AVG"])
+    UnaryOperation = _enum("UnaryOperation", ["EXP", "LOG", "SQRT", "RECIP", "ABS", "NEG", "SIN", "COS", "ERF"])
 
     class Logger:
         __slots__ = ("min_severity",)
@@ -131,12 +154,75 @@ def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 
         def __init__(self, name: str, shape: Tuple[int, ...]) -> None:
             self.name, self.shape = name, shape
 
+    class ILayer:
+        """Only what the builder may use: name, type, inputs/outputs, precision, output types."""
+        __slots__ = ("name", "_type", "_op", "_inputs", "_outputs", "_precision", "_output_types")
+
+        def __init__(self, name: str, kind: Any, op: Any, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+            self.name, self._type, self._op = name, kind, op
+            self._inputs = [ITensor(n, ()) if n else None for n in inputs]
+            self._outputs = [ITensor(n, ()) for n in outputs]
+            self._precision: Optional[Any] = None
+            self._output_types: Dict[int, Any] = {}
+
+        @property
+        def type(self) -> Any:
+            return self._type
+
+        @property
+        def num_inputs(self) -> int:
+            return len(self._inputs)
+
+        def get_input(self, index: int) -> Optional[ITensor]:
+            return self._inputs[index]
+
+        @property
+        def num_outputs(self) -> int:
+            return len(self._outputs)
+
+        def get_output(self, index: int) -> ITensor:
+            return self._outputs[index]
+
+        @property
+        def precision(self) -> Any:
+            return DataType.FLOAT if self._precision is None else self._precision
+
+        @precision.setter
+        def precision(self, value: Any) -> None:
+            _require(value, DataType, "ILayer.precision")
+            calls.append(("layer.precision", self.name, value.name))
+            self._precision = value
+
+        @property
+        def precision_is_set(self) -> bool:
+            return self._precision is not None
+
+        def set_output_type(self, index: int, dtype: Any) -> None:
+            _require(dtype, DataType, "set_output_type")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._outputs):
+                raise IndexError("set_output_type: layer %s has no output %r" % (self.name, index))
+            calls.append(("set_output_type", self.name, index, dtype.name))
+            self._output_types[index] = dtype
+
+    def _typed_layer(kind_name: str) -> type:
+        """The concrete layer class for ``layer.__class__ = ...``: adds ``op``, valid only for its own type."""
+        def op(self: ILayer) -> Any:
+            if self._type is not getattr(LayerType, kind_name):
+                raise TypeError("%s cast to the class of %s layers" % (self._type, kind_name))
+            return self._op
+
+        name = {"ELEMENTWISE": "IElementWiseLayer", "REDUCE": "IReduceLayer", "UNARY": "IUnaryLayer"}[kind_name]
+        return type(name, (ILayer,), {"__slots__": (), "op": property(op)})
+
+    IElementWiseLayer, IReduceLayer, IUnaryLayer = (_typed_layer(k) for k in ("ELEMENTWISE", "REDUCE", "UNARY"))
+
     class INetworkDefinition:
-        __slots__ = ("flags", "_inputs")
+        __slots__ = ("flags", "_inputs", "_layers")
 
         def __init__(self, flags: int) -> None:
             self.flags = flags
             self._inputs: List[ITensor] = []
+            self._layers: List[ILayer] = []
 
         @property
         def num_inputs(self) -> int:
@@ -144,6 +230,49 @@ def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 
 
         def get_input(self, index: int) -> ITensor:
             return self._inputs[index]
+
+        @property
+        def num_layers(self) -> int:
+            return len(self._layers)
+
+        def get_layer(self, index: int) -> ILayer:
+            return self._layers[index]
+
+    E, R, U, L = ElementWiseOperation, ReduceOperation, UnaryOperation, LayerType
+    onnx_layers = {"Pow": (L.ELEMENTWISE, E.POW), "Mul": (L.ELEMENTWISE, E.PROD), "Add": (L.ELEMENTWISE, E.SUM),
+                   "Sub": (L.ELEMENTWISE, E.SUB), "Div": (L.ELEMENTWISE, E.DIV), "ReduceMean": (L.REDUCE, R.AVG),
+                   "ReduceSum": (L.REDUCE, R.SUM), "ReduceMax": (L.REDUCE, R.MAX),
+                   "Sqrt": (L.UNARY, U.SQRT), "Reciprocal": (L.UNARY, U.RECIP), "Constant": (L.CONSTANT, None)}
+
+    def _layers_from_onnx(model: str) -> List[ILayer]:
+        """One layer per ONNX node as described in the module docstring; the graph only, never the weights."""
+        import onnx  # noqa: PLC0415
+
+        graph = onnx.load(model, load_external_data=False).graph
+        layers = [ILayer(init.name, L.CONSTANT, None, [], [init.name]) for init in graph.initializer]
+        for i, node in enumerate(graph.node):
+            name = node.name or "%s_%d" % (node.op_type, i)
+            if node.op_type == "LayerNormalization" and vt < (8, 6):
+                x, scale = node.input[0], node.input[1]
+                bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+                t = ["%s/%s" % (name, n) for n in ("mean", "centred", "two", "square", "var", "eps", "var_eps",
+                                                   "std", "normed", "scaled")]
+                steps = [("mean", L.REDUCE, R.AVG, [x], t[0]), ("sub", L.ELEMENTWISE, E.SUB, [x, t[0]], t[1]),
+                         ("two", L.CONSTANT, None, [], t[2]), ("pow", L.ELEMENTWISE, E.POW, [t[1], t[2]], t[3]),
+                         ("var", L.REDUCE, R.AVG, [t[3]], t[4]), ("eps", L.CONSTANT, None, [], t[5]),
+                         ("add_eps", L.ELEMENTWISE, E.SUM, [t[4], t[5]], t[6]), ("sqrt", L.UNARY, U.SQRT, [t[6]], t[7]),
+                         ("div", L.ELEMENTWISE, E.DIV, [t[1], t[7]], t[8]),
+                         ("scale", L.ELEMENTWISE, E.PROD, [t[8], scale], t[9] if bias else node.output[0])]
+                if bias:
+                    steps.append(("bias", L.ELEMENTWISE, E.SUM, [t[9], bias], node.output[0]))
+                layers += [ILayer("%s/%s" % (name, step), kind, op, ins, [out]) for step, kind, op, ins, out in steps]
+                continue
+            if node.op_type == "LayerNormalization":
+                kind, op = L.NORMALIZATION, None
+            else:
+                kind, op = onnx_layers.get(node.op_type, (L.SHUFFLE, None))
+            layers.append(ILayer(name, kind, op, list(node.input), list(node.output)))
+        return layers
 
     class ParserError:
         __slots__ = ("_desc",)
@@ -189,6 +318,11 @@ def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 
             for arg in session.get_inputs():
                 shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
                 self.network._inputs.append(ITensor(arg.name, shape))
+            try:
+                import onnx  # noqa: F401, PLC0415 (the layers need it; without it the network has none)
+            except ImportError:
+                return True
+            self.network._layers.extend(_layers_from_onnx(model))
             return True
 
     class IOptimizationProfile:
@@ -349,7 +483,14 @@ def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 
                 return None
             if config.timing_cache is not None:
                 config.timing_cache.entries += len(network._inputs)
-            record = {"trt": version, "flags": sorted(config.flags), "pools": config.pools,
+            constrained = [layer for layer in network._layers
+                           if layer.precision_is_set or layer._output_types]
+            if constrained and not config.flags & {"OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"}:
+                _log("WARNING", "layer precisions were set but no precision constraints flag: they are ignored")
+                constrained = []
+            fp32 = [layer.name for layer in constrained if layer.precision is DataType.FLOAT
+                    and all(layer._output_types.get(i) is DataType.FLOAT for i in range(layer.num_outputs))]
+            record = {"trt": version, "flags": sorted(config.flags), "pools": config.pools, "fp32_layers": fp32,
                       "opt_level": getattr(config, "_opt_level", None),
                       "profiles": {k: [list(s) for s in v] for k, v in shapes.items()},
                       "inputs": {t.name: list(t.shape) for t in network._inputs}}
@@ -360,7 +501,11 @@ def make_tensorrt_standin_no_gpu(version: str = "10.3.0", free_memory_mb: int = 
                         ("NetworkDefinitionCreationFlag", NetworkDefinitionCreationFlag),
                         ("IBuilderConfig", IBuilderConfig), ("ITimingCache", ITimingCache),
                         ("IOptimizationProfile", IOptimizationProfile), ("INetworkDefinition", INetworkDefinition),
-                        ("ITensor", ITensor), ("ParserError", ParserError)):
+                        ("ITensor", ITensor), ("ParserError", ParserError), ("DataType", DataType),
+                        ("LayerType", LayerType), ("ElementWiseOperation", ElementWiseOperation),
+                        ("ReduceOperation", ReduceOperation), ("UnaryOperation", UnaryOperation),
+                        ("ILayer", ILayer), ("IElementWiseLayer", IElementWiseLayer), ("IReduceLayer", IReduceLayer),
+                        ("IUnaryLayer", IUnaryLayer), ("float32", DataType.FLOAT), ("float16", DataType.HALF)):
         setattr(mod, name, value)
     return mod
 
