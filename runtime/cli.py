@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "failed check)")
     _common(p)
     p.add_argument("--json", action="store_true", help='print {"ok": bool, "checks": [{name, status, detail}]}')
+    p.add_argument("--load", action="store_true", help="also load the policy as `wam-edge run` does (backend, "
+                   "warm-up) and time a few inferences on blank frames: a smoke test, not a benchmark")
 
     p = sub.add_parser("config", help="print the effective configuration, or the documented defaults")
     _common(p)
@@ -148,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "doctor":  # a configuration error is one of its failed checks, not exit 2
         from runtime import doctor
 
-        return doctor.main(args.config or default_config_path(), args.overrides, args.json)
+        return doctor.main(args.config or default_config_path(), args.overrides, args.json, load=args.load)
     if args.command == "config" and args.defaults:
         sys.stdout.write(render_defaults())
         return 0

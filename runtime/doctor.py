@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 from runtime.config import Config, ConfigError, load_config
@@ -34,6 +35,7 @@ OK, WARN, FAIL, ABSENT = "ok", "warn", "fail", "absent"
 STATUSES = (OK, WARN, FAIL, ABSENT)
 TEGRA_RELEASE = "/etc/nv_tegra_release"
 CYCLONEDDS_PINNED = "0.10.2"
+LOAD_RUNS = 10  # --load: timed inferences after the warm-up
 
 #: camera.source -> the modules it imports, and how to install each
 CAMERA_MODULES: Dict[str, Sequence[str]] = {
@@ -74,6 +76,7 @@ class _Context:
         self.model_dir = ""
         self.ort_error: Optional[str] = None
         self.engine_problem: Optional[str] = None  # why the engines cannot run here; None when they all match
+        self.load = False  # --load: load the policy as the runtime does and run it
         self.engine_summary = ""
 
     def trt(self) -> Optional[TrtPlatform]:
@@ -333,8 +336,43 @@ def check_jetson(ctx: _Context) -> List[Check]:
     return [Check("jetson", OK, "L4T " + (line or "(empty %s)" % ctx.tegra_release))]
 
 
+def check_load(ctx: _Context) -> List[Check]:
+    """--load: the policy as `wam-edge run` loads it (backend, warm-up), then timed inferences on blank frames. The
+    only check that loads anything; its times are a smoke test of this machine, not a benchmark (`wam-edge bench`)."""
+    if not ctx.load or ctx.cfg is None or ctx.manifest is None:
+        return []
+    import numpy as np
+
+    from runtime.runner import policy_from_config
+
+    m = ctx.manifest
+    start = time.monotonic()
+    policy = None
+    try:
+        policy = policy_from_config(ctx.cfg)
+        policy.warmup(max(1, ctx.cfg["policy"]["warmup_runs"]))
+        loaded_s = time.monotonic() - start
+        images = {c.name: np.zeros((c.height, c.width, 3), np.uint8) for c in m.cameras}
+        state = np.asarray(m.state.mean, dtype=np.float32)
+        times = []
+        for _ in range(LOAD_RUNS):
+            t0 = time.perf_counter()
+            policy.infer(images, state)
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return [Check("load", OK, "loaded and warmed up in %.2f s: %s; inference median %.2f ms, max %.2f ms over "
+                      "%d runs on blank frames" % (loaded_s, policy.describe(), times[len(times) // 2], times[-1],
+                                                   LOAD_RUNS))]
+    except Exception as exc:  # whatever stops the runtime from starting, said as it would say it
+        return [Check("load", FAIL, "the runtime could not load or run the policy: %s: %s"
+                      % (type(exc).__name__, exc))]
+    finally:
+        if policy is not None:
+            policy.close()
+
+
 CHECKS = (check_python, check_config, check_model, check_onnxruntime, check_tensorrt, check_cuda_graph,
-          check_engines, check_backend, check_dds, check_camera, check_unitree_sdk, check_jetson)
+          check_engines, check_backend, check_dds, check_camera, check_unitree_sdk, check_jetson, check_load)
 
 
 def run_checks(cfg: Optional[Config], config_error: Optional[Exception] = None, overrides: Sequence[str] = (),
@@ -342,10 +380,13 @@ def run_checks(cfg: Optional[Config], config_error: Optional[Exception] = None, 
                ort_probe: Callable[[], Sequence[str]] = probe_onnxruntime,
                cuda_driver: Callable[[], Any] = load_driver,
                import_module: Callable[[str], Any] = importlib.import_module,
-               tegra_release: str = TEGRA_RELEASE, environ: Optional[Mapping[str, str]] = None) -> List[Check]:
-    """Every check in order. cfg None (with config_error): the checks that need the config are left out."""
+               tegra_release: str = TEGRA_RELEASE, environ: Optional[Mapping[str, str]] = None,
+               load: bool = False) -> List[Check]:
+    """Every check in order. cfg None (with config_error): the checks that need the config are left out. load:
+    also load the policy and run it (check_load)."""
     ctx = _Context(cfg, config_error, overrides, trt_probe, ort_probe, cuda_driver, import_module, tegra_release,
                    os.environ if environ is None else environ)
+    ctx.load = load
     rows: List[Check] = []
     for check in CHECKS:
         rows.extend(check(ctx))
@@ -380,14 +421,14 @@ def to_json(checks: Sequence[Check]) -> str:
 
 
 def main(config_path: Optional[str], overrides: Sequence[str] = (), as_json: bool = False,
-         out: TextIO = sys.stdout, **probes: Any) -> int:
+         out: TextIO = sys.stdout, load: bool = False, **probes: Any) -> int:
     """Load the config (a ConfigError is a failed row), run every check, print; 0 when no row failed, else 1."""
     try:
         cfg: Optional[Config] = load_config(config_path, overrides)
         error: Optional[Exception] = None
     except ConfigError as exc:
         cfg, error = None, exc
-    checks = run_checks(cfg, error, overrides, **probes)
+    checks = run_checks(cfg, error, overrides, load=load, **probes)
     out.write(to_json(checks) if as_json else format_table(checks))
     return 0 if all_ok(checks) else 1
 

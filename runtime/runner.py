@@ -44,7 +44,7 @@ from runtime.config import Config
 from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
 from runtime.metrics import LatencyRecorder, write_json
 from runtime.policy import PolicyError, load_policy
-from runtime.policy.executor import rtc_delay, rtc_offset
+from runtime.policy.executor import Policy, rtc_delay, rtc_offset
 from runtime.policy.latency import (
     LatencyEstimate,
     LatencyInjectingPolicy,
@@ -72,16 +72,21 @@ log = logging.getLogger("wam_edge.runtime")
 RETRY_S = 0.01
 
 
+def policy_from_config(cfg: Config) -> Policy:
+    """The policy as the runtime loads it: the model, backend, sampler overrides and backend options of the config."""
+    p, m = cfg["policy"], cfg["model"]
+    return load_policy(cfg.resolve(m["path"]), backend=m["backend"], steps=p["steps"] or None,
+                       shift=p["shift"] or None, seed=p["seed"], intra_op_threads=m["intra_op_threads"],
+                       verify_hashes=m["verify_hashes"], options=dict(m, cache_dir=cfg.resolve(m["cache_dir"])))
+
+
 class PolicyRuntime:
     """Owns the camera, the policy and the two sockets; ``step(now)`` does whatever is due at ``now``."""
 
     def __init__(self, cfg: Config, ctx: Optional[zmq.Context] = None) -> None:
         p, t = cfg["policy"], cfg["transport"]
         m = cfg["model"]
-        self.policy = load_policy(cfg.resolve(m["path"]), backend=m["backend"], steps=p["steps"] or None,
-                                  shift=p["shift"] or None, seed=p["seed"], intra_op_threads=m["intra_op_threads"],
-                                  verify_hashes=m["verify_hashes"],
-                                  options=dict(m, cache_dir=cfg.resolve(m["cache_dir"])))
+        self.policy = policy_from_config(cfg)
         manifest = self.policy.manifest
         # RTC inside the model: the real Policy (before any stand-in wraps it) and the last sent chunk, preallocated
         self.rtc = manifest.supports_rtc

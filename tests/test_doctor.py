@@ -264,3 +264,27 @@ def test_unitree_sdk_absent_is_fine_unless_lowcmd_asks_for_the_motion_switcher()
     code, r = doctor_main("controller.driver=dds", "controller.mode=lowcmd", "controller.release_motion_control=true",
                           import_module=no_sdk)
     assert r["unitree_sdk2py"]["status"] == "warn" and "L2+R2" in r["unitree_sdk2py"]["detail"]
+
+
+def test_load_runs_the_policy_as_the_runtime_would_and_only_when_asked(model_copy):
+    code, r = doctor_main()
+    assert code == 0 and "load" not in r  # nothing is loaded without --load
+    code, r = doctor_main(load=True)
+    assert code == 0 and r["load"]["status"] == "ok", r["load"]
+    assert "on onnxruntime (CPUExecutionProvider)" in r["load"]["detail"] and "inference median" in r["load"]["detail"]
+    code, r = doctor_main("policy.steps=3", load=True)  # the config's sampler override reaches the loaded policy
+    assert code == 0 and "steps=3" in r["load"]["detail"]
+    with open(os.path.join(model_copy, "world.onnx"), "ab") as f:
+        f.write(b"\0")
+    code, r = doctor_main("model.path=" + model_copy, "model.verify_hashes=false", load=True)
+    assert code == 1 and r["load"]["status"] == "fail"  # the model row passed unhashed; the runtime cannot load it
+    assert "could not load or run the policy" in r["load"]["detail"] and "world.onnx" in r["load"]["detail"]
+    code, r = doctor_main("model.path=" + model_copy, load=True)
+    assert code == 1 and r["model"]["status"] == "fail" and "load" not in r  # no model, nothing to load
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_load_fails_with_the_runtimes_own_message_when_the_backend_cannot_start():
+    code, r = doctor_main("model.backend=tensorrt", load=True)
+    assert code == 1 and r["load"]["status"] == "fail"
+    assert "the runtime could not load or run the policy" in r["load"]["detail"] and "build" in r["load"]["detail"]
