@@ -157,8 +157,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "intra_op_threads": Key(1, int, "threads ONNX Runtime may use inside one operator", lo=1, hi=64),
         "verify_hashes": Key(True, bool, "check each stage file's sha256 against the manifest at load"),
         "cache_dir": Key("cache", str, "onnxruntime-gpu: TensorRT engine and timing caches go to <cache_dir>/ort-trt "
-                         "(relative to this file); without them each start builds the engines again (minutes). "
-                         "Delete it when the model, ONNX Runtime, TensorRT or the GPU change", check=_nonempty),
+                         "(relative to this file; engines per stage and ONNX hash, so new weights never reuse an "
+                         "old engine); without them each start builds the engines again (minutes). Delete it when "
+                         "ONNX Runtime, TensorRT or the GPU change", check=_nonempty),
         "fp16": Key(True, bool, "onnxruntime-gpu: let ONNX Runtime's TensorRT provider build FP16 kernels"),
         "gpu_providers": Key(["tensorrt", "cuda"], list, "onnxruntime-gpu: execution providers in priority order, "
                              "from tensorrt, cuda (those ONNX Runtime does not list are skipped; nodes a provider "

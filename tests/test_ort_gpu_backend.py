@@ -135,13 +135,15 @@ def test_timing_cache_path_only_where_onnxruntime_knows_the_key(monkeypatch, ver
     """trt_timing_cache_path is ONNX Runtime 1.17+; an older one rejects it and retries on the next provider
     without any options. The installed version is what counts by default (faked here)."""
     monkeypatch.setattr(onnxruntime_gpu_backend.ort, "__version__", version)
-    for opts in (trt_provider_options(0, "/c", True), provider_entries([TRT], _stage_with_profiles(), 0, "/c",
-                                                                       True)[0][1]):
+    stage = _stage_with_profiles()
+    for opts, engines in ((trt_provider_options(0, "/c", True), os.path.join("/c", "ort-trt")),
+                          (provider_entries([TRT], stage, 0, "/c", True)[0][1],
+                           os.path.join("/c", "ort-trt", stage.sha256[:16]))):
         assert ("trt_timing_cache_path" in opts) is has_path
         assert opts["trt_timing_cache_enable"] == opts["trt_engine_cache_enable"] == "True"
-        assert opts["trt_engine_cache_path"] == os.path.join("/c", "ort-trt")  # the timing cache's home when older
+        assert opts["trt_engine_cache_path"] == engines  # also the timing cache's home when older
         if has_path:
-            assert opts["trt_timing_cache_path"] == opts["trt_engine_cache_path"]
+            assert opts["trt_timing_cache_path"] == os.path.join("/c", "ort-trt")  # shared: weights do not matter
     assert "trt_timing_cache_path" in trt_provider_options(0, "/c", True, onnxruntime_version="1.17.0")
     assert "trt_timing_cache_path" not in trt_provider_options(0, "/c", True, onnxruntime_version="1.16.3")
 
@@ -161,7 +163,11 @@ def test_provider_entries_per_stage():
     assert [e[0] for e in entries] == [TRT, CUDA]
     trt = entries[0][1]
     assert trt["trt_profile_min_shapes"] == "image:1x3x64x64,kv:1x8"
-    assert trt["trt_engine_cache_path"] == os.path.join("/c", "ort-trt")
+    assert trt["trt_engine_cache_path"] == os.path.join("/c", "ort-trt", stage.sha256[:16])
+    # new weights (a new ONNX hash) under the same file name: another engine cache, never the old weights' engine
+    retrained = dataclasses.replace(stage, sha256="f" * 64)
+    assert provider_entries([TRT], retrained, 0, "/c", True)[0][1]["trt_engine_cache_path"] == os.path.join(
+        "/c", "ort-trt", "f" * 16)
     assert entries[1] == (CUDA, {"device_id": "0"})
     bad = dataclasses.replace(stage, inputs=(TensorSpec("image", "float32", (1, 3, 64, 64),
                                                           source="camera:head", profile=((1, 3, 64, 64),)),))

@@ -132,24 +132,28 @@ def trt_provider_options(device_id: int, cache_dir: Optional[str], fp16: bool,
                          profiles: Sequence[Tuple[str, Profile]] = (),
                          max_workspace_bytes: Optional[int] = None,
                          builder_optimization_level: Optional[int] = None,
-                         onnxruntime_version: Optional[str] = None) -> Dict[str, str]:
+                         onnxruntime_version: Optional[str] = None,
+                         engine_key: Optional[str] = None) -> Dict[str, str]:
     """TensorrtExecutionProvider options (documented keys only, values as strings, only those this ONNX Runtime
     knows: onnxruntime_version, default the installed one).
-    cache_dir: engine and timing caches go to <cache_dir>/ort-trt (None: no caches;
-    every session creation then builds the engines again, which can take minutes)."""
+    cache_dir: the timing cache goes to <cache_dir>/ort-trt, the engine cache to <cache_dir>/ort-trt/<engine_key>
+    (None: no caches; every session creation then builds the engines again, which can take minutes).
+    engine_key: what the stage's engines are built from (provider_entries: its ONNX sha256). ONNX Runtime names a
+    cached engine after the model file and its graph, not its weights, so a re-export with new weights under the same
+    file name would otherwise load the old weights' engine, silently."""
     opts = {"device_id": str(int(device_id)), "trt_fp16_enable": _flag(fp16)}
     if cache_dir is not None:
         path = os.path.join(cache_dir, TRT_CACHE_SUBDIR)
         opts.update({
             "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": path,
+            "trt_engine_cache_path": os.path.join(path, engine_key) if engine_key else path,
             "trt_timing_cache_enable": "True",
         })
         version = ort_version(ort.__version__ if onnxruntime_version is None else onnxruntime_version)
         if version is not None and version >= TIMING_CACHE_PATH_FROM:
             opts["trt_timing_cache_path"] = path
-        # else: older ONNX Runtime keeps the timing cache beside the engines, under trt_engine_cache_path (the
-        # same directory); an unreadable version is treated as old: the key would fail the whole option set
+        # else: older ONNX Runtime keeps the timing cache beside the engines, under trt_engine_cache_path; an
+        # unreadable version is treated as old: the key would fail the whole option set
     if max_workspace_bytes is not None:
         opts["trt_max_workspace_size"] = str(int(max_workspace_bytes))
     if builder_optimization_level is not None:
@@ -158,6 +162,12 @@ def trt_provider_options(device_id: int, cache_dir: Optional[str], fp16: bool,
         opts["trt_builder_optimization_level"] = str(int(builder_optimization_level))
     opts.update(profile_shape_options(profiles))
     return opts
+
+
+def engine_cache_key(stage: StageSpec) -> str:
+    """The engine cache directory of a stage: its ONNX file's sha256, which changes with the weights (with external
+    data too: the ONNX file names its content-named data file)."""
+    return stage.sha256[:16]
 
 
 def cuda_provider_options(device_id: int) -> Dict[str, str]:
@@ -173,7 +183,8 @@ def provider_entries(names: Sequence[str], stage: StageSpec, device_id: int, cac
     for name in names:
         if name == GPU_PROVIDERS["tensorrt"]:
             entries.append((name, trt_provider_options(device_id, cache_dir, fp16, stage_profiles(stage),
-                                                       max_workspace_bytes, builder_optimization_level)))
+                                                       max_workspace_bytes, builder_optimization_level,
+                                                       engine_key=engine_cache_key(stage))))
         elif name == GPU_PROVIDERS["cuda"]:
             entries.append((name, cuda_provider_options(device_id)))
         else:
@@ -218,7 +229,8 @@ class OnnxRuntimeGpuBackend(OrtStages):
         if device == "cuda":
             names = resolve_providers(providers, ort.get_available_providers())
             if cache_dir is not None and GPU_PROVIDERS["tensorrt"] in names:
-                _make_cache_dir(os.path.join(cache_dir, TRT_CACHE_SUBDIR))
+                for stage in manifest.stages:
+                    _make_cache_dir(os.path.join(cache_dir, TRT_CACHE_SUBDIR, engine_cache_key(stage)))
         else:
             check_provider_names(providers)
             names = [CPU_PROVIDER]
