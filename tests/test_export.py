@@ -735,3 +735,28 @@ def test_save_gathers_weights_from_any_layout_into_one_content_named_file(tmp_pa
     assert [float(numpy_helper.to_array(t)[0, 0]) for t in loaded.graph.initializer] == [0.0, 1.0]
     assert _save(onnx.load(path), path, "s", external=False) is None  # back inside the file, the data file gone
     assert sorted(os.listdir(tmp_path)) == ["s.onnx"]
+
+
+def test_saving_one_stage_never_touches_another_stages_weights(tmp_path):
+    _torch()
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tools.export import _save
+
+    def model(value):
+        weight = numpy_helper.from_array(np.full((32, 32), value, np.float32), "w")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [weight])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    other = _save(model(2.0), str(tmp_path / "world.v2.onnx"), "world.v2", external=True)  # a stage named "world.v2"
+    (tmp_path / "world.onnx.data.partial").write_bytes(b"left by an interrupted export")
+    (tmp_path / "world.0123456789abcdef.onnx.data").write_bytes(b"an earlier export's weights")
+    mine = _save(model(1.0), str(tmp_path / "world.onnx"), "world", external=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(["world.onnx", mine["file"], "world.v2.onnx", other["file"]])
+    assert float(numpy_helper.to_array(onnx.load(str(tmp_path / "world.v2.onnx")).graph.initializer[0])[0, 0]) == 2.0
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert _save(model(1.0), str(clean / "world.onnx"), "world", external=True) == mine  # no old bytes in it

@@ -358,8 +358,8 @@ def _save(model: onnx.ModelProto, path: str, stage: str, external: bool) -> Opti
     hashed and renamed, never read into memory; otherwise the weights are loaded and written out here."""
     out_dir = os.path.dirname(path)
     locations = {_location(t) for t in _external_tensors(model)}
-    stale = [f for f in os.listdir(out_dir) if f.startswith(stage + ".") and f.endswith(".data")
-             and f not in locations]  # an earlier export's weights, named by their hash
+    own = re.compile(re.escape(stage) + r"\.([0-9a-f]{16}\.)?onnx\.data(\.partial)?")  # never another stage's
+    stale = [f for f in os.listdir(out_dir) if own.fullmatch(f) and f not in locations]  # an earlier export's
     if len(locations) > 1 or (locations and not external):  # e.g. the TorchScript exporter's file per tensor
         onnx.load_external_data_for_model(model, out_dir)
         stale += sorted(locations)
@@ -428,9 +428,13 @@ def _export_stage(stage: StageExport, out_dir: str, opset: int,
     external = external_data == "always" or (external_data == "auto" and weights > EXTERNAL_DATA_AUTO_BYTES)
     with torch.no_grad():
         _torch_export(stage, path, torch_opset, dims, external)
-    try:  # with external data, the graph only: the weights stay in the exporter's file (a 2 GB proto cannot be
+    try:  # the graph only: with external data the weights stay in the exporter's file (a 2 GB proto cannot be
         # serialised, and shape inference serialises)
-        model = onnx.load(path, load_external_data=not external)
+        model = onnx.load(path, load_external_data=False)
+        if _external_tensors(model) and external_data == "auto":
+            external = True  # the exporter moved weights out itself (constants made in forward count too)
+        elif not external:
+            onnx.load_external_data_for_model(model, out_dir)
     except Exception as exc:
         raise ExportError("%s: the exporter wrote an unreadable %s: %s" % (label, path, exc)) from exc
     if default_opset(model) != torch_opset:
