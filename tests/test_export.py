@@ -716,7 +716,7 @@ def test_save_gathers_weights_from_any_layout_into_one_content_named_file(tmp_pa
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from tools.export import _external_tensors, _save
+    from tools.export import _save, external_tensors
 
     weights = [numpy_helper.from_array(np.full((32, 32), i, np.float32), "w%d" % i) for i in range(2)]
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])]
@@ -729,7 +729,7 @@ def test_save_gathers_weights_from_any_layout_into_one_content_named_file(tmp_pa
     assert len(scattered) == 3
     data = _save(onnx.load(path, load_external_data=False), path, "s", external=True)
     assert sorted(os.listdir(tmp_path)) == sorted(["s.onnx", data["file"]])
-    assert {t.external_data[0].value for t in _external_tensors(onnx.load(path, load_external_data=False))} \
+    assert {t.external_data[0].value for t in external_tensors(onnx.load(path, load_external_data=False))} \
         == {data["file"]}
     loaded = onnx.load(path)
     assert [float(numpy_helper.to_array(t)[0, 0]) for t in loaded.graph.initializer] == [0.0, 1.0]
@@ -760,3 +760,24 @@ def test_saving_one_stage_never_touches_another_stages_weights(tmp_path):
     clean = tmp_path / "clean"
     clean.mkdir()
     assert _save(model(1.0), str(clean / "world.onnx"), "world", external=True) == mine  # no old bytes in it
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_manifest_whose_data_entry_is_not_what_the_onnx_file_reads(tmp_path):
+    out = str(tmp_path / "ext")
+    assert _export_main(["--factory", "test_export:gqa_sdpa", "--out", out, "--external-data", "always",
+                         "--no-golden"]) == 0
+    from tools import verify
+
+    manifest = load_manifest(out)
+    assert verify.check_data_files(manifest, out) is None
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        data = json.load(f)
+    del data["stages"][1]["data"]  # a hand-edited manifest: the weights beside expert.onnx would go unhashed
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(verify.VerifyError, match=r"stage expert: expert.onnx reads its weights from "
+                                                 r"\['expert\.[0-9a-f]{16}\.onnx\.data'\], but the manifest hashes "
+                                                 r"none"):
+        verify.check_data_files(load_manifest(out), out)

@@ -89,7 +89,9 @@ def test_shipped_golden_passes_on_onnxruntime(tmp_path):
     report = json.loads(report_path.read_text())
     manifest = load_manifest(REFERENCE)
     per_stage = [("onnxruntime-cpu", s.name, t.name) for s in manifest.stages for t in s.outputs]
-    end_to_end = [("runtime:onnxruntime", s.name, t.name) for s in manifest.stages for t in s.outputs if t.sink]
+    # end to end: the first step (context stages, then the expert), then a later step (the expert alone)
+    end_to_end = [("runtime:onnxruntime", s.name + later, t.name) for later in ("", " (a later step)")
+                  for s in manifest.stages for t in s.outputs if t.sink]
     assert [(x["backend"], x["stage"], x["output"]) for x in report["results"]] == per_stage + end_to_end
     for x in report["results"]:
         assert x["ok"] and x["cosine"] > 0.99999 and x["max_abs"] < 1e-4
@@ -109,7 +111,7 @@ def test_a_wrong_output_fails_with_exit_1(tmp_path):
     r = _run("--model", str(model))
     assert r.returncode == 1, r.stdout + r.stderr
     lines = [ln for ln in r.stdout.splitlines() if "velocity" in ln]
-    assert len(lines) == 2  # the stage on its own, and the runtime's backend end to end
+    assert len(lines) == 3  # the stage on its own; the runtime's backend end to end, first and later step
     assert all("FAIL" in ln and "max abs" in ln for ln in lines)
     assert "verify: FAILED" in r.stdout
     # a looser absolute bar lets it pass: the thresholds are the user's to set
@@ -194,12 +196,15 @@ def test_the_runtime_tensorrt_backend_is_checked_with_and_without_cuda_graphs(tm
     manifest, model, reference, lib = _standin_engines(tmp_path, monkeypatch)
     bars = verify.DEFAULT_THRESHOLDS["fp32"]
     plain = verify.run_runtime_backend("tensorrt", manifest, model, reference, bars, "fp32")
-    assert [(r.backend, r.stage, r.output) for r in plain] == [("runtime:tensorrt", "action_expert", "velocity")]
+    assert [(r.backend, r.stage, r.output) for r in plain] == [
+        ("runtime:tensorrt", "action_expert", "velocity"), ("runtime:tensorrt", "action_expert (a later step)",
+                                                            "velocity")]
     assert lib.calls["cuGraphLaunch"] == 0
+    launches = lib.calls["cuGraphLaunch"]
     graphed, why_not = verify.run_runtime_graphs(manifest, model, reference, bars, "fp32")
-    assert why_not is None and [r.backend for r in graphed] == ["runtime:tensorrt+graphs"]
-    assert all(r.ok for r in plain + graphed) and graphed[0].max_abs == plain[0].max_abs
-    assert lib.calls["cuGraphLaunch"] > 0
+    assert why_not is None and [r.backend for r in graphed] == ["runtime:tensorrt+graphs"] * 2
+    assert all(r.ok for r in plain + graphed) and [r.max_abs for r in graphed] == [r.max_abs for r in plain]
+    assert lib.calls["cuGraphLaunch"] - launches == 3 + 2  # three graphs' first launches, then the two steps
 
 
 def test_a_cuda_graph_capture_that_fails_is_a_skip_line_not_a_failure(tmp_path, monkeypatch):
@@ -207,6 +212,15 @@ def test_a_cuda_graph_capture_that_fails_is_a_skip_line_not_a_failure(tmp_path, 
     graphed, why_not = verify.run_runtime_graphs(manifest, model, reference, verify.DEFAULT_THRESHOLDS["fp16"],
                                                  "fp16")
     assert graphed == [] and "CUDA graph capture failed" in why_not and "leave model.cuda_graph false" in why_not
+
+
+def test_a_graph_that_captures_but_fails_to_run_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    manifest, model, reference, _ = _standin_engines(tmp_path, monkeypatch, fail={"cuGraphLaunch": 1})
+    with pytest.raises(RuntimeError, match="cuGraphLaunch failed") as info:
+        verify.run_runtime_graphs(manifest, model, reference, verify.DEFAULT_THRESHOLDS["fp16"], "fp16")
+    from runtime.policy.backends.cuda_graph import CudaGraphUnavailable
+
+    assert not isinstance(info.value, CudaGraphUnavailable)
 
 
 class LogicError(Exception):

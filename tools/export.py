@@ -49,6 +49,7 @@ from tools.onnx_forms import (  # noqa: F401 (ExportError, MIN_OPSET and the for
     check_trt_friendly,
     default_opset,
     downgrade_18_to_17,
+    external_tensors,
     norm_warning,
     strip_metadata,
 )
@@ -357,7 +358,7 @@ def _save(model: onnx.ModelProto, path: str, stage: str, external: bool) -> Opti
     model is the graph as loaded without its external data: when the exporter wrote one data file, that file is
     hashed and renamed, never read into memory; otherwise the weights are loaded and written out here."""
     out_dir = os.path.dirname(path)
-    locations = {_location(t) for t in _external_tensors(model)}
+    locations = {_location(t) for t in external_tensors(model)}
     own = re.compile(re.escape(stage) + r"\.([0-9a-f]{16}\.)?onnx\.data(\.partial)?")  # never another stage's
     stale = [f for f in os.listdir(out_dir) if own.fullmatch(f) and f not in locations]  # an earlier export's
     if len(locations) > 1 or (locations and not external):  # e.g. the TorchScript exporter's file per tensor
@@ -382,7 +383,7 @@ def _save(model: onnx.ModelProto, path: str, stage: str, external: bool) -> Opti
     sha = sha256_file(os.path.join(out_dir, written))
     final = _data_file_name(stage, sha)
     os.replace(os.path.join(out_dir, written), os.path.join(out_dir, final))
-    for tensor in _external_tensors(model):
+    for tensor in external_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = final
@@ -393,18 +394,6 @@ def _save(model: onnx.ModelProto, path: str, stage: str, external: bool) -> Opti
 
 def _location(tensor: onnx.TensorProto) -> str:
     return next(e.value for e in tensor.external_data if e.key == "location")
-
-
-def _external_tensors(model: onnx.ModelProto) -> List[onnx.TensorProto]:
-    """The initializers (of the graph and its subgraphs) whose data lives in an external file."""
-    graphs, found = [model.graph], []
-    while graphs:
-        graph = graphs.pop()
-        found += [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-        for node in graph.node:
-            for attr in node.attribute:
-                graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-    return found
 
 
 def _export_stage(stage: StageExport, out_dir: str, opset: int,
@@ -431,7 +420,7 @@ def _export_stage(stage: StageExport, out_dir: str, opset: int,
     try:  # the graph only: with external data the weights stay in the exporter's file (a 2 GB proto cannot be
         # serialised, and shape inference serialises)
         model = onnx.load(path, load_external_data=False)
-        if _external_tensors(model) and external_data == "auto":
+        if external_tensors(model) and external_data == "auto":
             external = True  # the exporter moved weights out itself (constants made in forward count too)
         elif not external:
             onnx.load_external_data_for_model(model, out_dir)

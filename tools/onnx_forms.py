@@ -250,3 +250,21 @@ def norm_warning(stage: str, counts: Dict[str, int]) -> Optional[str]:
             "in FP32 in fp16 and bf16 stages (--fp32-norms, on by default); check the engine with `wam-edge verify`, "
             "and if it still fails, build the whole stage with `wam-edge build --precision %s=fp32`. Use "
             "nn.LayerNorm where it fits" % (stage, n, "" if n == 1 else "s", stage))
+
+
+def external_tensors(model: onnx.ModelProto) -> List[onnx.TensorProto]:
+    """The initializers (of the graph and its subgraphs) whose data lives in an external file."""
+    graphs, found = [model.graph], []
+    while graphs:
+        graph = graphs.pop()
+        found += [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+    return found
+
+
+def external_locations(path: str) -> List[str]:
+    """The files an ONNX file reads its external weights from (sorted; empty when they are all inside it)."""
+    model = onnx.load(path, load_external_data=False)
+    return sorted({e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"})

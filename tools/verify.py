@@ -238,15 +238,22 @@ def run_runtime_backend(name: str, manifest: Manifest, model_dir: str, reference
             for t in stage.inputs:
                 if is_host_source(t.source or ""):
                     backend.host_input(stage.name, t.name)[...] = reference["%s/%s" % (stage.name, t.name)]
-        backend.run_group(first_step)
+        per_step = tuple(s.name for s in manifest.stages if s.runs == "per_step")
         results = []
-        for stage in manifest.stages:
-            for t in stage.outputs:
-                if t.sink:
-                    got = backend.host_output(stage.name, t.name)
-                    want = reference["%s/%s" % (stage.name, t.name)]
-                    results.append(judge(stage.name, t.name, "runtime:" + (label or name), precision, got, want,
-                                         bars))
+        # the first step, then a later one (the per-step stages alone: another graph with cuda_graph) on the same
+        # inputs and the first step's K/V, which must give the same velocity
+        for group, suffix in ((first_step, ""), (per_step, " (a later step)")):
+            if suffix and (not per_step or group == first_step):
+                break
+            sinks = [(s.name, t.name) for s in manifest.stages if s.name in group for t in s.outputs if t.sink]
+            for stage_name, tensor in sinks:
+                backend.host_output(stage_name, tensor).fill(np.nan)
+            backend.run_group(group)
+            for stage_name, tensor in sinks:
+                got = backend.host_output(stage_name, tensor)
+                want = reference["%s/%s" % (stage_name, tensor)]
+                results.append(judge(stage_name + suffix, tensor, "runtime:" + (label or name), precision, got,
+                                     want, bars))
         return results
     finally:
         backend.close()
@@ -256,10 +263,12 @@ def run_runtime_graphs(manifest: Manifest, model_dir: str, reference: Dict[str, 
                        precision: str) -> Tuple[List[Comparison], Optional[str]]:
     """The TensorRT backend as `model.cuda_graph: true` runs it (each denoising step one captured graph), or, when
     the capture fails on this machine, why: a skip line, since the robot can run without graphs."""
+    from runtime.policy.backends.cuda_graph import CudaGraphUnavailable  # noqa: PLC0415
+
     try:
         return run_runtime_backend("tensorrt", manifest, model_dir, reference, bars, precision,
                                    options={"cuda_graph": True}, label="tensorrt+graphs"), None
-    except RuntimeError as exc:  # capture failed, or no usable libcuda: the plain run above already passed or failed
+    except CudaGraphUnavailable as exc:  # no usable libcuda, or the capture failed; a replay error is a failure
         return [], "runtime:tensorrt+graphs: %s (leave model.cuda_graph false on this machine)" % exc
 
 
@@ -288,11 +297,30 @@ def run_candidate(candidate: Candidate, manifest: Manifest, reference: Dict[str,
 # ---------------------------------------------------------------- the command
 
 
+def check_data_files(manifest: Manifest, model_dir: str) -> Optional[str]:
+    """Each ONNX file must read its weights from exactly the data file the manifest hashes (none when it has no
+    `data` entry): ONNX Runtime and TensorRT load what the ONNX file names, so a manifest that names another file, or
+    none, would leave the weights unchecked. VerifyError on a mismatch; None when checked, else why not."""
+    try:
+        from tools.onnx_forms import external_locations  # noqa: PLC0415 (needs the onnx package)
+    except ImportError as exc:
+        return "external data: not checked against the ONNX files (%s)" % exc
+    for stage in manifest.stages:
+        named = external_locations(os.path.join(model_dir, stage.file))
+        declared = [stage.data.file] if stage.data is not None else []
+        if named != declared:
+            raise VerifyError("stage %s: %s reads its weights from %s, but the manifest hashes %s; re-export with "
+                              "`wam-edge export` instead of editing the model" % (
+                                  stage.name, stage.file, named or "nothing outside it", declared or "none"))
+    return None
+
+
 def verify(model_dir: str, reference: Dict[str, np.ndarray], manifest: Manifest, providers: Sequence[str],
            engines: Optional[bool], thresholds: Dict[str, Thresholds]) -> Dict[str, Any]:
     """engines: True must, None where present and usable, False never. Returns the report."""
+    unchecked = check_data_files(manifest, model_dir)
     candidates = [onnxruntime_candidate(manifest, model_dir, p) for p in providers]
-    skipped = []
+    skipped = [unchecked] if unchecked else []
     if engines is not False and (engines or engines_present(manifest, model_dir)):
         try:
             candidates.append(engine_candidate(manifest, model_dir))

@@ -155,12 +155,14 @@ class Policy:
             ms[key] = 0.0
         np.copyto(self._x, self._noise)
         _copy_mirrors(self._x_mirrors)
+        times = self.schedule.times
+        self._t[0] = times[0]  # before the context stages too, fused or not: they see the same sampler inputs
+        _copy_mirrors(self._t_mirrors)
         if not self._fused:
             for name in self._once:
                 t0 = perf_counter()
                 run(name)
                 ms[name] += (perf_counter() - t0) * 1e3
-        times = self.schedule.times
         for i, delta in enumerate(self.schedule.deltas):
             self._t[0] = times[i]
             _copy_mirrors(self._t_mirrors)

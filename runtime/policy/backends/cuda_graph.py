@@ -40,6 +40,11 @@ _SIGNATURES = {
 }
 
 
+class CudaGraphUnavailable(RuntimeError):
+    """CUDA graphs cannot be used here: no usable driver, a driver without the graph API, or a capture that failed.
+    The same work still runs without graphs (model.cuda_graph false)."""
+
+
 class CudaDriver:
     """The driver functions above, bound once from a loaded library."""
 
@@ -48,8 +53,8 @@ class CudaDriver:
             try:
                 fn = getattr(lib, name)
             except AttributeError:
-                raise RuntimeError("%s has no %s: CUDA graphs need a CUDA driver >= 11.4; run without "
-                                   "cuda_graph" % (LIBCUDA, name)) from None
+                raise CudaGraphUnavailable("%s has no %s: CUDA graphs need a CUDA driver >= 11.4; run without "
+                                           "cuda_graph" % (LIBCUDA, name)) from None
             fn.argtypes = list(argtypes)
             fn.restype = ctypes.c_int
             setattr(self, name, fn)
@@ -70,8 +75,8 @@ def load_driver(path: str = LIBCUDA) -> CudaDriver:
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
-        raise RuntimeError("cannot load %s (the NVIDIA CUDA driver) for CUDA graphs: %s; this machine has no "
-                           "usable NVIDIA driver, or run without cuda_graph" % (path, exc)) from exc
+        raise CudaGraphUnavailable("cannot load %s (the NVIDIA CUDA driver) for CUDA graphs: %s; this machine has "
+                                   "no usable NVIDIA driver, or run without cuda_graph" % (path, exc)) from exc
     return CudaDriver(lib)
 
 

@@ -53,7 +53,7 @@ import numpy as np
 from ..manifest import Manifest, StageSpec, TensorSpec, is_host_source
 from . import TrtPlatform, engine_path, match_engines, probe_tensorrt, read_engine_metas
 from .base import NUMPY_DTYPES, StageBackend
-from .cuda_graph import CudaGraph, load_driver
+from .cuda_graph import CudaGraph, CudaGraphUnavailable, load_driver
 from .engine_meta import (
     REBUILD_HINT,
     EngineMeta,
@@ -286,8 +286,8 @@ class TensorRTBackend(StageBackend):
                     plan.graph.capture(self._stream.handle, lambda p=plan: self._enqueue(p, in_graph=True))
                 except RuntimeError as exc:
                     what = "stage %r" % plan.name if len(plan.contexts) == 1 else "stages %s" % plan.name
-                    raise RuntimeError("%s: CUDA graph capture failed: %s; run without cuda_graph"
-                                       % (what, exc)) from exc
+                    raise CudaGraphUnavailable("%s: CUDA graph capture failed: %s; run without cuda_graph"
+                                               % (what, exc)) from exc
             self._providers += ("CUDA graphs",)
             for plan in graphed:
                 self._run_plan(plan)  # the first launch of each graph, before reporting ready
