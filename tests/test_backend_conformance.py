@@ -148,10 +148,8 @@ def test_run_fills_outputs_deterministically(backend, manifest):
 def test_run_group_equals_running_the_stages_one_by_one(backend, manifest):
     """The first denoising step as the executor runs it (context stages, then per-step stages) in one run_group, and
     a later step (per-step stages): the same outputs as run() stage by stage, fused or not."""
-    once = tuple(s.name for s in manifest.stages if s.runs == "once")
-    per_step = tuple(s.name for s in manifest.stages if s.runs == "per_step")
     outs = [backend.host_output(stage, t.name) for stage, t in host_outputs(manifest)]
-    for group in (once + per_step, per_step):
+    for group in manifest.step_groups:
         fill(backend, manifest, 4)
         run_all(backend, manifest)
         for name in group:

@@ -893,6 +893,17 @@ def test_controller_process_paused_while_driving_stops_the_robot_when_it_runs_ag
 
 # -- execution of overlapping chunks: seams, stalls ------------------------------------------------------------------
 
+def _run_armed(c):
+    """Arm the controller (the operator's command) and tick it until it runs; the time of the last tick."""
+    t = time.monotonic()
+    c.tick(t)
+    assert c._operator("arm", t, "test").ok
+    while c.sm.state != RUNNING:
+        t += c.period
+        c.tick(t)
+    return t
+
+
 def _policy_run(rig, seam, every_s, horizon, offset, seconds=1.2, latency=0.03, step_s=0.02, speed=0.15):
     """Drive the controller on a synthetic clock like a policy with latency would: every ``every_s`` a chunk
     answering the state ``latency`` ago, along one trajectory, each chunk offset from the one before by ``offset``
@@ -900,12 +911,7 @@ def _policy_run(rig, seam, every_s, horizon, offset, seconds=1.2, latency=0.03, 
     r = rig(f"controller.seam={seam}", "controller.heartbeat_timeout_s=30", "controller.chunk_timeout_s=1.0",
             "controller.hold_s=1.0")
     c = r.controller
-    t = time.monotonic()
-    c.tick(t)
-    assert c._operator("arm", t, "test").ok
-    while c.sm.state != RUNNING:
-        t += c.period
-        c.tick(t)
+    t = _run_armed(c)
     base = c.q_cmd[ARM_IDX].copy()
     direction = np.sign((g1.POSITION_MIN + g1.POSITION_MAX)[ARM_IDX] / 2 - base)
     t0 = t
@@ -977,12 +983,7 @@ def test_seam_traces_record_the_commanded_position_around_the_first_seam(rig):
 
     r = rig("controller.heartbeat_timeout_s=30", "controller.chunk_timeout_s=1.0", "controller.hold_s=1.0")
     c = r.controller
-    t = time.monotonic()
-    c.tick(t)
-    assert c._operator("arm", t, "test").ok
-    while c.sm.state != RUNNING:
-        t += c.period
-        c.tick(t)
+    t = _run_armed(c)
     for _ in range(SEAM_TRACE_BEFORE + 10):  # more ticks since arming than the ring keeps
         t += c.period
         c.tick(t)

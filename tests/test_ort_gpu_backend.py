@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
+from test_engine_meta import NO_ENGINE
 
 from runtime.config import ConfigError, load_config
 from runtime.policy import load_manifest, load_policy
@@ -40,7 +41,6 @@ from runtime.policy.manifest import ManifestError, StageSpec, TensorSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "exported", "reference")
-NO_ENGINE = "stage world: no engine file world.engine (rebuild with `wam-edge build`)"
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 HAS_CUDA = CUDA in ort.get_available_providers()
 IMAGE_PROFILE = ((1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64))

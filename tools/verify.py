@@ -231,20 +231,18 @@ def run_runtime_backend(name: str, manifest: Manifest, model_dir: str, reference
     from runtime.policy.backends import create_backend  # noqa: PLC0415
 
     backend = create_backend(name, manifest, model_dir, **(options or {}))
-    first_step = tuple(s.name for s in manifest.stages if s.runs == "once") + tuple(
-        s.name for s in manifest.stages if s.runs == "per_step")
+    first_step, later_step = manifest.step_groups
     try:
         for stage in manifest.stages:
             for t in stage.inputs:
                 if is_host_source(t.source or ""):
                     backend.host_input(stage.name, t.name)[...] = reference["%s/%s" % (stage.name, t.name)]
-        per_step = tuple(s.name for s in manifest.stages if s.runs == "per_step")
         results = []
         # the first step, then a later one (the per-step stages alone: another graph with cuda_graph) on the same
-        # inputs and the first step's K/V, which must give the same velocity
-        for group, suffix in ((first_step, ""), (per_step, " (a later step)")):
-            if suffix and (not per_step or group == first_step):
-                break
+        # inputs and the first step's K/V, which must give the same velocity; a model without context stages has
+        # one kind of step only
+        steps = [(first_step, "")] + ([(later_step, " (a later step)")] if later_step != first_step else [])
+        for group, suffix in steps:
             sinks = [(s.name, t.name) for s in manifest.stages if s.name in group for t in s.outputs if t.sink]
             for stage_name, tensor in sinks:
                 backend.host_output(stage_name, tensor).fill(np.nan)

@@ -45,8 +45,7 @@ class Policy:
         self._seed = seed
         self._rng = np.random.default_rng(seed)
 
-        self._once = tuple(s.name for s in manifest.stages if s.runs == "once")
-        self._per_step = tuple(s.name for s in manifest.stages if s.runs == "per_step")
+        self._first_group, self._later_group = manifest.step_groups
         host = self._host_buffers()
         self._cameras = tuple(CameraPreprocessor(c, host["camera:" + c.name][0])
                               for c in manifest.cameras)
@@ -83,15 +82,14 @@ class Policy:
         self._rtc_state_idx = np.asarray(manifest.action_state_indices, dtype=np.intp)
         self._rtc_row = np.zeros((1, manifest.action_dim), np.float32)
         self.last_rtc_delay = 0
-        # A backend that fuses groups (TensorRT with CUDA graphs) runs the first denoising step, context stages
-        # included, as one group and every later step as another; each group is timed as a whole, under its
-        # stages' names joined by "+". Otherwise every stage is timed on its own.
+        # A backend that fuses groups (TensorRT with CUDA graphs) runs each denoising step as one group (the first
+        # with the context stages): timed as a whole, under its stages' names joined by "+". Otherwise every stage
+        # is timed on its own.
         self._fused = bool(backend.fuses_groups)
-        self._first_group = self._once + self._per_step
         self._first_key = "+".join(self._first_group)
-        self._step_key = "+".join(self._per_step)
+        self._later_key = "+".join(self._later_group)
         if self._fused:
-            keys = [self._first_key] + ([self._step_key] if self.sampler.steps > 1 else [])
+            keys = [self._first_key] + ([self._later_key] if self.sampler.steps > 1 else [])
         else:
             keys = [s.name for s in manifest.stages]
         self.last_stage_ms: Dict[str, float] = {k: 0.0 for k in keys}
@@ -148,7 +146,8 @@ class Policy:
         return self._actions
 
     def _denoise(self) -> None:
-        """x <- noise, run 'once' stages, then integrate the velocity field."""
+        """x <- noise, then integrate the velocity field: each step sets t and runs its stage group (the first
+        step's includes the context stages)."""
         run = self.backend.run
         ms = self.last_stage_ms
         for key in ms:
@@ -156,22 +155,16 @@ class Policy:
         np.copyto(self._x, self._noise)
         _copy_mirrors(self._x_mirrors)
         times = self.schedule.times
-        self._t[0] = times[0]  # before the context stages too, fused or not: they see the same sampler inputs
-        _copy_mirrors(self._t_mirrors)
-        if not self._fused:
-            for name in self._once:
-                t0 = perf_counter()
-                run(name)
-                ms[name] += (perf_counter() - t0) * 1e3
         for i, delta in enumerate(self.schedule.deltas):
             self._t[0] = times[i]
             _copy_mirrors(self._t_mirrors)
-            if self._fused:  # one launch for the step (the first one with the context stages)
+            group = self._first_group if i == 0 else self._later_group
+            if self._fused:  # one launch for the whole step
                 t0 = perf_counter()
-                self.backend.run_group(self._first_group if i == 0 else self._per_step)
-                ms[self._first_key if i == 0 else self._step_key] += (perf_counter() - t0) * 1e3
+                self.backend.run_group(group)
+                ms[self._first_key if i == 0 else self._later_key] += (perf_counter() - t0) * 1e3
             else:
-                for name in self._per_step:
+                for name in group:
                     t0 = perf_counter()
                     run(name)
                     ms[name] += (perf_counter() - t0) * 1e3

@@ -9,7 +9,7 @@ the backend (for TensorRT: on the GPU, never copied back).
 from __future__ import annotations
 
 import abc
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -24,6 +24,14 @@ NUMPY_DTYPES = {
     "uint8": np.uint8,
     "bool": np.bool_,
 }
+
+
+def host_input_buffer(buffers: Dict[Tuple[str, str], np.ndarray], stage: str, tensor: str) -> np.ndarray:
+    """A backend's host_input: its (stage, tensor) -> buffer table, or a KeyError naming what is not host-fed."""
+    try:
+        return buffers[(stage, tensor)]
+    except KeyError:
+        raise KeyError("stage %r has no host-fed input %r" % (stage, tensor)) from None
 
 
 def allocate(spec: TensorSpec) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..manifest import Manifest, ManifestError, StageSpec, TensorSpec, is_host_source
-from .base import NUMPY_DTYPES, StageBackend, allocate
+from .base import NUMPY_DTYPES, StageBackend, allocate, host_input_buffer
 
 # ORT type string -> manifest dtype
 _ORT_DTYPES = {
@@ -92,10 +92,7 @@ class OrtStages(StageBackend):
             _compare(kind, declared, actual, stage, path)
 
     def host_input(self, stage: str, tensor: str) -> np.ndarray:
-        try:
-            return self._host_inputs[(stage, tensor)]
-        except KeyError:
-            raise KeyError("stage %r has no host-fed input %r" % (stage, tensor)) from None
+        return host_input_buffer(self._host_inputs, stage, tensor)
 
     def host_output(self, stage: str, tensor: str) -> np.ndarray:
         try:

@@ -52,7 +52,7 @@ import numpy as np
 
 from ..manifest import Manifest, StageSpec, TensorSpec, is_host_source
 from . import TrtPlatform, engine_path, match_engines, probe_tensorrt, read_engine_metas
-from .base import NUMPY_DTYPES, StageBackend
+from .base import NUMPY_DTYPES, StageBackend, host_input_buffer
 from .cuda_graph import CudaGraph, CudaGraphUnavailable, load_driver
 from .engine_meta import (
     REBUILD_HINT,
@@ -331,10 +331,8 @@ class TensorRTBackend(StageBackend):
     def _step_groups(self) -> Dict[Tuple[str, ...], _Plan]:
         """The groups the executor runs (Policy._denoise): the context ('once') stages with the per-step stages for
         the first denoising step, the per-step stages alone for every later one."""
-        once = tuple(s.name for s in self.manifest.stages if s.runs == "once")
-        per_step = tuple(s.name for s in self.manifest.stages if s.runs == "per_step")
         groups: Dict[Tuple[str, ...], _Plan] = {}
-        for names in (once + per_step, per_step):
+        for names in self.manifest.step_groups:
             if names and names not in groups:
                 plans = [self._plans[n] for n in names]
                 groups[names] = plans[0] if len(plans) == 1 else _Plan.merged(plans)
@@ -421,10 +419,7 @@ class TensorRTBackend(StageBackend):
 
     def host_input(self, stage: str, tensor: str) -> np.ndarray:
         """The pinned buffer to fill before run(); freed by close()."""
-        try:
-            return self._host_inputs[(stage, tensor)]
-        except KeyError:
-            raise KeyError("stage %r has no host-fed input %r" % (stage, tensor)) from None
+        return host_input_buffer(self._host_inputs, stage, tensor)
 
     def host_output(self, stage: str, tensor: str) -> np.ndarray:
         """The pinned buffer run() fills (sinks only); freed by close()."""
