@@ -26,12 +26,14 @@ NUMPY_DTYPES = {
 }
 
 
-def host_input_buffer(buffers: Dict[Tuple[str, str], np.ndarray], stage: str, tensor: str) -> np.ndarray:
-    """A backend's host_input: its (stage, tensor) -> buffer table, or a KeyError naming what is not host-fed."""
+def host_buffer(buffers: Dict[Tuple[str, str], np.ndarray], stage: str, tensor: str,
+                what: str = "host-fed input") -> np.ndarray:
+    """A backend's host_input / host_output: its (stage, tensor) -> buffer table, or a KeyError naming what the
+    stage does not have."""
     try:
         return buffers[(stage, tensor)]
     except KeyError:
-        raise KeyError("stage %r has no host-fed input %r" % (stage, tensor)) from None
+        raise KeyError("stage %r has no %s %r" % (stage, what, tensor)) from None
 
 
 def allocate(spec: TensorSpec) -> np.ndarray:

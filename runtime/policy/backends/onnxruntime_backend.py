@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..manifest import Manifest, ManifestError, StageSpec, TensorSpec, is_host_source
-from .base import NUMPY_DTYPES, StageBackend, allocate, host_input_buffer
+from .base import NUMPY_DTYPES, StageBackend, allocate, host_buffer
 
 # ORT type string -> manifest dtype
 _ORT_DTYPES = {
@@ -92,13 +92,10 @@ class OrtStages(StageBackend):
             _compare(kind, declared, actual, stage, path)
 
     def host_input(self, stage: str, tensor: str) -> np.ndarray:
-        return host_input_buffer(self._host_inputs, stage, tensor)
+        return host_buffer(self._host_inputs, stage, tensor)
 
     def host_output(self, stage: str, tensor: str) -> np.ndarray:
-        try:
-            return self._host_outputs[(stage, tensor)]
-        except KeyError:
-            raise KeyError("stage %r has no host output %r" % (stage, tensor)) from None
+        return host_buffer(self._host_outputs, stage, tensor, "host output")
 
     def run(self, stage: str) -> None:
         self._sessions[stage].run_with_iobinding(self._bindings[stage])

@@ -52,7 +52,7 @@ import numpy as np
 
 from ..manifest import Manifest, StageSpec, TensorSpec, is_host_source
 from . import TrtPlatform, engine_path, match_engines, probe_tensorrt, read_engine_metas
-from .base import NUMPY_DTYPES, StageBackend, host_input_buffer
+from .base import NUMPY_DTYPES, StageBackend, host_buffer
 from .cuda_graph import CudaGraph, CudaGraphUnavailable, load_driver
 from .engine_meta import (
     REBUILD_HINT,
@@ -419,14 +419,12 @@ class TensorRTBackend(StageBackend):
 
     def host_input(self, stage: str, tensor: str) -> np.ndarray:
         """The pinned buffer to fill before run(); freed by close()."""
-        return host_input_buffer(self._host_inputs, stage, tensor)
+        return host_buffer(self._host_inputs, stage, tensor)
 
     def host_output(self, stage: str, tensor: str) -> np.ndarray:
         """The pinned buffer run() fills (sinks only); freed by close()."""
-        try:
+        if (stage, tensor) in self._host_outputs:
             return self._host_outputs[(stage, tensor)]
-        except KeyError:
-            pass
         try:
             spec = self.manifest.stage(stage)
         except KeyError:
