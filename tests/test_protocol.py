@@ -10,16 +10,21 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from runtime.protocol import (
+    MAX_ERROR_TEXT,
+    MAX_REPLY_BYTES,
+    MAX_REPLY_DETAIL,
     PROTOCOL_VERSION,
     ActionChunk,
     DecodeError,
     Frame,
     Heartbeat,
+    Reply,
     RobotState,
     decode,
     encode_chunk,
     encode_frame,
     encode_heartbeat,
+    encode_reply,
     encode_state,
 )
 from runtime.robot import g1
@@ -198,3 +203,52 @@ def test_corrupted_chunk_bytes_are_rejected_or_still_valid(c, pos, byte):
         return
     # if a flipped byte still decodes, it decoded to a fully valid message
     assert np.isfinite(d.actions).all() and d.actions.shape[1] == len(d.joints)
+
+
+# -- error text: bounded, printable, no echo of the payload (issue 10) ----------------------------------------------
+
+def _long_run_of(text, payload, run=32):
+    return any(payload[i:i + run] in text for i in range(len(payload) - run + 1))
+
+
+@pytest.mark.parametrize("change", [
+    {"k" * 3000: 1},  # was: every unknown key quoted in full
+    {"v": "x" * 3000},  # was: the version's repr
+    {"type": "t" * 3000},  # was: the type's repr
+    {"actions": {"dtype": "d" * 3000, "shape": [3, 2], "data": b""}},
+    {"actions": {"dtype": "<f4", "shape": [3] * 40, "data": b""}},
+])
+def test_an_error_quotes_only_a_few_characters_of_the_payload(change):
+    m = _chunk_map(**change)
+    with pytest.raises(DecodeError) as info:
+        decode(msgpack.packb(m, use_bin_type=True), ("chunk",))
+    text = str(info.value)
+    assert len(text) <= MAX_ERROR_TEXT and text.isprintable()
+    for value in [*change, *change.values(), *(change.get("actions") or {}).values()]:
+        if isinstance(value, str):
+            assert not _long_run_of(text, value), text
+
+
+def test_an_error_text_is_cut_and_made_printable():
+    err = DecodeError("bad_type", "\x1b[2J" + "y" * 1000)
+    assert len(str(err)) <= MAX_ERROR_TEXT and str(err).isprintable() and err.reason == "bad_type"
+
+
+def test_an_operator_name_with_control_characters_is_refused():
+    m = {"v": 1, "type": "command", "cmd": "stop", "who": "me\n2024-01-01 INFO armed by root"}
+    assert _reason(m, ("command",)) == "bad_type"  # the controller logs who: no forged log lines
+
+
+@pytest.mark.parametrize("name", ["\x1b[2J", "head\n", "a\u202eb"])
+def test_a_camera_name_with_control_characters_is_refused(name):
+    img = {"dtype": "|u1", "shape": [1, 1, 3], "data": b"\0\0\0"}
+    m = {"v": 1, "type": "frame", "seq": 1, "stamp": 1.0, "images": {name: img}}
+    assert _reason(m, ("frame",)) == "bad_type"
+
+
+@pytest.mark.parametrize("detail", ["\x1b[2J" + "y" * 5000, "\U0001f600" * 2000, "line one\nline two"])
+def test_a_reply_is_cut_and_made_printable_so_that_the_client_always_decodes_it(detail):
+    r = decode(encode_reply(Reply(False, "idle\x07", detail)), ("reply",), MAX_REPLY_BYTES)
+    assert r.ok is False and r.state == "idle?"
+    assert len(r.detail) <= MAX_REPLY_DETAIL and r.detail.isprintable()
+    assert r.detail[:4] == detail[:4].replace("\x1b", "?").replace("\n", " ")

@@ -5,8 +5,11 @@ from __future__ import annotations
 from runtime.protocol.wire import (  # noqa: F401
     COMMANDS,
     HEALTH,
+    MAX_ERROR_TEXT,
     MAX_FRAME_BYTES,
     MAX_MESSAGE_BYTES,
+    MAX_REPLY_BYTES,
+    MAX_REPLY_DETAIL,
     PROTOCOL_VERSION,
     ActionChunk,
     Command,

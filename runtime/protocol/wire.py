@@ -3,6 +3,10 @@
 Why strict: the controller acts on what it decodes. Every message carries a protocol version; arrays travel as
 (dtype, shape, bytes) with a dtype whitelist; decoding checks sizes, keys, types, shapes and finiteness and raises
 DecodeError naming what was wrong. Nothing is ever unpickled. docs/protocol.md is the reference.
+
+Why only DecodeError, and short: the receive loops catch DecodeError and go on, so anything else a peer's bytes
+could raise would kill a process; and its text is logged and sent back to operators, so it never quotes more than a
+few characters of what the peer sent (``_show``), never walks a nested value, and is bounded (``MAX_ERROR_TEXT``).
 """
 
 from __future__ import annotations
@@ -32,11 +36,59 @@ DTYPES = {
 
 HEALTH = ("starting", "ok", "degraded", "fault", "stopping")
 
+#: The longest ``str(DecodeError)``: its reason and detail together, in printable characters.
+MAX_ERROR_TEXT = 200
+#: The most characters of a peer's string an error message quotes.
+SHOW_CHARS = 24
+#: The most dimensions an array on the wire may have (numpy 1.x allows 32).
+MAX_ARRAY_DIMS = 32
+#: The longest ``detail`` of an operator reply, in characters: ``encode_reply`` cuts to it and ``decode`` accepts it.
+MAX_REPLY_DETAIL = 512
+#: The largest operator reply a client accepts; an encoded reply always fits (512 + 64 characters of UTF-8).
+MAX_REPLY_BYTES = 4096
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` with every non-printable character (controls, line breaks, bidi overrides) as a space or "?", cut to
+    ``limit`` characters (the last three then "...")."""
+    if len(text) > limit:
+        text = text[:max(limit - 3, 0)] + "..."[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else " " if c in "\t\n\r" else "?" for c in text)
+
+
+def _show(value: Any) -> str:
+    """A short, printable description of a peer's value for an error message: a few characters of a string, the
+    digits of a 64-bit number, only the type and length of anything else (never a repr of a nested value: a deep one
+    overflows the stack)."""
+    if value is None or type(value) in (bool, float):
+        return repr(value)
+    if type(value) is int:
+        return str(value) if -(1 << 64) < value < 1 << 64 else f"an int of {value.bit_length()} bits"
+    if type(value) is str:
+        return "'" + _printable(value, SHOW_CHARS) + "'"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"{len(value)} bytes"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"a map of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _show_shape(shape: Any) -> str:
+    if not isinstance(shape, (list, tuple)):
+        return _show(shape)
+    return "[" + ", ".join(_show(d) for d in shape[:4]) + (", ...]" if len(shape) > 4 else "]")
+
 
 class DecodeError(ValueError):
-    """A message that must not be acted on; ``reason`` is a short, stable key for counting."""
+    """A message that must not be acted on; ``reason`` is a short, stable key for counting. The detail is made
+    printable and cut so that the whole text stays within MAX_ERROR_TEXT characters."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
+        detail = _printable(str(detail), max(MAX_ERROR_TEXT - len(reason) - 2, 0)) if detail else ""
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -66,26 +118,40 @@ def decode_array(
     max_elements: int = 1 << 22,
     finite: bool = True,
 ) -> np.ndarray:
-    """A read-only array view of an encoded array, or DecodeError naming ``field``."""
+    """A read-only array view of an encoded array, or DecodeError naming ``field`` (and nothing else)."""
+    try:
+        return _decode_array(obj, field, dtypes, ndim, max_elements, finite)
+    except DecodeError:
+        raise
+    except Exception as exc:  # a check missed something: still a rejection, never a crash
+        raise DecodeError("internal", f"{field}: {type(exc).__name__} while decoding the array") from exc
+
+
+def _decode_array(obj: Any, field: str, dtypes: Tuple[str, ...], ndim: Optional[int], max_elements: int,
+                  finite: bool) -> np.ndarray:
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise DecodeError("bad_array", f"{field}: expected a map with dtype, shape, data")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype not in DTYPES or dtype not in dtypes:
-        raise DecodeError("bad_dtype", f"{field}: dtype {dtype!r} not in {list(dtypes)}")
-    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and 0 <= d for d in shape):
-        raise DecodeError("bad_shape", f"{field}: shape {shape!r} is not a list of non-negative ints")
-    if ndim is not None and len(shape) != ndim:
-        raise DecodeError("bad_shape", f"{field}: expected {ndim} dimensions, got shape {list(shape)}")
-    count = 1
+    if type(dtype) is not str or dtype not in dtypes or dtype not in DTYPES:  # a list or map is not hashable
+        raise DecodeError("bad_dtype", f"{field}: dtype {_show(dtype)} not in {list(dtypes)}")
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and 0 <= d for d in shape):  # no bools
+        raise DecodeError("bad_shape", f"{field}: shape {_show_shape(shape)} is not a list of non-negative ints")
+    if len(shape) > MAX_ARRAY_DIMS or ndim is not None and len(shape) != ndim:
+        expected = f"at most {MAX_ARRAY_DIMS}" if ndim is None else ndim
+        raise DecodeError("bad_shape", f"{field}: expected {expected} dimensions, got shape {_show_shape(shape)}")
+    # Every dimension counts, zeros as one: [0, 2**63] holds no element, yet numpy cannot make that shape.
+    span = 1
     for d in shape:
-        count *= d
-    if count > max_elements:
-        raise DecodeError("too_large", f"{field}: {count} elements exceed the limit of {max_elements}")
+        span *= max(d, 1)
+        if span > max_elements:
+            raise DecodeError("too_large", f"{field}: shape {_show_shape(shape)} exceeds the limit of "
+                                           f"{max_elements} elements")
+    count = span if all(shape) else 0
     if not isinstance(data, bytes):
         raise DecodeError("bad_array", f"{field}: data is not bytes")
     dt = DTYPES[dtype]
     if len(data) != count * dt.itemsize:
-        raise DecodeError("bad_shape", f"{field}: {len(data)} bytes do not hold shape {list(shape)} of {dtype}")
+        raise DecodeError("bad_shape", f"{field}: {len(data)} bytes do not hold shape {_show_shape(shape)} of {dtype}")
     array = np.frombuffer(data, dtype=dt).reshape(shape)
     if finite and dt.kind == "f" and not np.isfinite(array).all():
         raise DecodeError("non_finite", f"{field}: contains NaN or infinity")
@@ -111,7 +177,11 @@ def _get(msg: Dict[str, Any], key: str, kinds: Tuple[type, ...], what: str) -> A
 
 
 def _number(msg: Dict[str, Any], key: str, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
-    value = float(_get(msg, key, (int, float), what))
+    value = _get(msg, key, (int, float), what)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond a double
+        value = math.inf if value > 0 else -math.inf
     if not math.isfinite(value) or not lo <= value <= hi:
         raise DecodeError("out_of_range", f"{what}.{key}: {value} not in [{lo}, {hi}]")
     return value
@@ -120,14 +190,16 @@ def _number(msg: Dict[str, Any], key: str, what: str, lo: float = -math.inf, hi:
 def _count(msg: Dict[str, Any], key: str, what: str) -> int:
     value = _get(msg, key, (int,), what)
     if not 0 <= value < 1 << 63:
-        raise DecodeError("out_of_range", f"{what}.{key}: {value} is not a non-negative 64-bit count")
+        raise DecodeError("out_of_range", f"{what}.{key}: {_show(value)} is not a non-negative 64-bit count")
     return value
 
 
-def _text(msg: Dict[str, Any], key: str, what: str, max_len: int = 64) -> str:
+def _text(msg: Dict[str, Any], key: str, what: str, max_len: int = 64, printable: bool = False) -> str:
     value = _get(msg, key, (str,), what)
     if len(value) > max_len:
         raise DecodeError("too_large", f"{what}.{key}: longer than {max_len} characters")
+    if printable and not value.isprintable():
+        raise DecodeError("bad_type", f"{what}.{key}: contains control or other non-printable characters")
     return value
 
 
@@ -250,7 +322,10 @@ def encode_command(c: Command) -> bytes:
 
 
 def encode_reply(r: Reply) -> bytes:
-    return _pack({"v": PROTOCOL_VERSION, "type": "reply", "ok": r.ok, "state": r.state, "detail": r.detail})
+    """The reply as a client decodes it: state and detail made printable and cut to what ``decode`` accepts (a
+    detail can carry text from a request, an error message or a heartbeat), so that the answer is never lost."""
+    return _pack({"v": PROTOCOL_VERSION, "type": "reply", "ok": bool(r.ok), "state": _printable(str(r.state), 64),
+                  "detail": _printable(str(r.detail), MAX_REPLY_DETAIL)})
 
 
 def encode_state(s: RobotState) -> bytes:
@@ -293,7 +368,7 @@ def _decode_heartbeat(m: Dict[str, Any]) -> Heartbeat:
     _keys(m, w, {"session", "seq", "stamp", "health", "detail"})
     health = _text(m, "health", w)
     if health not in HEALTH:
-        raise DecodeError("out_of_range", f"heartbeat.health: {health!r} not in {list(HEALTH)}")
+        raise DecodeError("out_of_range", f"heartbeat.health: {_show(health)} not in {list(HEALTH)}")
     return Heartbeat(session=_text(m, "session", w), seq=_count(m, "seq", w), stamp=_number(m, "stamp", w, 0.0),
                      health=health, detail=_text(m, "detail", w, 256))
 
@@ -314,14 +389,14 @@ def _decode_command(m: Dict[str, Any]) -> Command:
     _keys(m, w, {"cmd", "who"})
     cmd = _text(m, "cmd", w)
     if cmd not in COMMANDS:
-        raise DecodeError("out_of_range", f"command.cmd: {cmd!r} not in {list(COMMANDS)}")
-    return Command(cmd, _text(m, "who", w))
+        raise DecodeError("out_of_range", f"command.cmd: {_show(cmd)} not in {list(COMMANDS)}")
+    return Command(cmd, _text(m, "who", w, printable=True))  # the controller logs it
 
 
 def _decode_reply(m: Dict[str, Any]) -> Reply:
     w = "reply"
     _keys(m, w, {"ok", "state", "detail"})
-    return Reply(_get(m, "ok", (bool,), w), _text(m, "state", w), _text(m, "detail", w, 512))
+    return Reply(_get(m, "ok", (bool,), w), _text(m, "state", w), _text(m, "detail", w, MAX_REPLY_DETAIL))
 
 
 def _decode_frame(m: Dict[str, Any]) -> Frame:
@@ -332,19 +407,22 @@ def _decode_frame(m: Dict[str, Any]) -> Frame:
         raise DecodeError("bad_type", "frame.images: expected 1..8 cameras")
     images = {}
     for name, obj in images_in.items():
-        if not isinstance(name, str) or not 0 < len(name) <= 64:
-            raise DecodeError("bad_type", "frame.images: camera names must be short strings")
-        img = decode_array(obj, f"frame.images.{name}", dtypes=("|u1",), ndim=3, max_elements=MAX_FRAME_BYTES)
+        if not isinstance(name, str) or not 0 < len(name) <= 64 or not name.isprintable():
+            raise DecodeError("bad_type", "frame.images: camera names must be short printable strings")
+        field = f"frame.images.{_printable(name, SHOW_CHARS)}"
+        img = decode_array(obj, field, dtypes=("|u1",), ndim=3, max_elements=MAX_FRAME_BYTES)
         if img.shape[2] != 3 or img.shape[0] == 0 or img.shape[1] == 0:
-            raise DecodeError("bad_shape", f"frame.images.{name}: expected H x W x 3, got {list(img.shape)}")
+            raise DecodeError("bad_shape", f"{field}: expected H x W x 3, got {list(img.shape)}")
         images[name] = img
     return Frame(seq=_count(m, "seq", w), stamp=_number(m, "stamp", w, 0.0), images=images)
 
 
 def _keys(m: Dict[str, Any], what: str, expected: set) -> None:
-    extra = set(m) - expected - {"v", "type"}
+    extra = set(m) - expected - {"v", "type"}  # keys are str or bytes (strict_map_key), so hashable
     if extra:
-        raise DecodeError("unknown_field", f"{what}: unknown keys {sorted(map(str, extra))}")
+        shown = sorted(_show(k) for k in extra)
+        raise DecodeError("unknown_field", f"{what}: {len(shown)} unknown key(s): {', '.join(shown[:3])}"
+                                           + (", ..." if len(shown) > 3 else ""))
 
 
 _DECODERS: Dict[str, Callable[[Dict[str, Any]], Any]] = {
@@ -358,7 +436,17 @@ _DECODERS: Dict[str, Callable[[Dict[str, Any]], Any]] = {
 
 
 def decode(raw: bytes, expect: Tuple[str, ...], max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
-    """Decode one message whose type is in ``expect``; DecodeError on anything else."""
+    """Decode one message whose type is in ``expect``; DecodeError on anything else, and only DecodeError: what the
+    checks below miss still becomes one (reason ``internal``), so a receive loop that catches it survives."""
+    try:
+        return _decode(raw, expect, max_bytes)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError("internal", f"{type(exc).__name__} while decoding a message") from exc
+
+
+def _decode(raw: bytes, expect: Tuple[str, ...], max_bytes: int) -> Any:
     if len(raw) > max_bytes:
         raise DecodeError("too_large", f"{len(raw)} bytes exceed the limit of {max_bytes}")
     try:
@@ -372,10 +460,10 @@ def decode(raw: bytes, expect: Tuple[str, ...], max_bytes: int = MAX_MESSAGE_BYT
         raise DecodeError("malformed", "message is not a map")
     version = m.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise DecodeError("bad_version", f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
+        raise DecodeError("bad_version", f"protocol version {_show(version)}, this side speaks {PROTOCOL_VERSION}")
     kind = m.get("type")
-    if kind not in expect:
-        raise DecodeError("unexpected_type", f"message type {kind!r}, expected one of {list(expect)}")
+    if type(kind) is not str or kind not in expect or kind not in _DECODERS:
+        raise DecodeError("unexpected_type", f"message type {_show(kind)}, expected one of {list(expect)}")
     return _DECODERS[kind](m)
 
 
@@ -410,5 +498,5 @@ __all__: List[str] = [
     "PROTOCOL_VERSION", "DTYPES", "HEALTH", "DecodeError", "ActionChunk", "Heartbeat", "RobotState", "Frame",
     "encode_array", "decode_array", "encode_chunk", "encode_heartbeat", "encode_state", "encode_frame", "decode",
     "RejectCounter", "MAX_MESSAGE_BYTES", "MAX_FRAME_BYTES", "COMMANDS", "Command", "Reply", "encode_command",
-    "encode_reply",
+    "encode_reply", "MAX_ERROR_TEXT", "MAX_REPLY_DETAIL", "MAX_REPLY_BYTES",
 ]
