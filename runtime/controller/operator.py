@@ -11,17 +11,23 @@ from typing import Optional
 
 import zmq
 
-from runtime.protocol import Command, DecodeError, Reply, decode, encode_command, sockets
+from runtime.protocol import MAX_REPLY_BYTES, Command, DecodeError, Reply, decode, encode_command, sockets
 
 
 def send(endpoint: str, cmd: str, who: Optional[str] = None, timeout_s: float = 2.0,
          ctx: Optional[zmq.Context] = None) -> Reply:
     """Send one command; a Reply with ok False says why it was refused or that the controller did not answer."""
     who = who or f"{getpass.getuser()} (cli)"
-    raw = sockets.request(ctx or zmq.Context.instance(), endpoint, encode_command(Command(cmd, who)), timeout_s)
+    return request(endpoint, encode_command(Command(cmd, who)), timeout_s, ctx)
+
+
+def request(endpoint: str, payload: bytes, timeout_s: float = 2.0, ctx: Optional[zmq.Context] = None) -> Reply:
+    """Send one encoded request, valid or not (tests and fuzzing send malformed ones), and decode the reply with
+    the bounds the controller's ``encode_reply`` keeps to (MAX_REPLY_BYTES, MAX_REPLY_DETAIL characters)."""
+    raw = sockets.request(ctx or zmq.Context.instance(), endpoint, payload, timeout_s)
     if raw is None:
         return Reply(False, "unknown", f"no answer from the controller at {endpoint} within {timeout_s} s")
     try:
-        return decode(raw, ("reply",), 4096)
+        return decode(raw, ("reply",), MAX_REPLY_BYTES)
     except DecodeError as err:
         return Reply(False, "unknown", f"bad reply from the controller: {err}")
