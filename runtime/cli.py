@@ -13,7 +13,8 @@ from runtime.config import ConfigError, default_config_path, load_config, render
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="config file (default: $WAM_EDGE_CONFIG or ./config.yaml)")
     p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
-                   help="override one config key (repeatable), e.g. --set policy.steps=4")
+                   help="override one config key (repeatable; the same key set twice: the last wins), e.g. "
+                   "--set policy.steps=4")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
