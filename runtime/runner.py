@@ -543,7 +543,7 @@ def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[st
                     notifier.watchdog_pinger())
         notifier.stopping()
         runtime.stop()
-    except BaseException:
+    except Exception:
         ok = False
         raise  # said once, by the CLI: one line, or the traceback (--verbose, or a bug)
     finally:

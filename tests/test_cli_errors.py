@@ -4,6 +4,7 @@ directory, and the image server simulation binds only where the config lets sock
 
 import logging
 import os
+import random
 import re
 import shlex
 import socket
@@ -80,8 +81,7 @@ def test_image_server_sim_refuses_an_endpoint_that_leaves_this_machine(endpoint,
     r = wam_edge("image-server-sim", "--endpoint", endpoint, "--set", f"camera.header={header}", "--seconds", "3",
                  timeout=60)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith(f"wam-edge image-server-sim: --endpoint {endpoint!r} ")
-    assert "leaves this machine" in r.stderr or "is not an ipc:// or tcp:// endpoint" in r.stderr
+    assert r.stderr.startswith(f"wam-edge image-server-sim: --endpoint {endpoint!r} ")  # then the config's reason
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
 
 
@@ -100,7 +100,7 @@ def test_image_server_sim_header_follows_camera_header():
 def test_hil_makes_the_log_dir_it_is_given(tmp_path):
     pytest.importorskip("cyclonedds", reason="cyclonedds (tools/install_dds.sh) is needed for DDS")
     logs = tmp_path / "not" / "there" / "yet"
-    domain = 200 + os.getpid() % 30
+    domain = random.Random().randint(201, 230)  # a DDS domain of its own, as tests/test_hil.py does
     r = wam_edge("hil", "--scenario", "operator_estop", "--trials", "1", "--log-dir", str(logs),
                  "--set", f"dds.domain_id={domain}", "--set", "controller.arm_ramp_s=0.2",
                  "--set", "controller.stop_ramp_s=0.3", "--set", "hil.settle_s=0.5", "--set", "hil.observe_s=0.3",
