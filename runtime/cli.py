@@ -1,10 +1,17 @@
-"""`wam-edge <command>`: one CLI for every job. Every command takes --config and any number of --set key=value."""
+"""`wam-edge <command>`: one CLI for every job. Every command takes --config and any number of --set key=value.
+
+An error a person can act on (a configuration, model, engine or start-up problem) ends the command with one line
+saying what is wrong; its traceback is printed only with --verbose. Exit codes: 2 for usage and configuration
+errors, 1 for any other failure.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from typing import List, Optional
 
 from runtime.config import ConfigError, default_config_path, load_config, render_defaults
@@ -13,8 +20,16 @@ from runtime.config import ConfigError, default_config_path, load_config, render
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="config file (default: $WAM_EDGE_CONFIG or ./config.yaml)")
     p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
-                   help="override one config key (repeatable), e.g. --set policy.steps=4")
+                   help="override one config key (repeatable; the same key set twice: the last wins), e.g. "
+                   "--set policy.steps=4")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+
+
+#: --verbose, before or after the command (the processes a command starts inherit it through $WAM_EDGE_VERBOSE)
+VERBOSE_ENV = "WAM_EDGE_VERBOSE"
+VERBOSE_HELP = ("on an error, also print its traceback (default: one line saying what is wrong); the processes the "
+                "command starts do the same (%s=1 sets it too)" % VERBOSE_ENV)
 
 
 def _process(p: argparse.ArgumentParser) -> None:
@@ -34,7 +49,10 @@ TOOL_COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wam-edge", description="On-robot runtime for one-step world action "
-                                     "models on the Unitree G1.")
+                                     "models on the Unitree G1.", epilog="An error ends a command with one line "
+                                     "saying what is wrong (exit 2: usage or configuration, 1: anything else); "
+                                     "--verbose adds its traceback.")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
 
@@ -112,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this scenario (repeatable; --list shows them)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
-    p.add_argument("--log-dir", metavar="DIR", help="keep the processes' logs here (default: a temporary directory)")
+    p.add_argument("--log-dir", metavar="DIR", help="keep the processes' logs here (made if missing; default: a "
+                   "temporary directory)")
     p.add_argument("--robot-on-stand", action="store_true",
                    help="hil.robot: stand only: confirm that a real G1 hangs on a stand, clear of people; the suite "
                    "arms it and injects faults")
@@ -121,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text + " (`wam-edge %s --help`)" % name, add_help=False)
 
     p = sub.add_parser("image-server-sim", help="a simulation of Unitree's image server: synthetic side-by-side "
-                       "JPEG frames over ZeroMQ, laid out as camera.layout says")
+                       "JPEG frames over ZeroMQ, laid out as camera.layout says (camera.header: timestamp_id sends "
+                       "the test-mode header; none and auto, plain JPEG)")
     _common(p)
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="where to bind the PUB socket")
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="where to bind the PUB socket: loopback tcp "
+                   "or ipc, as for every socket wam-edge binds (default tcp://127.0.0.1:5555)")
     p.add_argument("--seconds", type=float, help="run this long (default: until interrupted)")
     return parser
 
@@ -145,8 +166,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         from runtime.service import install
 
         return install.run(args)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the processes this command starts (demo, bench, hil) inherit it
+    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import zmq
+
+    try:
+        return _command(args)
+    except ConfigError as exc:
+        return _report(args.command, exc, 2, verbose)
+    except EXPECTED_ERRORS + (zmq.ZMQError,) as exc:
+        return _report(args.command, exc, 1, verbose)
+
+
+#: Errors that say what a person can fix (a model file that changed, a missing engine or module, a busy address, a
+#: policy that produced non-finite actions at warm-up): one line. Anything else is a bug: Python's own traceback.
+EXPECTED_ERRORS = (ValueError, RuntimeError, OSError, ImportError)
+
+
+def _report(command: str, exc: BaseException, code: int, verbose: bool) -> int:
+    """One line on stderr (after the traceback with --verbose); returns the exit code."""
+    if verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    kind = type(exc)
+    text = str(exc).strip() or kind.__name__
+    if isinstance(exc, ConfigError):
+        text = "configuration error: " + text
+    elif kind not in (ValueError, RuntimeError) and not kind.__module__.startswith(("runtime.", "tools.")):
+        text = f"{kind.__name__}: {text}"  # an OSError, a missing module, a library's own error: its type helps
+    hint = "" if verbose or isinstance(exc, ConfigError) else " (--verbose shows the traceback)"
+    sys.stderr.write(f"wam-edge {command}: {text}{hint}\n")
+    return code
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "doctor":  # a configuration error is one of its failed checks, not exit 2
         from runtime import doctor
 
@@ -154,11 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "config" and args.defaults:
         sys.stdout.write(render_defaults())
         return 0
-    try:
-        cfg = load_config(args.config or default_config_path(), args.overrides)
-    except ConfigError as exc:
-        sys.stderr.write(f"wam-edge: configuration error: {exc}\n")
-        return 2
+    cfg = load_config(args.config or default_config_path(), args.overrides)  # ConfigError: exit 2
 
     if args.command == "config":
         sys.stdout.write(cfg.to_yaml())
@@ -195,12 +246,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "hil":
         return _hil(cfg, args)
     if args.command == "image-server-sim":
-        from runtime.cameras.image_server_sim import serve
+        from runtime.cameras.image_server_sim import check_endpoint, serve
 
+        try:
+            check_endpoint(args.endpoint)
+        except ValueError as exc:
+            sys.stderr.write(f"wam-edge image-server-sim: --endpoint {exc}\n")
+            return 2
         c = cfg["camera"]
-        serve(args.endpoint, [(x["name"], x["width"]) for x in c["layout"]], c["height"], c["fps"], c["header"],
-              args.seconds)
-        return 0
+        return serve(args.endpoint, [(x["name"], x["width"]) for x in c["layout"]], c["height"], c["fps"],
+                     c["header"], args.seconds)
     return 2
 
 

@@ -386,6 +386,74 @@ def _set(data: Dict[str, Dict[str, Any]], section: str, key: str, value: Any, wh
     data[section][key] = keys[key].validate(value, f"{where}: {section}.{key}")
 
 
+class DuplicateKeyError(ValueError):
+    """A key given twice in one YAML mapping; the message names the key's path and both lines."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping, at every level (sections, keys, the maps in a
+    list such as camera.layout). YAML itself lets the last one win, so a typo'd second ``max_velocity`` would
+    silently replace the first."""
+
+    _root: Optional[yaml.Node] = None
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._root = node  # to name a duplicate's path (error path only)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: explicit keys may override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    where = _node_path(self._root, node)
+                    spelled = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
+                    name = ".".join(where + [str(spelled)]).replace(".[", "[")
+                    a, b = first.start_mark, key_node.start_mark
+                    at = (f"line {a.line + 1} (columns {a.column + 1} and {b.column + 1})" if a.line == b.line
+                          else f"lines {a.line + 1} and {b.line + 1}")
+                    raise DuplicateKeyError(f"duplicate key {name} at {at} (give each key once)")
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _node_path(root: Optional[yaml.Node], target: yaml.Node, _seen: Optional[set] = None) -> List[str]:
+    """The keys (and [i] list indices) from ``root`` down to ``target``; [] when target is the root (or not found).
+    Aliases can make the node graph cyclic: each node is visited once."""
+    seen = set() if _seen is None else _seen
+    if root is None or root is target or id(root) in seen:
+        return []
+    seen.add(id(root))
+    children: List[Tuple[str, yaml.Node]] = []
+    if isinstance(root, yaml.MappingNode):
+        children = [(str(k.value), v) for k, v in root.value]
+    elif isinstance(root, yaml.SequenceNode):
+        children = [(f"[{i}]", v) for i, v in enumerate(root.value)]
+    for label, child in children:
+        if child is target:
+            return [label]
+        below = _node_path(child, target, seen)
+        if below:
+            return [label] + below
+    return []
+
+
+def _load_yaml(stream: Any) -> Any:
+    """yaml.safe_load, refusing duplicate keys (DuplicateKeyError)."""
+    loader = _UniqueKeyLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> Tuple[str, str, Any]:
     """``section.key=value`` with the value read as YAML (``4``, ``true``, ``[..]``)."""
     where = f"--set {text}"
@@ -399,7 +467,9 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
     if section not in SCHEMA:
         raise ConfigError(f"{where}: unknown section {section!r} (known: {', '.join(SCHEMA)})")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{where}: value has a {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: value is not valid YAML ({exc})") from None
     if value is None:
@@ -408,14 +478,19 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
-    """Schema defaults, then the file (if any), then each ``--set``; ConfigError names the file or --set and key."""
+    """Schema defaults, then the file (if any), then each ``--set``; ConfigError names the file or --set and key.
+
+    A key given twice in the file is an error (both lines named); the same key in two ``--set``s: the last wins,
+    as on any command line."""
     data = defaults()
     if path is not None:
         try:
             with open(path, "r", encoding="utf-8") as f:
-                tree = yaml.safe_load(f)
+                tree = _load_yaml(f)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         _merge(data, tree, path)

@@ -194,11 +194,13 @@ class PolicyRuntime:
             self._poller.register(self._fault_socket.sock, zmq.POLLIN)
 
     def _fault(self, now: float, detail: str) -> None:
-        """Report at once (the next heartbeat goes now) and send no chunk until the cause clears."""
-        if self.health != "fault" or self.detail != detail:
+        """Report at once (the next heartbeat goes now) and send no chunk until the cause clears. Logged once per
+        fault: again only when the (heartbeat-sized) detail changes."""
+        short = detail[:256]
+        if self.health != "fault" or self.detail != short:
             log.error("fault: %s", detail)
             self.counters["faults"] += 1
-        self.health, self.detail = "fault", detail[:256]
+        self.health, self.detail = "fault", short
         self.next_heartbeat = now
         self._drop_pending()
 
@@ -543,8 +545,7 @@ def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[st
         runtime.stop()
     except Exception:
         ok = False
-        log.exception("runtime failed")
-        raise
+        raise  # said once, by the CLI: one line, or the traceback (--verbose, or a bug)
     finally:
         report = runtime.report()
         report["ok"] = ok

@@ -91,3 +91,49 @@ def test_cli_help_everywhere():
         r = subprocess.run([sys.executable, "-m", "runtime.cli", *cmd, "--help"], capture_output=True, text=True,
                            cwd=ROOT)
         assert r.returncode == 0 and "usage: wam-edge" in r.stdout
+
+
+# -- duplicate keys: YAML lets the last one win; the config refuses them, naming the file, the key and both lines --
+
+@pytest.mark.parametrize("text,needle", [
+    ("controller:\n  max_velocity: 1.0\n  rate_hz: 500\n  max_velocity: 9.0\n",
+     "duplicate key controller.max_velocity at lines 2 and 4"),
+    ("policy:\n  steps: 1\ncontroller:\n  rate_hz: 100\npolicy:\n  seed: 1\n", "duplicate key policy at lines 1 and 5"),
+    ("camera:\n  layout:\n  - name: head\n    width: 64\n  - name: a\n    width: 64\n    name: b\n",
+     "duplicate key camera.layout[1].name at lines 5 and 7"),
+    ("camera:\n  layout: [{name: a, width: 64, width: 65}]\n",
+     "duplicate key camera.layout[0].width at line 2 (columns 22 and 33)"),
+    ("remote:\n  hold_s: 0.5\n  hold_s: 0.5\n", "duplicate key remote.hold_s at lines 2 and 3"),  # even if equal
+])
+def test_duplicate_keys_in_the_file_are_refused_at_every_level(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}: ") and needle in str(info.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("camera:\n  layout:\n  - &cam {name: head, width: 64}\n  - <<: *cam\n    name: wrist\n")
+    assert load_config(str(path))["camera"]["layout"] == [{"name": "head", "width": 64},
+                                                           {"name": "wrist", "width": 64}]
+
+
+def test_duplicate_key_in_a_set_value_is_refused_and_a_key_set_twice_takes_the_last():
+    with pytest.raises(ConfigError, match=r"--set camera.layout=.*duplicate key \[0\].width"):
+        load_config(None, ["camera.layout=[{name: a, width: 64, width: 65}]"])
+    cfg = load_config(None, ["controller.max_velocity=1.0", "controller.max_velocity=1.5"])
+    assert cfg["controller"]["max_velocity"] == 1.5  # as on any command line: documented in --help
+
+
+def test_cli_refuses_a_duplicate_key_with_exit_2_and_says_set_twice_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("controller:\n  max_velocity: 1.0\n  max_velocity: 9.0\n")
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "config", "--config", str(path)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"{path}: duplicate key controller.max_velocity at lines 2 and 3" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--help"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert "the last wins" in " ".join(r.stdout.split())

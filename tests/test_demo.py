@@ -38,6 +38,10 @@ def test_demo_fails_when_the_model_is_missing(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1
     assert "FAILED" in r.stdout and "start-up" in r.stdout
+    # the runtime said why, once and in one line (its traceback only with --verbose)
+    assert "Traceback" not in r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("wam-edge run: ")]
+    assert len(said) == 1 and f"{tmp_path}/nothing/manifest.json: cannot read" in said[0]
 
 
 def _free_port():

@@ -173,6 +173,61 @@ def test_non_finite_output_raises(policy):
     assert np.isfinite(policy.infer(frames(), joint_state())).all()
 
 
+def nan_model(tmp_path, stage, output):
+    """A copy of the reference whose stage ``stage`` adds NaN to its output ``output`` (a real ONNX graph edit,
+    its sha256 updated in the manifest): everything downstream turns non-finite, as with a broken export."""
+    onnx = pytest.importorskip("onnx")
+    import hashlib
+
+    from onnx import helper, numpy_helper
+
+    model = copy_reference(tmp_path)
+    data = json.loads((model / "manifest.json").read_text())
+    spec = next(s for s in data["stages"] if s["name"] == stage)
+    path = str(model / spec["file"])
+    graph_model = onnx.load(path)
+    graph = graph_model.graph
+    for node in graph.node:
+        node.output[:] = [o + "_before_nan" if o == output else o for o in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan_constant"))
+    graph.node.append(helper.make_node("Add", [output + "_before_nan", "nan_constant"], [output]))
+    onnx.save(graph_model, path)
+    with open(path, "rb") as f:
+        spec["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    (model / "manifest.json").write_text(json.dumps(data, indent=2))
+    return model
+
+
+@pytest.mark.parametrize("stage,output,size", [("world", "kv_1_v", 4 * 192 * 16), ("action_expert", "velocity", 544)])
+def test_non_finite_output_names_the_stage_that_produced_it(tmp_path, stage, output, size):
+    p = load_policy(str(nan_model(tmp_path, stage, output)))
+    with pytest.raises(PolicyError) as info:
+        p.infer(frames(), joint_state())
+    text = str(info.value)
+    assert "inputs were finite; stage %r produced them (output %r: %d of %d non-finite)" % (
+        stage, output, size, size) in text
+    assert "must not be sent" in text and text.count("stage ") == 1
+    p.close()
+
+
+def test_non_finite_stage_behind_device_outputs_is_not_blamed_on_the_first_one_seen(tmp_path):
+    """A GPU backend keeps intermediate outputs on the device: the error says which stages it could not look at."""
+    p = load_policy(str(nan_model(tmp_path, "world", "kv_1_v")))
+    host_output = p.backend.host_output
+
+    def device_only_world(stage, tensor):
+        if stage == "world":
+            raise KeyError("%s:%s stays on the device" % (stage, tensor))
+        return host_output(stage, tensor)
+
+    p.backend.host_output = device_only_world  # the lookup happens only on the error path
+    with pytest.raises(PolicyError, match=r"the first non-finite output the host can see is stage 'action_expert' "
+                       r"output 'velocity' \(544 of 544; stages \['world'\] before it keep their outputs on the "
+                       r"device\)"):
+        p.infer(frames(), joint_state())
+    p.close()
+
+
 # --- manifest validation ------------------------------------------------------------
 
 def copy_reference(tmp_path):

@@ -3,16 +3,18 @@
 Like the real server it binds a ZeroMQ PUB socket and sends one JPEG per message with every camera side by side
 (head first, then wrists), optionally preceded by the 12-byte test-mode header (native-endian float64
 ``time.time()`` + uint32 frame id). The pictures are the synthetic scene (runtime.cameras.synthetic), frame id n
-showing scene index n. It binds to loopback by default; it is not the robot's server and does not pretend to be.
+showing scene index n. It binds only where the config lets bound sockets go (loopback tcp or ipc: the config's own
+endpoint check); it is not the robot's server and does not pretend to be.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import simplejpeg
@@ -21,6 +23,7 @@ import zmq
 from runtime.cameras.image_server import HEADER
 from runtime.cameras.layout import DEFAULT_LAYOUT, Layout
 from runtime.cameras.synthetic import Pacer, SyntheticScene, check_fps
+from runtime.config import _endpoint as check_bound_endpoint
 
 log = logging.getLogger("wam_edge.cameras")
 
@@ -28,6 +31,22 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 SIM_HEADER_MODES = ("none", "timestamp_id")
 
 _T = TypeVar("_T", bound="ImageServerSim")
+
+
+def check_endpoint(endpoint: str) -> str:
+    """The rule for every socket wam-edge binds (the config's own check): loopback tcp or ipc, never a network
+    interface; ValueError saying why otherwise."""
+    return check_bound_endpoint(endpoint)
+
+
+def sim_header(mode: str) -> str:
+    """camera.header (what the camera expects) -> what the sim sends: "auto" accepts either, so the sim sends what
+    Unitree's server sends outside its test mode, plain JPEG ("none"); "none" and "timestamp_id" as they are."""
+    if mode == "auto":
+        return "none"
+    if mode not in SIM_HEADER_MODES:
+        raise ValueError(f"image server sim: header must be auto or one of {list(SIM_HEADER_MODES)}, got {mode!r}")
+    return mode
 
 
 def _ensure_ipc_dir(endpoint: str) -> None:
@@ -50,6 +69,10 @@ class ImageServerSim:
                  context: Optional[zmq.Context] = None) -> None:
         if header not in SIM_HEADER_MODES:
             raise ValueError(f"image server sim: header must be one of {list(SIM_HEADER_MODES)}, got {header!r}")
+        try:
+            check_endpoint(endpoint)
+        except ValueError as exc:
+            raise ValueError(f"image server sim: endpoint {exc}") from None
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"image server sim: quality must be in [1, 100], got {quality}")
         self.endpoint = endpoint
@@ -155,24 +178,28 @@ def serve(endpoint: str = DEFAULT_ENDPOINT, layout: Optional[LayoutSpec] = None,
     """Run the simulated image server in the foreground (``wam-edge image-server-sim``); returns an exit code.
 
     layout: a Layout, the config's [{name, width}, ...] list or (name, width) pairs (default: head, left_wrist,
-    right_wrist at 640 each); height defaults to the layout's (480). Runs for ``seconds`` (None or <= 0: until
-    interrupted with Ctrl-C).
+    right_wrist at 640 each); height defaults to the layout's (480); header: camera.header's modes (see
+    sim_header). Runs for ``seconds`` (None or <= 0: until interrupted with Ctrl-C, or SIGTERM). A bad setting
+    (endpoint, header) raises ValueError before anything is bound.
     """
     lay = _as_layout(layout, height)
+    header = sim_header(header)
     sim = ImageServerSim(endpoint, lay, fps=fps, header=header, quality=quality, seed=seed)
     sim.start()
     log.info("simulated Unitree image server on %s: %s at %.1f fps, header %s", sim.endpoint, lay, sim.fps, header)
+    stopping: List[int] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, Popen.terminate): a clean stop
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    deadline = time.monotonic() + float(seconds) if seconds is not None and seconds > 0 else None
     try:
-        if seconds is not None and seconds > 0:
-            deadline = time.monotonic() + float(seconds)
-            while time.monotonic() < deadline:
-                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        else:
-            while True:
-                time.sleep(0.5)
+        while not stopping and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         sim.close()
         log.info("simulated image server stopped after %d frames", sim.sent)
     return 0

@@ -38,6 +38,11 @@ class HilRig:
         self.cfg = cfg
         self.workdir = workdir
         self.log_dir = log_dir or workdir
+        if log_dir:  # --log-dir names where the logs go; a directory that is not there yet is made
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+            except OSError as exc:
+                raise RigError(f"cannot create the log directory {log_dir!r}: {exc.strerror or exc}") from None
         self.with_sim = with_sim
         w = workdir
         # with_sim: never a real robot, the simulated G1 on loopback

@@ -296,17 +296,43 @@ class Policy:
         bad = ~self._finite
         step, joint = (int(i) for i in np.argwhere(bad)[0])
         names = self.manifest.action.joints
-        causes = []
         state = self._state.out[0]
         bad_state = [self.manifest.state.joints[i] for i in np.flatnonzero(~np.isfinite(state))]
         if bad_state:
-            causes.append("state has non-finite values at joints %s" % bad_state)
+            cause = "state has non-finite values at joints %s" % bad_state
         else:
-            causes.append("inputs were finite, so a stage produced them")
+            cause = self._non_finite_stage()
         return PolicyError(
             "policy output has %d non-finite values of %d (first at step %d, joint %r); %s; "
-            "the action chunk must not be sent" % (int(bad.sum()), bad.size, step, names[joint],
-                                                    "; ".join(causes)))
+            "the action chunk must not be sent" % (int(bad.sum()), bad.size, step, names[joint], cause))
+
+    def _non_finite_stage(self) -> str:
+        """With finite inputs: the first stage, in the order the first step runs them, with a non-finite output in
+        the buffers the backend already holds on the host (the last run's; outputs a GPU backend keeps on the
+        device cannot be looked at). Only on the error path: the hot path checks the final actions alone."""
+        unseen: List[str] = []  # stages with an output on the device, in run order
+        for name in self._first_group:
+            for t in self.manifest.stage(name).outputs:
+                try:
+                    buf = self.backend.host_output(name, t.name)
+                except KeyError:  # stays on the device
+                    if name not in unseen:
+                        unseen.append(name)
+                    continue
+                n = int(buf.size - np.count_nonzero(np.isfinite(buf)))
+                if not n:
+                    continue
+                earlier = [u for u in unseen if u != name]
+                if earlier:  # they may have started it: say so rather than blame the first one we can see
+                    return ("inputs were finite; the first non-finite output the host can see is stage %r output %r "
+                            "(%d of %d; stages %s before it keep their outputs on the device)"
+                            % (name, t.name, n, buf.size, earlier))
+                return "inputs were finite; stage %r produced them (output %r: %d of %d non-finite)" % (
+                    name, t.name, n, buf.size)
+        if unseen:
+            return "inputs were finite; one of the stages %s produced them (their outputs stay on the device)" % (
+                unseen,)
+        return "inputs and every stage output were finite: the sampler's update or the action scaling overflowed"
 
 
 def _mirrors(bufs: List[np.ndarray]) -> Tuple[Tuple[np.ndarray, np.ndarray], ...]:
