@@ -103,6 +103,7 @@ class Rig:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(self.cfg["transport"]["state"])
+        self.seq = 0
         time.sleep(0.05)
 
     def run(self, seconds):
@@ -116,10 +117,19 @@ class Rig:
         self.run(0.1)
         assert self.controller.sm.state == RUNNING
 
-    def send(self, actions, step_s=0.02, stamp=None, session="test", seq=1, joints=ARM):
+    def send(self, actions, step_s=0.02, stamp=None, session="test", seq=None, joints=ARM):
+        """A chunk; ``seq`` by default the next of this rig's (a runtime's seq only grows). Returns its bytes."""
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
         c = _chunk(actions, time.monotonic() if stamp is None else stamp, step_s, joints, seq)
         c.session = session
-        self.push.send(encode_chunk(c))
+        raw = encode_chunk(c)
+        self.push.send(raw)
+        return raw
+
+    def heartbeat(self, session="test", health="ok", detail=""):
+        self.push.send(encode_heartbeat(Heartbeat(session, 1, time.monotonic(), health, detail)))
 
     def toward(self, delta, h=32):
         """A chunk from the commanded pose toward pose + delta, as a policy would send."""
@@ -361,7 +371,12 @@ def test_estop_is_latched_across_a_restart_until_cleared(rig, tmp_path):
         assert r2.controller.sm.state == ESTOP
         assert not r2.controller._operator("arm", time.monotonic(), "test").ok
         assert r2.controller._operator("clear_estop", time.monotonic(), "test").ok
-        assert r2.controller.sm.state == STOPPED and not (tmp_path / "estop.latched").exists()
+        assert not (tmp_path / "estop.latched").exists()
+        # the first controller was closed right after the e-stop, its weight (1) recorded: cleared, the robot is
+        # stopping until the weight written is down to 0, then stopped
+        assert r2.controller.sm.state == STOPPING
+        out = _drive(r2.controller, 2.0, until=lambda o: o and o[-1][0] == STOPPED)
+        assert out[-1][0] == STOPPED and out[-1][2] == 0.0
         r2.arm()
     finally:
         r2.close()
@@ -1007,3 +1022,194 @@ def test_seam_traces_record_the_commanded_position_around_the_first_seam(rig):
     assert len(tr["q"]) == 3 and all(len(q) == SEAM_TRACE_BEFORE + SEAM_TRACE_AFTER for q in tr["q"])
     q = np.array(tr["q"])
     assert np.isfinite(q).all() and (np.diff(q[0]) >= -1e-9).all() and q[0, -1] > q[0, 0]  # toward the chunk
+
+
+# -- seq: duplicates, replays and older plans (issue 10, item 8) -----------------------------------------------------
+
+def _still(r, h=50):
+    """A chunk that holds the commanded pose (always within max_first_step of it)."""
+    return np.repeat(r.controller.q_cmd[ARM_IDX][None], h, 0).astype(np.float32)
+
+
+def test_a_byte_exact_replay_is_rejected_as_stale_seq(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    r.arm()
+    raw = r.send(_still(r), step_s=0.05, seq=5)
+    r.run(0.05)
+    assert r.controller.chunks_applied == 1
+    r.push.send(raw)  # the same bytes again, well within max_chunk_age_s
+    r.run(0.05)
+    assert r.controller.chunks_applied == 1 and r.controller.rejects.counts == {"stale_seq": 1}
+    assert r.controller.sm.state == RUNNING
+
+
+def test_an_older_plan_never_replaces_a_newer_one(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    r.arm()
+    r.send(r.toward(0.03, 8), seq=2)
+    r.run(0.03)
+    r.send(r.toward(-0.03, 8), seq=1)  # an older plan, arriving late
+    r.run(0.4)
+    c = r.controller
+    assert c.chunks_applied == 1 and c.rejects.counts == {"stale_seq": 1}
+    assert np.allclose(c.q_cmd[ARM_IDX], _arm_target(0.03), atol=1e-3)
+
+
+def test_the_newest_chunk_by_seq_wins_within_a_tick(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    c = r.controller
+    t = _run_armed(c)
+    for seq, delta in ((5, -0.03), (7, 0.03), (6, -0.03)):  # received in this order, taken in by one tick
+        r.send(r.toward(delta, 8), stamp=t, seq=seq)
+    assert c._inbox.poll(1000)
+    time.sleep(0.05)  # all three delivered
+    for _ in range(200):
+        t += c.period
+        c.tick(t)
+    assert c.chunks_applied == 1 and c.rejects.counts == {"stale_seq": 1}
+    assert c.report()["execution"]["chunks_dropped"] == 1  # seq 5, superseded by 7 in that tick
+    assert np.allclose(c.q_cmd[ARM_IDX], _arm_target(0.03), atol=1e-3)
+
+
+def test_replays_in_a_row_stop_like_any_other_rejected_chunks(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    r.arm()
+    raw = r.send(_still(r), step_s=0.05)
+    r.run(0.03)
+    for _ in range(3):
+        r.push.send(raw)
+        r.run(0.03)
+    assert r.controller.rejects.counts == {"stale_seq": 3}
+    assert r.controller.report()["stops"][0]["reason"] == "3 chunks rejected in a row"
+
+
+def test_seq_is_kept_across_re_arming_with_the_same_runtime_and_a_new_session_starts_afresh(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    c = r.controller
+    r.arm()
+    raw = r.send(_still(r), step_s=0.05, seq=40)
+    r.run(0.05)
+    c._operator("stop", time.monotonic(), "test")
+    r.run(0.3)
+    assert c.sm.state == STOPPED
+    r.arm()
+    r.push.send(raw)  # from before the stop, still within max_chunk_age_s: a replay after re-arming
+    r.run(0.05)
+    assert c.rejects.counts == {"stale_seq": 1} and c.chunks_applied == 1
+    r.send(_still(r), step_s=0.05, seq=41)  # the same runtime carries on
+    r.run(0.05)
+    assert c.chunks_applied == 2
+    c._operator("stop", time.monotonic(), "test")
+    r.run(0.3)
+    r.arm()
+    r.send(_still(r), step_s=0.05, session="restarted", seq=0)  # a new runtime, armed with: its seq starts over
+    r.run(0.05)
+    assert c.chunks_applied == 3 and c.rejects.counts == {"stale_seq": 1} and c.sm.state == RUNNING
+
+
+# -- heartbeats: only from the session armed with (issue 10, item 14) ------------------------------------------------
+
+def test_heartbeats_of_another_session_never_keep_the_robot_running(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=0.2")
+    c = r.controller
+    r.arm()
+    r.heartbeat("test", "ok")
+    r.send(_still(r), step_s=0.05)
+    r.run(0.05)
+    assert c.session == "test" and c.policy_health == "ok"
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end and c.sm.state == RUNNING:  # the armed runtime fell silent; another one talks
+        r.heartbeat("intruder", "degraded")
+        r.run(0.04)
+    assert c.sm.state == HOLDING and c.report()["stops"][0]["reason"] == "no policy heartbeat for 0.2 s"
+    assert c.rejects.counts["foreign_session"] >= 3 and c.heartbeats == 1 and c.policy_health == "ok"
+
+
+def test_a_fault_heartbeat_of_another_session_does_not_hold(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    c = r.controller
+    r.arm()
+    r.send(_still(r), step_s=0.05)
+    r.run(0.05)
+    r.heartbeat("intruder", "fault", "made up")
+    r.run(0.05)
+    assert c.sm.state == RUNNING and c.rejects.counts == {"foreign_session": 1} and c.policy_health == "unknown"
+    r.heartbeat("test", "fault", "camera frozen")  # the armed runtime's own fault holds, as always
+    r.run(0.05)
+    assert c.sm.state == HOLDING and "camera frozen" in c.report()["stops"][0]["reason"]
+
+
+def test_the_first_heartbeat_after_arming_binds_the_session(rig):
+    r = rig("controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    c = r.controller
+    r.heartbeat("before", "ok")  # idle: taken for the record, binds nothing
+    r.run(0.03)
+    assert c.session is None and c.policy_health == "ok" and c.rejects.counts == {}
+    c.tick(time.monotonic())
+    assert c._operator("arm", time.monotonic(), "test").ok
+    r.heartbeat("armed", "ok")
+    r.run(0.1)
+    assert c.sm.state == RUNNING and c.session == "armed"
+    r.send(_still(r), step_s=0.05, session="other")  # a chunk from another runtime than the one armed with
+    r.run(0.05)
+    assert c.sm.state in (STOPPING, STOPPED) and c.rejects.counts == {"new_session": 1}
+    assert "armed with 'armed'" in c.report()["stops"][0]["reason"]
+
+
+# -- stopped only once the command written let go (issue 10, item 11) ------------------------------------------------
+
+def test_stopped_is_reported_only_once_the_weight_written_is_0_even_after_late_ticks(rig):
+    r = rig("controller.stop_ramp_s=0.2", "controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    c = r.controller
+    t = _run_armed(c)
+    assert c._operator("stop", t, "test").ok
+    share = c.period / 0.2
+    out = []
+    while c.sm.state != STOPPED and len(out) < 1000:
+        t += 3 * c.period  # every tick late, under max_tick_gap_s: the clock runs 3 times faster than the ticks
+        c.tick(t)
+        out.append((c.sm.state, r.sim.command.weight, c.released))
+    assert all(w == 0.0 for state, w, _ in out if state == STOPPED)
+    assert out[-1][0] == STOPPED and out[-1][1] == 0.0 and out[-1][2] and c.report()["released"]
+    assert not any(released for state, _, released in out if state != STOPPED)
+    weights = [1.0] + [w for _, w, _ in out]
+    assert -np.diff(weights).max() <= share + 1e-12  # never more than one tick's share of the ramp per tick
+    assert c.report()["transitions"][-1]["t"] - c.report()["stops"][0]["t"] > 0.2  # later than the stop's clock
+    assert len([o for o in out if o[0] == STOPPING]) == int(round(1.0 / share))
+
+
+def test_on_time_ticks_end_the_ramp_and_the_stop_together(rig):
+    r = rig("controller.stop_ramp_s=0.14", "controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    c = r.controller
+    t = _run_armed(c)
+    c._operator("stop", t, "test")
+    n = 0
+    while c.sm.state != STOPPED and n < 1000:
+        t += c.period
+        c.tick(t)
+        n += 1
+    # 0.14 s: 1 - 70 * (0.002 / 0.14) leaves a rounding residue above 0, which must not cost a tick
+    assert n == int(round(0.14 / c.period)) + 1 and r.sim.command.weight == 0.0
+
+
+def test_an_estop_cleared_during_its_ramp_is_stopping_until_the_weight_is_0(rig):
+    r = rig("controller.estop_ramp_s=0.2", "controller.chunk_timeout_s=5", "controller.heartbeat_timeout_s=5")
+    c = r.controller
+    t = _run_armed(c)
+    c._operator("estop", t, "test")
+    for _ in range(10):
+        t += c.period
+        c.tick(t)
+    assert c.sm.state == ESTOP and 0.0 < r.sim.command.weight < 1.0 and not c.released
+    assert c._operator("clear_estop", t, "test").ok
+    assert c.sm.state == STOPPING and not c._operator("arm", t, "test").ok
+    out = []
+    while c.sm.state != STOPPED and len(out) < 1000:
+        t += c.period
+        c.tick(t)
+        out.append((c.sm.state, r.sim.command.weight))
+    weights = [w for _, w in out]
+    assert out[-1] == (STOPPED, 0.0) and weights[0] > 0.0 and np.all(np.diff(weights) <= 0)
+    assert all(w == 0.0 for state, w in out if state == STOPPED)
+    assert c.sm.describe() == "stop complete (cause: e-stop by test)"
+    assert c._operator("arm", t, "test").ok

@@ -198,3 +198,33 @@ def test_cli_lists_scenarios_and_refuses_a_stand_without_confirmation():
     assert out.returncode == 2 and "--robot-on-stand" in out.stderr
     out = _cli("--scenario", "no_such_fault")
     assert out.returncode == 2 and "unknown scenarios" in out.stderr
+
+
+# -- the step judged by what it commands: weighted by the command's authority (issue 10, item 11) --------------------
+
+def test_a_correct_re_arm_jumps_at_weight_0_and_is_no_step():
+    drive_then_stop = driving(5) + [driving(5)[-1]] * 5  # driving at weight 1, then a stop ramp, targets held
+    rearm = [driving(5)[-1] - 0.3] * 6  # re-armed: the targets jump to where the robot is now, at weight 0
+    weights = [1.0] * 5 + [0.8, 0.6, 0.4, 0.2, 0.0] + [0.0, 0.0, 0.004, 0.008, 0.012, 0.016]
+    j = judge(window(drive_then_stop + rearm, weights), "arm_sdk", None, STEP)
+    assert j["steps_over_limit"] == 0 and j["max_step_rad"] == pytest.approx(STEP, abs=1e-6)
+
+
+def test_a_jump_at_full_weight_right_after_weight_0_is_a_step():
+    j = judge(window([0.0, 0.0, 0.3], [1.0, 0.0, 1.0]), "arm_sdk", None, STEP)
+    assert j["steps_over_limit"] == 1 and j["max_step_rad"] == pytest.approx(0.3, abs=1e-6)
+
+
+def test_a_step_counts_in_proportion_to_the_weight_it_is_commanded_with():
+    j = judge(window([0.0, 0.3, 0.3 + 1.5 * STEP], [0.5, 0.5, 0.5]), "arm_sdk", None, STEP)
+    assert j["steps_over_limit"] == 1 and j["max_step_rad"] == pytest.approx(0.15, abs=1e-6)  # not 1.5 * STEP * 0.5
+
+
+def test_lowcmd_steps_are_weighted_by_the_gains():
+    full, none = g1.DEFAULT_KP, np.zeros(N)
+    rearm = [0.0, 0.0, 0.3, 0.3, 0.3]  # damping with stale targets, then arming from kp 0 where the robot is
+    kps = np.array([full, none, none, 0.01 * full, 0.02 * full])
+    j = judge(window(rearm, kps=kps, topic=LOWCMD), "lowcmd", None, STEP)
+    assert j["steps_over_limit"] == 0
+    j = judge(window([0.0, 0.0, 0.3], kps=np.array([full, none, full]), topic=LOWCMD), "lowcmd", None, STEP)
+    assert j["steps_over_limit"] == 1  # a jump onto the default gains is a full step

@@ -202,3 +202,34 @@ def test_resume_stop_only_at_start():
     m = sm()
     t = run_to_running(m)
     assert not m.resume_stop(t, "restarted") and m.state == RUNNING
+
+
+# -- a stop is complete only once the command written let go (issue 10, item 11) ------------------------------------
+
+def test_stopping_lasts_until_the_command_written_let_go_as_well_as_its_time():
+    m = sm()
+    t = run_to_running(m)
+    m.stop(t, "operator")
+    assert m.update(t + 2.0, released=False) == STOPPING  # time is up, the weight on the wire is not 0 yet
+    assert m.update(t + 2.5, released=False) == STOPPING and not m.safe
+    assert m.update(t + 2.502, released=True) == STOPPED
+    assert m.transitions()[-1] == {"t": t + 2.502, "from": STOPPING, "to": STOPPED, "reason": "stop complete"}
+    m2 = sm()
+    t = run_to_running(m2)
+    m2.stop(t, "operator")
+    assert m2.update(t + 1.0, released=True) == STOPPING  # let go early: the stop's time still counts
+
+
+def test_an_estop_cleared_before_it_let_go_goes_through_stopping():
+    m = sm()
+    t = run_to_running(m)
+    m.estop(t, "remote")
+    m.update(t + 0.1, released=False)
+    assert m.clear_estop(t + 0.1, "bob") is None
+    assert m.state == STOPPING and m.immediate and m.describe() == "e-stop cleared by bob (cause: remote)"
+    assert m.arm(t + 0.2, "bob") == "cannot arm while stopping"
+    assert m.update(t + 0.4, released=False) == STOPPING
+    assert m.update(t + 0.41, released=True) == STOPPED and m.describe() == "stop complete (cause: remote)"
+    m2 = sm(estop_latched=True)
+    m2.resume_stop(0.0, "restarted")  # the robot is on the predecessor's command: not let go before an update
+    assert not m2.released and m2.clear_estop(0.0, "bob") is None and m2.state == STOPPING

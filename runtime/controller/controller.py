@@ -24,6 +24,7 @@ from runtime.controller.record import STATE_CODES, CommandRecord, Snapshot
 from runtime.controller.remote import RemoteControls
 from runtime.controller.safety import (
     ACCEPTS_CHUNKS,
+    ARMED_STATES,
     ARMING,
     ESTOP,
     HOLDING,
@@ -106,6 +107,8 @@ class Controller:
         self._target = r.q.copy()
         self._rejections_in_a_row = 0
         self.session: Optional[str] = None  # the runtime session driving since arming
+        self._seq_session: Optional[str] = None  # the session of the last chunk accepted, and its seq
+        self._last_seq = -1
         self.last_chunk_at = 0.0
         self.last_heartbeat_at = 0.0
         self.policy_health = "unknown"
@@ -268,9 +271,15 @@ class Controller:
 
     @property
     def released(self) -> bool:
-        """Safe, and in arm_sdk the weight ramp has come down to 0: the robot is no longer on this controller's
-        command (the weight steps by the tick, the stop's timer by the clock: after late ticks it ends first)."""
-        return self.sm.safe and (self.mode != ARM_SDK or self.sm.state == IDLE or self.driver.command.weight <= 0.0)
+        """Safe, and the command last written has let go of the robot: the robot is no longer on this controller's
+        command (arm_sdk: an e-stop's weight ramp has come down to 0; stopped waits for that itself)."""
+        return self.sm.safe and (self.sm.state == IDLE or self._let_go)
+
+    @property
+    def _let_go(self) -> bool:
+        """The command last written has no authority left (arm_sdk weight 0). lowcmd has no ramp to wait for: its
+        stop holds for a time, then damps from the tick it becomes stopped."""
+        return self.mode != ARM_SDK or self.driver.command.weight <= 0.0
 
     def request_stop(self, reason: str) -> None:
         """Safe from a signal handler: the loop stops the robot at its next tick, then returns."""
@@ -327,7 +336,13 @@ class Controller:
             self._rejections_in_a_row = 0
 
     def _check_chunk(self, chunk: ActionChunk, now: float) -> None:
+        """Raises DecodeError naming what is wrong; a chunk that returns is accepted. A session's seq only grows
+        (runner.py): a chunk whose seq is not after the last one accepted from its session is a duplicate, a replay
+        or an older plan (stale_seq), also across re-arming with the same runtime."""
         c = self.c
+        if chunk.session == self._seq_session and chunk.seq <= self._last_seq:
+            raise DecodeError("stale_seq", f"seq {chunk.seq} is not after {self._last_seq}, the last chunk "
+                              "accepted from its session")
         try:
             joints = self.schedule.joint_indices(chunk.joints)
         except KeyError as exc:
@@ -350,8 +365,10 @@ class Controller:
         if self.session is None:
             self.session = chunk.session
         elif chunk.session != self.session:
-            self.sm.stop(now, f"policy runtime restarted (session {chunk.session}, armed with {self.session})")
+            self.sm.stop(now, f"policy runtime restarted (session {chunk.session!r}, armed with {self.session!r})")
             raise DecodeError("new_session", "a chunk from another runtime session than the one armed with")
+        self._seq_session = chunk.session
+        self._last_seq = chunk.seq
 
     def _seam_window(self, chunk: ActionChunk) -> float:
         """How long after a load the seam counters watch: crossfade_s for a crossfade, else 2 action steps."""
@@ -360,6 +377,19 @@ class Controller:
         return 2.0 * chunk.step_s
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
+        """From arming on, the controller follows one runtime session: the first one it hears from, by heartbeat
+        (here) or by accepted chunk. Until the run's stop is complete, another session's heartbeat is rejected and
+        counted (foreign_session): it neither refreshes the heartbeat timer nor sets policy_health, and its fault
+        does not hold. The driving runtime's silence holds, another session's chunk stops (new_session). In idle,
+        stopped and estop any heartbeat is taken, for the record: it moves nothing."""
+        state = self.sm.state
+        if self.session is None:
+            if state in ARMED_STATES:
+                self.session = hb.session
+        elif hb.session != self.session and state not in SAFE_STATES:
+            self.rejects.count("foreign_session", f"a heartbeat from session {hb.session!r}, not from "
+                               f"{self.session!r}, the one armed with")
+            return
         self.heartbeats += 1
         self.last_heartbeat_at = now
         self.policy_health = hb.health
@@ -473,7 +503,9 @@ class Controller:
                 cmd.weight = 1.0
             else:  # stopping, stopped, e-stop: release the upper body to Unitree's controller, never abruptly
                 ramp = c["estop_ramp_s"] if (state == ESTOP or self.sm.immediate) else c["stop_ramp_s"]
-                cmd.weight = max(0.0, cmd.weight - (self.period / ramp if ramp > 0 else 1.0))
+                share = self.period / ramp if ramp > 0 else 1.0  # one tick's share, late tick or not
+                w = cmd.weight - share
+                cmd.weight = w if w > share * 1e-6 else 0.0  # a rounding residue is no authority: 0 on time
         elif damp:
             cmd.kp[:] = 0.0
             cmd.kd[:] = c["damping_kd"]
@@ -581,7 +613,7 @@ class Controller:
         if self._signal is not None:
             self.sm.stop(now, self._signal)
         self._monitor(now, r)
-        state = self.sm.update(now)  # update
+        state = self.sm.update(now, self._let_go)  # update: a stop is complete once what was written let go
         send = self._shape(now, state, r)
         if self.record is not None:
             self._write_record(now, state)
@@ -638,6 +670,7 @@ class Controller:
         return {
             "state": self.sm.state,
             "safe": self.sm.safe,
+            "released": self.released,
             "mode": self.mode,
             "control_ticks": self.ticks,
             "chunks_received": self.chunks_received,

@@ -2,7 +2,12 @@
 
     idle -> arming -> running <-> holding -> stopping -> stopped -> (arm) -> arming ...
     (start, predecessor died driving) -> stopping
-    any state -> estop (latched: only a person clears it, and only to stopped)
+    any state -> estop (latched: only a person clears it, and only to stopped; through stopping while its
+                        weight ramp is still under way)
+
+A stop is complete (stopped) only once its time is up *and* the command last written has let go of the robot
+(``released``: the arm_sdk weight is 0). The weight ramps by one tick's share per tick, so after late ticks it ends
+after the stop's clock: stopping lasts until it does, and the weight never steps by more than its share.
 
 Pure logic on a clock the caller passes in: no I/O, so every transition is tested exactly. What each state commands
 (hold, weight ramp, damping) is the controller's business; this class only says which state we are in, since when,
@@ -20,6 +25,8 @@ STATES = (IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP)
 SAFE_STATES = (IDLE, STOPPED, ESTOP)
 #: States in which chunks are executed (holding resumes on a fresh chunk).
 ACCEPTS_CHUNKS = (RUNNING, HOLDING)
+#: States entered by arming: the controller follows the one runtime session it first hears from in them.
+ARMED_STATES = (ARMING, RUNNING, HOLDING)
 
 
 class Transition:
@@ -33,7 +40,8 @@ class Transition:
 
 
 class SafetyStateMachine:
-    """Transitions and their timers. ``update(now)`` advances the timed ones (arming done, hold over, stop done)."""
+    """Transitions and their timers. ``update(now, released)`` advances the timed ones (arming done, hold over,
+    stop done)."""
 
     def __init__(self, arm_s: float, hold_s: float, stop_s: float, immediate_stop_s: float = 0.0,
                  estop_latched: bool = False, now: float = 0.0, max_log: int = 1000) -> None:
@@ -48,6 +56,8 @@ class SafetyStateMachine:
         self.cause: Optional[str] = self.reason if estop_latched else None  # why the robot was last held or stopped
         self.log: List[Transition] = []
         self._max_log = max_log
+        # the command last written has let go of the robot (arm_sdk weight 0); the controller says so every update
+        self.released = True
 
     # -- transitions ---------------------------------------------------------------------------------------------
 
@@ -107,6 +117,8 @@ class SafetyStateMachine:
         """At start only: a controller restarted after its predecessor died while driving the robot (its command
         record, record.py) takes over in stopping, from the command the robot was left on. Nothing moves again until
         a person arms. A latched e-stop wins: only from idle. Returns whether it entered stopping."""
+        if self.state in (IDLE, ESTOP):  # the robot is on the predecessor's command until this one's first update
+            self.released = False
         if self.state != IDLE:
             return False
         self.immediate = immediate
@@ -120,20 +132,25 @@ class SafetyStateMachine:
             self.cause = reason
 
     def clear_estop(self, now: float, who: str) -> Optional[str]:
+        """A person clears the latch: to stopped, or, while the e-stop's release is still under way (``released``
+        is False: the arm_sdk weight is not 0 yet), to an immediate stopping that ends in stopped once it is."""
         if self.state != ESTOP:
             return "no e-stop to clear"
         self.immediate = True
-        self._go(STOPPED, now, f"e-stop cleared by {who}")
+        self._go(STOPPED if self.released else STOPPING, now, f"e-stop cleared by {who}")
         return None
 
-    def update(self, now: float) -> str:
-        """Advance timed transitions; returns the state."""
+    def update(self, now: float, released: bool = True) -> str:
+        """Advance timed transitions; returns the state. ``released``: the command last written has let go of the
+        robot (arm_sdk: its weight is 0; lowcmd has no ramp to wait for: always). Stopping ends only then."""
+        self.released = released
         elapsed = now - self.since
         if self.state == ARMING and elapsed >= self.arm_s:
             self._go(RUNNING, now, "armed")
         elif self.state == HOLDING and elapsed >= self.hold_s:
             self._go(STOPPING, now, f"chunks did not resume within {self.hold_s} s")
-        elif self.state == STOPPING and elapsed >= (self.immediate_stop_s if self.immediate else self.stop_s):
+        elif self.state == STOPPING and released and \
+                elapsed >= (self.immediate_stop_s if self.immediate else self.stop_s):
             self._go(STOPPED, now, "stop complete")
         return self.state
 

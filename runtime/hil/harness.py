@@ -47,6 +47,9 @@ def _prepare(rig: HilRig) -> None:
         reply = rig.operator("clear_estop")
         if not reply.ok:
             raise RigError(f"clearing the e-stop was refused: {reply.detail}")
+        # cleared during the e-stop's weight ramp, the controller is stopping until the weight is 0
+        if rig.wait_state(("stopped",), c["estop_ramp_s"] + 2.0) is None:
+            raise RigError(f"not stopped after clearing the e-stop: {rig.state().detail}")
 
 
 def run_trial(rig: HilRig, monitor, sc: Scenario, trial: int) -> Dict[str, Any]:

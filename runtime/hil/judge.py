@@ -8,8 +8,14 @@ anywhere new:
   rt/lowcmd   every kp is 0 (damping), or the targets equal the previous command's with no kp rising (a hold).
 The *reaction* to a fault is the receipt time of the first command of the final run of safe commands after the
 fault (everything from there to the end of the observation is safe: nothing moved again), minus the fault time.
-*Unsafe* commands are those non-finite, outside the joint limits, or stepping a position-controlled joint (kp > 0,
-and for arm_sdk a weight > 0 before and after) farther than the velocity limit allows in one control period.
+*Unsafe* commands are those non-finite, outside the joint limits, or stepping a joint farther than the velocity limit
+allows in one control period. A step is judged by what it commands: |q - previous q| weighted by the ``authority``
+the command making it has over the joint (kp over the default kp, at most 1, times the arm_sdk blend weight). The
+blended target is w q + (1 - w) q_unitree (lowcmd: the torque kp (q - q_measured) + ...), so a step of the targets
+moves it by w times the step; the weight's or the gains' own change is their ramp's business. So targets that jump
+while nothing drives the joint make no step: arming from weight 0 (the first targets start where the robot is,
+wherever the last stop left them), lowcmd damping that tracks the robot with kp 0. A jump onto a command that drives
+the joint is one, in proportion to how much it drives it: a jump at weight 1 right after weight 0 is a full step.
 """
 
 from __future__ import annotations
@@ -23,6 +29,19 @@ from runtime.robot import g1
 LOWCMD, ARM_SDK = 0, 1  # CommandLog topic codes
 _HOLD_EPS = 1e-6  # rad: float32 targets that did not change
 _STEP_EPS = 1e-5  # rad: float32 rounding on top of the allowed step
+
+
+def authority(kp: np.ndarray, weight: Any, arm_sdk: bool, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """How much a command drives each joint, 0..1: kp (per joint, last axis) over the default kp, at most 1 (the
+    default gains are full authority), times the blend weight clipped to 0..1 (as the robot does) on rt/arm_sdk.
+    ``weight``: one per command (the leading axes of ``kp``); a step is weighted by the authority of the command
+    that makes it."""
+    a = np.maximum(kp, 0.0, out=out)
+    a /= g1.DEFAULT_KP
+    np.minimum(a, 1.0, out=a)
+    if arm_sdk:
+        a *= np.clip(weight, 0.0, 1.0)[..., None]
+    return a
 
 
 def judge(w: Dict[str, np.ndarray], mode: str, t_fault: Optional[float], max_step: float) -> Dict[str, Any]:
@@ -39,6 +58,8 @@ def judge(w: Dict[str, np.ndarray], mode: str, t_fault: Optional[float], max_ste
     q, kp, weight, t = w["q"][mine], w["kp"][mine], w["weight"][mine], w["t"][mine]
     new = inside[mine]
     finite = np.isfinite(q).all(axis=1) & np.isfinite(kp).all(axis=1) & np.isfinite(w["kd"][mine]).all(axis=1)
+    if topic == ARM_SDK:
+        finite &= np.isfinite(weight)
     out["commands"] = int(np.count_nonzero(new))
     out["non_finite"] = int(np.count_nonzero(new & ~finite))
     if not len(t):
@@ -47,12 +68,9 @@ def judge(w: Dict[str, np.ndarray], mode: str, t_fault: Optional[float], max_ste
     outside = ((qf < g1.POSITION_MIN) | (qf > g1.POSITION_MAX))[:, joints].any(axis=1)
     out["out_of_limits"] = int(np.count_nonzero(new & finite & outside))
 
-    # steps between consecutive commands, on position-controlled joints only
-    step = np.abs(np.diff(qf, axis=0))
-    controlled = (kp[1:] > 0) & (kp[:-1] > 0) & joints
-    if topic == ARM_SDK:
-        controlled &= ((weight[1:] > 0) & (weight[:-1] > 0))[:, None]
-    step = np.where(controlled, step, 0.0)
+    # steps between consecutive commands, weighted by the authority of the one making it (the module's docstring)
+    auth = authority(np.where(finite[:, None], kp, 0.0), np.where(finite, weight, 0.0), topic == ARM_SDK)
+    step = np.where(joints, np.abs(np.diff(qf, axis=0)) * auth[1:], 0.0)
     per_cmd = step.max(axis=1) if step.size else np.zeros(0)
     counted = new[1:] & finite[1:] & finite[:-1]
     if per_cmd.size:

@@ -13,7 +13,8 @@ puts it in debug mode for good: rt/lowcmd then owns every joint, and its last co
 is documented, so none is simulated).
 
 Every received command is recorded (counts, a ring of the last ``log_size`` commands, running worst cases) so a
-fault-injection harness can check afterwards that nothing unsafe was ever published: see ``summary()``.
+fault-injection harness can check afterwards that nothing unsafe was ever published: see ``summary()``. Position
+steps are judged by what they command, not by the targets alone (runtime/hil/judge.py, ``authority``).
 
 Control socket (optional, ``control`` = a ZeroMQ endpoint such as ``ipc:///tmp/g1sim.ipc``): REP, one msgpack map
 per request, answered with a msgpack map ({"ok": true, ...} or {"ok": false, "error": ...}). Keys, all optional,
@@ -41,6 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from runtime.hil.judge import authority
 from runtime.robot import g1
 from runtime.robot.dds import transport
 from runtime.robot.dds.unitree_hg import LowCmd_, LowState_
@@ -55,7 +57,10 @@ _TOPIC_NAMES = ("lowcmd", "arm_sdk")
 
 
 class CommandLog:
-    """What the simulator received: counts, running worst cases, and a ring of the last ``size`` commands."""
+    """What the simulator received: counts, running worst cases, and a ring of the last ``size`` commands.
+    Steps between consecutive valid commands per topic: ``max_step`` effective (|q - previous q| weighted by the
+    ``authority`` of the command making it: what the velocity limit bounds), ``max_target_step`` of the targets alone
+    (a re-arm at weight 0 jumps there, rightly: with no authority the targets start where the robot is)."""
 
     def __init__(self, size: int = 10000) -> None:
         self.size = size
@@ -73,10 +78,12 @@ class CommandLog:
         self.wrong_mode_machine = 0
         self.non_finite = 0
         self.out_of_limits = 0
-        self.max_step = np.zeros((2, _N))  # per topic: max |q - previous q| over consecutive valid commands
+        self.max_step = np.zeros((2, _N))  # per topic: max effective step over consecutive valid commands
+        self.max_target_step = np.zeros((2, _N))  # per topic: max |q - previous q|, whatever the authority
         self._prev_q = np.zeros((2, _N))
         self._have_prev = [False, False]
         self._step = np.zeros(_N)
+        self._auth = np.zeros(_N)
 
     def record(self, t: float, topic: int, cmd: LowCmdBuffer, crc_ok: bool, applied: bool, finite: bool) -> None:
         i = self.n % self.size
@@ -101,11 +108,14 @@ class CommandLog:
         if np.any((q < g1.POSITION_MIN)[joints] | (q > g1.POSITION_MAX)[joints]):
             self.out_of_limits += 1
         if self._have_prev[topic]:
-            np.subtract(q, self._prev_q[topic], out=self._step)
-            np.abs(self._step, out=self._step)
+            step = self._step
+            np.subtract(q, self._prev_q[topic], out=step)
+            np.abs(step, out=step)
             if topic == _ARM_SDK:
-                self._step[~_UPPER] = 0.0
-            np.maximum(self.max_step[topic], self._step, out=self.max_step[topic])
+                step[~_UPPER] = 0.0
+            np.maximum(self.max_target_step[topic], step, out=self.max_target_step[topic])
+            step *= authority(cmd.kp[:_N], cmd.q[g1.ARM_SDK_WEIGHT_SLOT], topic == _ARM_SDK, self._auth)
+            np.maximum(self.max_step[topic], step, out=self.max_step[topic])
         self._prev_q[topic] = q
         self._have_prev[topic] = True
 
@@ -129,9 +139,13 @@ class CommandLog:
             "wrong_mode_machine": self.wrong_mode_machine,
             "non_finite": self.non_finite,
             "out_of_limits": self.out_of_limits,
+            # effective steps: weighted by the authority the blend weight or the gains give (hil/judge.py)
             "max_q_step": [float(x) for x in self.max_step.max(axis=0)],
             "max_q_step_lowcmd": [float(x) for x in self.max_step[_LOWCMD]],
             "max_q_step_arm_sdk": [float(x) for x in self.max_step[_ARM_SDK]],
+            # the targets alone, whatever the authority (a re-arm at weight 0 jumps to where the robot is)
+            "max_target_step_lowcmd": [float(x) for x in self.max_target_step[_LOWCMD]],
+            "max_target_step_arm_sdk": [float(x) for x in self.max_target_step[_ARM_SDK]],
             "first_command_t": float(t.min()) if len(t) else None,
             "last_command_t": float(t.max()) if len(t) else None,
             "logged": int(len(t)),
