@@ -103,7 +103,7 @@ def test_camera_endpoint_takes_tcp_but_not_an_abstract_socket():
 def test_dir_placeholders_are_expanded_at_load(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "lib"))
-    cfg = load_config(CONFIG, [f"sim.control=ipc://{{runtime_dir}}/x", "faults.endpoint=ipc:///elsewhere/f"])
+    cfg = load_config(CONFIG, ["sim.control=ipc://{runtime_dir}/x", "faults.endpoint=ipc:///elsewhere/f"])
     assert cfg["transport"]["control"] == f"ipc://{tmp_path}/run/control"
     assert cfg["sim"]["control"] == f"ipc://{tmp_path}/run/x"
     assert cfg["faults"]["endpoint"] == "ipc:///elsewhere/f"
