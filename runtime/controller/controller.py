@@ -302,13 +302,8 @@ class Controller:
             if failed:
                 problem = f"e-stop active, but NOT saved ({failed}): a restart would lose it"
         elif action == "clear_estop":  # the file goes first: memory is cleared only once the file is gone
-            problem = sm.clear_estop(now, who) if sm.state != ESTOP else None
-            if problem is None:
-                failed = self._latch(False)
-                if failed:
-                    problem = f"e-stop kept: {failed}"
-                else:
-                    problem = sm.clear_estop(now, who)
+            failed = self._latch(False) if sm.state == ESTOP else None
+            problem = f"e-stop kept: {failed}" if failed else sm.clear_estop(now, who)
         elif action in ("next_task", "prev_task"):
             self.task_index = (self.task_index + (1 if action == "next_task" else -1)) % len(self.tasks)
             log.info("task %d: %s", self.task_index, self.tasks[self.task_index])
