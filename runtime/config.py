@@ -8,13 +8,13 @@ rest comes from the schema. ``--set section.key=value`` overrides any key after 
 from __future__ import annotations
 
 import copy
-import ipaddress
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
 from runtime.robot.remote import BUTTONS as REMOTE_BUTTONS
+from runtime.service import paths
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,8 @@ class Key:
     """One leaf of the schema."""
 
     def __init__(self, default: Any, kind: type, doc: str, lo: Optional[float] = None, hi: Optional[float] = None,
-                 choices: Optional[Sequence[Any]] = None, check: Optional[Callable[[Any], Any]] = None) -> None:
+                 choices: Optional[Sequence[Any]] = None, check: Optional[Callable[[Any], Any]] = None,
+                 dirs: bool = False) -> None:
         self.default = default
         self.kind = kind
         self.doc = doc
@@ -33,6 +34,7 @@ class Key:
         self.hi = hi
         self.choices = tuple(choices) if choices else None
         self.check = check
+        self.dirs = dirs  # may hold {runtime_dir} / {state_dir}, expanded at load
 
     def validate(self, value: Any, where: str) -> Any:
         kind = self.kind
@@ -69,22 +71,30 @@ def _layout(value: Any) -> List[Dict[str, Any]]:
     return out
 
 
+def _ipc(value: str) -> str:
+    """An ipc:// endpoint whose socket is a file: abstract sockets (``ipc://@name``) have no permissions at all."""
+    path = value[len("ipc://"):]
+    if not path:
+        raise ValueError(f"{value!r}: no path after ipc://")
+    if path.startswith("@"):
+        raise ValueError(f"{value!r} is an abstract socket: any local user can connect to it (it has no file "
+                         "permissions); use a path in a private directory, e.g. ipc://{runtime_dir}/name")
+    if not paths.expand(path, {paths.RUNTIME_DIR: "/", paths.STATE_DIR: "/"}).startswith("/"):
+        raise ValueError(f"{value!r}: the socket's path must be absolute (each process would resolve a relative one "
+                         "against its own working directory)")
+    return value
+
+
 def _endpoint(value: str) -> str:
-    """ipc:// or tcp:// only; tcp must name a loopback host: links across machines need authentication."""
-    if value.startswith("ipc://") and len(value) > 6:
-        return value
+    """What wam-edge's own processes bind (the robot's links and control sockets): ipc:// with a path only. tcp has
+    no authentication: any local user could connect, send chunks or operator commands, and a peer could pose as a
+    controller that is down; an ipc socket's directory is private (mode 0700) instead, checked when it is bound."""
+    if value.startswith("ipc://"):
+        return _ipc(value)
     if value.startswith("tcp://"):
-        host = value[6:].rsplit(":", 1)[0].strip("[]")
-        if host == "localhost":
-            return value
-        try:
-            if ipaddress.ip_address(host).is_loopback:
-                return value
-        except ValueError:
-            pass
-        raise ValueError(f"{value!r} leaves this machine; unauthenticated links are limited to loopback and ipc "
-                         "(authenticated links across machines are not implemented yet)")
-    raise ValueError(f"{value!r} is not an ipc:// or tcp:// endpoint")
+        raise ValueError(f"{value!r}: no authentication on tcp (any local user could connect, and a link across "
+                         "machines even more so); use ipc in a protected directory, e.g. ipc://{runtime_dir}/name")
+    raise ValueError(f"{value!r} is not an ipc:// endpoint")
 
 
 #: Wireless remote button names, in bit order (runtime/robot/remote.py holds the bits).
@@ -139,8 +149,10 @@ def _gpu_providers(value: Any) -> List[str]:
 
 
 def _any_endpoint(value: str) -> str:
-    """A peer we only subscribe to (a camera on the robot's network): any tcp/ipc address."""
-    if value.startswith(("ipc://", "tcp://")) and len(value) > 6:
+    """A peer we only subscribe to (a camera on the robot's network): any tcp address, or ipc with a path."""
+    if value.startswith("ipc://"):
+        return _ipc(value)
+    if value.startswith("tcp://") and len(value) > 6:
         return value
     raise ValueError(f"{value!r} is not an ipc:// or tcp:// endpoint")
 
@@ -219,13 +231,14 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "seed": Key(0, int, "synthetic: seed of the moving scene", lo=0, hi=2**31 - 1),
     },
     "transport": {
-        "chunks": Key("ipc:///tmp/wam-edge/chunks", str,
-                      "controller binds, runtime connects: action chunks and heartbeats", check=_endpoint),
-        "state": Key("ipc:///tmp/wam-edge/state", str,
-                     "controller binds, runtime subscribes: robot state (newest wins)", check=_endpoint),
-        "control": Key("ipc:///tmp/wam-edge/control", str,
+        "chunks": Key("ipc://{runtime_dir}/chunks", str,
+                      "controller binds, runtime connects: action chunks and heartbeats (ipc only: the socket's "
+                      "directory must be private)", check=_endpoint, dirs=True),
+        "state": Key("ipc://{runtime_dir}/state", str,
+                     "controller binds, runtime subscribes: robot state (newest wins)", check=_endpoint, dirs=True),
+        "control": Key("ipc://{runtime_dir}/control", str,
                        "controller binds: operator commands (wam-edge arm / stop / estop / clear-estop / status)",
-                       check=_endpoint),
+                       check=_endpoint, dirs=True),
         "send_hwm": Key(2, int, "messages queued toward a slow or absent peer before new ones are dropped",
                         lo=1, hi=100),
         "heartbeat_hz": Key(10.0, float, "runtime heartbeat rate", lo=0.5, hi=200.0),
@@ -279,11 +292,13 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_missed_ticks": Key(10, int, "this many late control ticks in a row stop the robot", lo=1, hi=10000),
         "max_tick_gap_s": Key(0.25, float, "the control loop stalled this long between two ticks (a paused or "
                               "starved process): stop at once when it runs again", lo=0.005, hi=5.0),
-        "latch_file": Key("/tmp/wam-edge/estop.latched", str, "an e-stop is written here and survives restarts "
-                          "until a person clears it"),
-        "command_record": Key("/tmp/wam-edge/controller.record", str, "the last command, memory-mapped and "
+        "latch_file": Key("{state_dir}/estop.latched", str, "an e-stop is written here (synced to disk) and "
+                          "survives restarts and reboots until a person clears it; the controller refuses to start "
+                          "when it cannot write it", check=_nonempty, dirs=True),
+        "command_record": Key("{state_dir}/controller.record", str, "the last command, memory-mapped and "
                               "updated every tick: a controller restarted after a crash ramps the robot out from "
-                              "there instead of leaving it on its last command; empty disables"),
+                              "there instead of leaving it on its last command, and one whose last state was an "
+                              "e-stop comes up e-stopped; empty disables", dirs=True),
         "release_motion_control": Key(False, bool, "lowcmd over DDS: release Unitree's motion controller at start "
                                       "through unitree_sdk2py's motion switcher, where it is installed (else the "
                                       "operator does it with the remote: zero-torque mode, then L2+R2)"),
@@ -312,14 +327,14 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "rate_hz": Key(500.0, float, "`wam-edge sim`: rt/lowstate publishing rate", lo=10.0, hi=2000.0),
         "mode_machine": Key(5, int, "`wam-edge sim`: the robot variant id it reports (controllers echo it)",
                             lo=0, hi=255),
-        "control": Key("ipc:///tmp/wam-edge/sim", str, "`wam-edge sim`: fault-injection socket (press buttons, "
-                       "tilt, heat, freeze the state stream)", check=_endpoint),
+        "control": Key("ipc://{runtime_dir}/sim", str, "`wam-edge sim`: fault-injection socket (press buttons, "
+                       "tilt, heat, freeze the state stream)", check=_endpoint, dirs=True),
     },
     "faults": {
         "enabled": Key(False, bool, "test rigs only: the policy runtime obeys fault-injection requests from "
                        "`wam-edge hil` on faults.endpoint (frozen camera, NaN or out-of-limit actions, overruns)"),
-        "endpoint": Key("ipc:///tmp/wam-edge/faults", str, "where the policy runtime binds its fault-injection "
-                        "socket when faults.enabled", check=_endpoint),
+        "endpoint": Key("ipc://{runtime_dir}/faults", str, "where the policy runtime binds its fault-injection "
+                        "socket when faults.enabled", check=_endpoint, dirs=True),
     },
     "hil": {
         "robot": Key("sim", str, "sim: `wam-edge hil` starts `wam-edge sim` and injects robot faults through it | "
@@ -350,10 +365,14 @@ def defaults() -> Dict[str, Dict[str, Any]]:
 class Config:
     """The validated configuration: ``cfg["policy"]["steps"]``; paths resolve against the file's directory."""
 
-    def __init__(self, data: Dict[str, Dict[str, Any]], path: Optional[str]) -> None:
+    def __init__(self, data: Dict[str, Dict[str, Any]], path: Optional[str],
+                 dirs: Optional[Dict[str, Tuple[str, str]]] = None,
+                 templates: Optional[Dict[Tuple[str, str], str]] = None) -> None:
         self.data = data
         self.path = path
         self.base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+        self.dirs = dirs or {}  # {"{runtime_dir}": (directory, why)}: the placeholders expanded at load
+        self.templates = templates or {}  # {(section, key): the value as written, placeholders and all}
 
     def __getitem__(self, section: str) -> Dict[str, Any]:
         return self.data[section]
@@ -362,7 +381,9 @@ class Config:
         return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.data, sort_keys=False)
+        """The effective configuration; a comment per placeholder says what it became and why."""
+        head = "".join(f"# {token} = {directory}: {why}\n" for token, (directory, why) in self.dirs.items())
+        return head + yaml.safe_dump(self.data, sort_keys=False)
 
 
 def _merge(data: Dict[str, Dict[str, Any]], tree: Any, where: str) -> None:
@@ -466,6 +487,8 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
     section, key = parts
     if section not in SCHEMA:
         raise ConfigError(f"{where}: unknown section {section!r} (known: {', '.join(SCHEMA)})")
+    if raw.strip().startswith((paths.RUNTIME_DIR, paths.STATE_DIR)):  # a path, not a YAML flow mapping
+        return section, key, raw.strip()
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except DuplicateKeyError as exc:
@@ -498,7 +521,42 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
         section, key, value = parse_override(text)
         _set(data, section, key, value, f"--set {text}")
     _check_remote(data["remote"], path or "--set")
-    return Config(data, path)
+    dirs, templates = _expand_dirs(data, path or "--set")
+    return Config(data, path, dirs, templates)
+
+
+#: the placeholders a path key may hold, and what resolves each (runtime/service/paths.py says in which order)
+DIR_PLACEHOLDERS = {paths.RUNTIME_DIR: paths.runtime_dir, paths.STATE_DIR: paths.state_dir}
+
+
+def _expand_dirs(data: Dict[str, Dict[str, Any]],
+                 where: str) -> Tuple[Dict[str, Tuple[str, str]], Dict[Tuple[str, str], str]]:
+    """Replace {runtime_dir} / {state_dir} in the path keys by this process's directories (resolved only when used);
+    other braces in those keys are refused. Returns (the directories used and why, the values as written)."""
+    import re
+
+    dirs: Dict[str, Tuple[str, str]] = {}
+    templates: Dict[Tuple[str, str], str] = {}
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            value = data[section][name]
+            if not key.dirs or not isinstance(value, str):
+                continue
+            for token in re.findall(r"\{[^{}]*\}", value):
+                if token not in DIR_PLACEHOLDERS:
+                    raise ConfigError(f"{where}: {section}.{name}: unknown placeholder {token} in {value!r} (known: "
+                                      f"{', '.join(DIR_PLACEHOLDERS)})")
+                if token not in dirs:
+                    dirs[token] = DIR_PLACEHOLDERS[token]()
+            if "{" not in value:
+                continue
+            templates[(section, name)] = value
+            value = paths.expand(value, {t: d for t, (d, _) in dirs.items()})
+            if value.startswith("ipc://") and len(value) - len("ipc://") > paths.MAX_IPC_PATH:
+                raise ConfigError(f"{where}: {section}.{name}: {value!r}: the socket's path is longer than a unix "
+                                  f"socket address holds ({paths.MAX_IPC_PATH} bytes)")
+            data[section][name] = value
+    return dirs, templates
 
 
 def _check_remote(remote: Dict[str, Any], where: str) -> None:
@@ -528,6 +586,9 @@ HEADER = """\
 # the simulated G1). Every key is listed with what it does; a file of your own may set any subset, and any key can
 # be overridden on the command line: wam-edge run --set policy.steps=4
 # Generated from the schema in runtime/config.py (`wam-edge config --defaults`); a test keeps the two identical.
+# {runtime_dir} (sockets) and {state_dir} (e-stop latch, command record) are expanded when the file is loaded:
+# under systemd /run/wam-edge and /var/lib/wam-edge; `wam-edge config` prints the effective paths and why
+# (docs/safety.md, "Where state lives on the robot").
 """
 
 

@@ -17,7 +17,8 @@ def test_root_config_is_the_schema_defaults_and_documents_every_key():
     with open(CONFIG, encoding="utf-8") as f:
         text = f.read()
     assert text == render_defaults(), "config.yaml is out of date: run `wam-edge config --defaults > config.yaml`"
-    assert load_config(CONFIG).data == defaults()
+    assert load_config(CONFIG).data == load_config(None).data  # the same, placeholders expanded alike
+    assert defaults()["controller"]["latch_file"] == "{state_dir}/estop.latched"  # the file keeps the placeholders
     for section, keys in SCHEMA.items():
         for name, key in keys.items():
             assert f"# {key.doc}" in text, f"{section}.{name} is not documented in config.yaml"
@@ -39,7 +40,7 @@ def _write(tmp_path, tree):
     ({"camera": {"source": "webcam"}}, "camera.source: 'webcam' is not one of"),
     ({"camera": {"layout": [{"name": "head"}]}}, "camera.layout: item 0"),
     ({"camera": {"layout": [{"name": "a", "width": 64}, {"name": "a", "width": 64}]}}, "names repeat"),
-    ({"transport": {"chunks": "tcp://10.0.0.5:5000"}}, "transport.chunks"),
+    ({"transport": {"chunks": "tcp://10.0.0.5:5000"}}, "transport.chunks: 'tcp://10.0.0.5:5000': no authentication"),
     ({"transport": {"state": "udp://x"}}, "transport.state"),
     ({"policy": 3}, "policy: expected a mapping"),
 ])
@@ -65,7 +66,7 @@ def test_partial_file_and_overrides(tmp_path):
     ("policy.nope=1", "unknown key policy.nope"),
     ("steps=1", "expected section.key=value"),
     ("policy.steps", "expected section.key=value"),
-    ("transport.chunks=tcp://192.168.123.164:5555", "leaves this machine"),
+    ("transport.chunks=tcp://192.168.123.164:5555", "no authentication on tcp"),
 ])
 def test_override_errors(text, needle):
     with pytest.raises(ConfigError) as info:
@@ -73,9 +74,61 @@ def test_override_errors(text, needle):
     assert needle in str(info.value)
 
 
-def test_loopback_endpoints_accepted():
-    cfg = load_config(None, ["transport.chunks=tcp://127.0.0.1:6000", "transport.state=tcp://[::1]:6001"])
-    assert cfg["transport"]["chunks"].endswith(":6000")
+WAM_ENDPOINTS = ["transport.chunks", "transport.state", "transport.control", "sim.control", "faults.endpoint"]
+
+
+@pytest.mark.parametrize("key", WAM_ENDPOINTS)
+@pytest.mark.parametrize("value,needle", [
+    ("tcp://127.0.0.1:6000", "no authentication on tcp"),  # loopback too: any local user could connect
+    ("tcp://localhost:6000", "no authentication on tcp"),
+    ("tcp://[::1]:6001", "no authentication on tcp"),
+    ("ipc://@wam-edge/control", "abstract socket"),
+    ("ipc://relative/control", "must be absolute"),
+    ("ipc://", "no path"),
+])
+def test_endpoints_that_other_local_users_could_reach_are_refused(key, value, needle):
+    """The operator, fault and simulator control sockets and the robot's links: only ipc with a path, whose
+    directory is checked to be private when bound; tcp has no authentication, an abstract socket no permissions."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}={value}"])
+    assert needle in str(info.value) and key in str(info.value)
+
+
+def test_camera_endpoint_takes_tcp_but_not_an_abstract_socket():
+    assert load_config(None, ["camera.endpoint=tcp://192.168.123.164:5555"])["camera"]["endpoint"].endswith("5555")
+    with pytest.raises(ConfigError, match="camera.endpoint.*abstract socket"):
+        load_config(None, ["camera.endpoint=ipc://@frames"])
+
+
+def test_dir_placeholders_are_expanded_at_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "lib"))
+    cfg = load_config(CONFIG, ["sim.control=ipc://{runtime_dir}/x", "faults.endpoint=ipc:///elsewhere/f"])
+    assert cfg["transport"]["control"] == f"ipc://{tmp_path}/run/control"
+    assert cfg["sim"]["control"] == f"ipc://{tmp_path}/run/x"
+    assert cfg["faults"]["endpoint"] == "ipc:///elsewhere/f"
+    assert cfg["controller"]["latch_file"] == f"{tmp_path}/lib/estop.latched"
+    assert cfg["controller"]["command_record"] == f"{tmp_path}/lib/controller.record"
+    assert cfg.templates[("controller", "latch_file")] == "{state_dir}/estop.latched"
+    assert cfg.dirs["{state_dir}"][0] == f"{tmp_path}/lib" and "STATE_DIRECTORY" in cfg.dirs["{state_dir}"][1]
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "lib")  # loading makes nothing
+    assert load_config(None, ["controller.latch_file={state_dir}/l"])["controller"]["latch_file"] == f"{tmp_path}/lib/l"
+    with pytest.raises(ConfigError, match=r"controller.latch_file: unknown placeholder \{home\}"):
+        load_config(None, ["controller.latch_file=/x/{home}/latch"])
+    with pytest.raises(ConfigError, match="longer than a unix socket address holds"):
+        load_config(None, ["transport.state=ipc://{runtime_dir}/" + "s" * 120])
+
+
+def test_cli_config_prints_effective_paths_and_defaults_keep_placeholders(tmp_path):
+    env = dict(os.environ, RUNTIME_DIRECTORY=str(tmp_path / "run"), STATE_DIRECTORY=str(tmp_path / "lib"))
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "config"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, check=True)
+    assert f"control: ipc://{tmp_path}/run/control" in r.stdout
+    assert f"latch_file: {tmp_path}/lib/estop.latched" in r.stdout
+    assert f"# {{state_dir}} = {tmp_path}/lib: $STATE_DIRECTORY" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "config", "--defaults"], capture_output=True, text=True,
+                       cwd=ROOT, env=env, check=True)
+    assert "control: ipc://{runtime_dir}/control" in r.stdout and str(tmp_path) not in r.stdout
 
 
 def test_cli_reports_config_error_and_exits_2(tmp_path):

@@ -583,12 +583,14 @@ def test_a_record_of_the_other_mode_or_invalid_is_ignored(tmp_path, caplog):
     rec.close()
 
 
-def test_an_unusable_record_path_is_logged_and_the_controller_runs_without_one(rig, tmp_path, caplog):
+def test_an_unusable_record_path_refuses_to_start(tmp_path):
+    """A controller that could not record its commands would leave the next one blind: it does not start (issue 10:
+    it used to log and run without one). tests/test_state_dirs.py covers the process and its exit status."""
+    from runtime.service.paths import PathError
+
     (tmp_path / "a_file").write_text("")
-    r = rig(f"controller.command_record={tmp_path}/a_file/controller.record")
-    assert r.controller.record is None and "running without one" in caplog.text
-    r.arm()
-    assert r.controller.report()["command_record"] is None
+    with pytest.raises(PathError, match="a_file is not a directory"):
+        Rig(tmp_path, f"controller.command_record={tmp_path}/a_file/controller.record")
 
 
 def test_every_tick_is_recorded_and_a_clean_exit_leaves_safe_behind(rig, tmp_path):
@@ -924,7 +926,7 @@ def _policy_run(rig, seam, every_s, horizon, offset, seconds=1.2, latency=0.03, 
     answering the state ``latency`` ago, along one trajectory, each chunk offset from the one before by ``offset``
     (alternating sides). Returns the controller and the commanded positions, one row per tick."""
     r = rig(f"controller.seam={seam}", "controller.heartbeat_timeout_s=30", "controller.chunk_timeout_s=1.0",
-            "controller.hold_s=1.0")
+            "controller.hold_s=1.0", "controller.command_record=")  # no record: two of these run side by side
     c = r.controller
     t = _run_armed(c)
     base = c.q_cmd[ARM_IDX].copy()

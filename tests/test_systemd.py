@@ -192,6 +192,42 @@ def test_runtime_follows_the_controller_and_can_never_take_it_down(units) -> Non
     assert _one(units["wam-edge.target"], "Install", "WantedBy") == "multi-user.target"
 
 
+def test_units_keep_sockets_and_state_in_private_directories(units) -> None:
+    """/run/wam-edge for the sockets (shared by the units, kept while any of them runs), /var/lib/wam-edge on disk
+    for the e-stop latch and the command record, both 0700 and owned by the services' user; paths.py looks there."""
+    from runtime.controller.controller import EXIT_REFUSED
+    from runtime.service import paths
+
+    for name in ("wam-edge-controller.service", "wam-edge-runtime.service", "wam-edge-sim.service"):
+        u = units[name]
+        assert _one(u, "Service", "RuntimeDirectory") == "wam-edge", name
+        assert _one(u, "Service", "RuntimeDirectoryMode") == "0700", name
+        assert _one(u, "Service", "RuntimeDirectoryPreserve") == "yes", name  # one stopping keeps the others' sockets
+        assert "StateDirectory" not in u["Service"] or name == "wam-edge-controller.service"
+    c = units["wam-edge-controller.service"]
+    assert _one(c, "Service", "StateDirectory") == "wam-edge"
+    assert _one(c, "Service", "StateDirectoryMode") == "0700"
+    assert paths.SYSTEM_RUNTIME_DIR == install.UNIT_RUNTIME_DIR == "/run/wam-edge"
+    assert paths.SYSTEM_STATE_DIR == install.UNIT_STATE_DIR == "/var/lib/wam-edge"
+    # a controller that refuses to start (unsafe or unwritable state) is not restarted into the same refusal
+    assert {str(EXIT_REFUSED), "2"} <= set(_words(c, "Service", "RestartPreventExitStatus"))
+
+
+def test_cli_warns_about_sockets_and_state_outside_the_units_directories(tmp_path: Path, capsys) -> None:
+    kwargs = _render_kwargs(tmp_path)
+    base = ["--venv", str(kwargs["venv"]), "--dry-run"]
+    assert install.main(base + ["--config", str(kwargs["config"])]) == 0  # the defaults: {runtime_dir}, {state_dir}
+    assert "not in {" not in capsys.readouterr().err
+    old = tmp_path / "old.yaml"
+    old.write_text("controller:\n  latch_file: /tmp/wam-edge/estop.latched\ntransport:\n"
+                   "  control: ipc:///tmp/wam-edge/control\n")
+    assert install.main(base + ["--config", str(old)]) == 0
+    err = capsys.readouterr().err
+    assert "controller.latch_file is /tmp/wam-edge/estop.latched, not in {state_dir} (/var/lib/wam-edge" in err
+    assert "must survive a reboot" in err
+    assert "transport.control is ipc:///tmp/wam-edge/control, not in {runtime_dir} (/run/wam-edge" in err
+
+
 def test_sim_unit_is_a_simulation_ordered_before_the_controller_and_only_on_request(units, tmp_path: Path) -> None:
     s = units["wam-edge-sim.service"]
     assert "SIMULATED" in _one(s, "Unit", "Description")

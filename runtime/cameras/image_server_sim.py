@@ -50,10 +50,11 @@ def sim_header(mode: str) -> str:
 
 
 def _ensure_ipc_dir(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        parent = os.path.dirname(endpoint[len("ipc://"):])
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+    """An ipc endpoint's directory: made private (0700) or checked to be (runtime/service/paths.py)."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        from runtime.service.paths import ensure_private_dir
+
+        ensure_private_dir(os.path.dirname(os.path.abspath(endpoint[len("ipc://"):])), "ipc socket directory")
 
 
 class ImageServerSim:

@@ -51,11 +51,16 @@ from runtime.protocol import (
 )
 from runtime.robot import g1
 from runtime.robot.driver import ARM_SDK, RobotDriver, RobotReading
+from runtime.service import paths
 from runtime.service.notify import Notifier
 
 log = logging.getLogger("wam_edge.controller")
 
-__all__ = ["SAFE_STATES", "Controller", "make_driver", "main"]
+__all__ = ["EXIT_REFUSED", "SAFE_STATES", "Controller", "make_driver", "main"]
+
+#: The exit status of a controller that refuses to start because its state directory, latch, record or socket
+#: directory cannot be used safely (sysexits' EX_CONFIG): its unit does not restart it (RestartPreventExitStatus=).
+EXIT_REFUSED = 78
 
 #: Messages taken in per tick at most; the rest wait for the next tick (bounded work per tick).
 MAX_MESSAGES_PER_TICK = 8
@@ -85,19 +90,32 @@ class Controller:
         self.remote = RemoteControls(cfg["remote"])
         self.tasks = list(c["tasks"])
         self.task_index = 0
-        self.latch_file = c["latch_file"]
+        self.latch_file = os.path.abspath(c["latch_file"])
         arm_sdk = self.mode == ARM_SDK
         now = time.monotonic()
+        self.record: Optional[CommandRecord] = None
+        relatched = self._open_state(c["command_record"])  # PathError: refuse to start
         self.sm = SafetyStateMachine(
             arm_s=c["arm_ramp_s"], hold_s=c["hold_s"],
             stop_s=c["stop_ramp_s"] if arm_sdk else c["hold_before_damp_s"],
             immediate_stop_s=c["estop_ramp_s"] if arm_sdk else 0.0,
-            estop_latched=os.path.exists(self.latch_file), now=now)
+            estop_latched=relatched is not None or os.path.exists(self.latch_file), now=now)
+        if relatched is not None:
+            self.sm.reason = self.sm.cause = relatched
 
         self._ctx = ctx or zmq.Context.instance()
-        self._inbox = sockets.pull_bound(self._ctx, t["chunks"], hwm=16, max_bytes=t["max_message_bytes"])
-        self._state_pub = sockets.pub_bound(self._ctx, t["state"], hwm=4)
-        self._control = sockets.rep_bound(self._ctx, t["control"])
+        self._inbox = self._state_pub = self._control = None
+        try:
+            self._inbox = sockets.pull_bound(self._ctx, t["chunks"], hwm=16, max_bytes=t["max_message_bytes"])
+            self._state_pub = sockets.pub_bound(self._ctx, t["state"], hwm=4)
+            self._control = sockets.rep_bound(self._ctx, t["control"])
+        except BaseException:  # nothing bound or locked stays behind a controller that did not start
+            for sock in (self._inbox, self._state_pub, self._control):
+                if sock is not None:
+                    sock.close(0)
+            if self.record is not None:
+                self.record.close()
+            raise
         self._max_bytes = t["max_message_bytes"]
         self._publish_every = max(1, int(round(self.rate_hz / c["state_publish_hz"])))
         self.rejects = RejectCounter(log.warning, "message")
@@ -159,13 +177,6 @@ class Controller:
         self._resume_since: Optional[float] = None
         self._resume_kp = np.zeros(g1.NUM_JOINTS)
         self._resume_kd = np.zeros(g1.NUM_JOINTS)
-        self.record: Optional[CommandRecord] = None
-        if c["command_record"]:
-            try:
-                self.record = CommandRecord(c["command_record"], self.mode)
-            except (OSError, ValueError) as exc:  # like the latch file: say so, and run without one
-                log.error("command record %s: %s: running without one (a controller restarted after this one dies "
-                          "would not know the command the robot was left on)", c["command_record"], exc)
         self._record_path = self.record.path if self.record is not None else None
         if self.record is not None:
             previous = self.record.read()
@@ -173,6 +184,50 @@ class Controller:
                 self._take_over(previous, now)
                 self._awaiting_state = True
             self._write_record(now, self.sm.state)
+
+    # -- state that outlives the process: the e-stop latch and the command record ----------------------------------
+
+    def _open_state(self, record_path: str) -> Optional[str]:
+        """Before anything is bound: the latch must be writable in a private state directory and the record must
+        open, or the controller refuses to start (PathError): an e-stop it could not keep would be lost on the next
+        restart. A record whose last state was an e-stop latches again (the latch file is written again), whatever
+        its weight: an e-stop is cleared by a person only, never by a lost file. Returns that reason, else None."""
+        latch_dir = paths.ensure_private_dir(os.path.dirname(self.latch_file), "state directory", strict=False)
+        paths.check_private_file(self.latch_file, "e-stop latch file")
+        paths.probe_writable(latch_dir, f"e-stop latch file {self.latch_file}")
+        kind = paths.on_tmpfs(latch_dir)
+        if kind:
+            log.warning("e-stop latch file %s is on %s: a reboot would clear an e-stop; keep it in a state directory "
+                        "on disk (docs/safety.md, \"Where state lives on the robot\")", self.latch_file, kind)
+        if not record_path:
+            return None
+        try:
+            self.record = CommandRecord(record_path, self.mode)
+        except (OSError, ValueError) as exc:
+            raise paths.PathError(f"command record {record_path}: {exc}") from None
+        try:
+            last = self.record.last()
+        except (ValueError, IndexError):  # read() says so
+            last = None
+        if last is None or last.state != ESTOP or os.path.exists(self.latch_file):
+            return None
+        reason = (f"e-stop latched from an earlier run (the command record says pid {last.pid} ended in an e-stop; "
+                  "its latch file was missing)")
+        problem = self._write_latch(reason)
+        if problem:
+            self.record.close()
+            self.record = None
+            raise paths.PathError(f"{problem}: cannot latch the e-stop the command record holds")
+        log.warning("%s: latched again", reason)
+        return reason
+
+    def _write_latch(self, reason: str) -> Optional[str]:
+        try:
+            paths.write_durably(self.latch_file, f"e-stop latched at {time.time():.3f}: {reason}\n".encode())
+        except OSError as exc:
+            log.error("e-stop latch file %s: cannot write it: %s", self.latch_file, exc)
+            return f"e-stop latch file {self.latch_file}: {exc.strerror or exc}"
+        return None
 
     # -- the command record: take over from a predecessor that died driving the robot --------------------------------
 
@@ -244,13 +299,14 @@ class Controller:
                     self._rejections_in_a_row = 0
         elif action == "stop":
             sm.stop(now, f"stop by {who}")
-        elif action == "estop":
+        elif action == "estop":  # latched in memory at once; the reply says whether it was also saved
             sm.estop(now, f"e-stop by {who}")
-            self._latch(True)
-        elif action == "clear_estop":
-            problem = sm.clear_estop(now, who)
-            if problem is None:
-                self._latch(False)
+            failed = self._latch(True)
+            if failed:
+                problem = f"e-stop active, but NOT saved ({failed}): a restart would lose it"
+        elif action == "clear_estop":  # the file goes first: memory is cleared only once the file is gone
+            failed = self._latch(False) if sm.state == ESTOP else None
+            problem = f"e-stop kept: {failed}" if failed else sm.clear_estop(now, who)
         elif action in ("next_task", "prev_task"):
             self.task_index = (self.task_index + (1 if action == "next_task" else -1)) % len(self.tasks)
             log.info("task %d: %s", self.task_index, self.tasks[self.task_index])
@@ -258,16 +314,17 @@ class Controller:
             log.warning("%s by %s refused: %s", action, who, problem)
         return Reply(problem is None, sm.state, problem or self.tasks[self.task_index])
 
-    def _latch(self, on: bool) -> None:
+    def _latch(self, on: bool) -> Optional[str]:
+        """Write the latch file (synced: it survives a power cut) or remove it; None, or why that failed. An event, not
+        a tick's work: the sync may make this tick late by a few milliseconds, counted like any late tick."""
+        if on:
+            return self._write_latch(self.sm.reason)
         try:
-            if on:
-                os.makedirs(os.path.dirname(self.latch_file) or ".", exist_ok=True)
-                with open(self.latch_file, "w") as f:
-                    f.write(f"e-stop latched at {time.time():.3f}: {self.sm.reason}\n")
-            elif os.path.exists(self.latch_file):
-                os.remove(self.latch_file)
-        except OSError as exc:  # the latch in memory still holds; say that the file failed
-            log.error("e-stop latch file %s: %s", self.latch_file, exc)
+            paths.remove_durably(self.latch_file)
+        except OSError as exc:
+            log.error("e-stop latch file %s: cannot remove it: %s", self.latch_file, exc)
+            return f"e-stop latch file {self.latch_file}: cannot remove it: {exc.strerror or exc}"
+        return None
 
     @property
     def released(self) -> bool:
@@ -765,7 +822,14 @@ def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[st
 
     notifier = Notifier.from_env(unset_environment=True)
     lock_memory()
-    controller = Controller(cfg, make_driver(cfg))
+    driver = make_driver(cfg)
+    try:
+        controller = Controller(cfg, driver)
+    except paths.PathError as exc:  # its state or sockets are not safe to use: a restart would not change that
+        driver.close()
+        log.critical("controller refuses to start: %s", exc)
+        notifier.status(f"refused to start: {exc}")
+        return EXIT_REFUSED
 
     def on_signal(signum, _frame) -> None:
         controller.request_stop(signal.Signals(signum).name)

@@ -26,8 +26,10 @@ Layout (little-endian, 1600 bytes): a 64-byte header, then two 768-byte slots wr
 
 A slot whose begin and end differ was torn (the writer died in the middle of that update); the other slot then holds
 the update before, one tick older. ``write`` is memory stores into the mapping only: no allocation, no system call.
-The record survives the death of the process (the pages belong to the file), not a crash or power cut of the
-computer (it is never synced, and /tmp is often tmpfs). One controller writes a record at a time (flock).
+The record survives the death of the process (the pages belong to the file). It is never synced on the hot path,
+so a crash or power cut of the computer may lose its last updates (the kernel writes them back within seconds); it
+lives in the state directory, never on tmpfs by default (runtime/service/paths.py), and the e-stop latch beside it is
+synced when written. One controller writes a record at a time (flock).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np
 from runtime.controller.safety import IDLE, SAFE_STATES, STATES
 from runtime.robot import g1
 from runtime.robot.driver import ARM_SDK, LOWCMD
+from runtime.service.paths import check_private_file, ensure_private_dir
 
 log = logging.getLogger("wam_edge.controller")
 
@@ -114,8 +117,9 @@ class Snapshot:
 
 
 class CommandRecord:
-    """Open (creating directories and the file as needed) and lock the record at ``path`` for a controller in
-    ``mode``. Raises OSError (or ValueError) when it cannot: the caller runs without a record.
+    """Open (creating a private directory and the file as needed) and lock the record at ``path`` for a controller in
+    ``mode``. Raises PathError when its directory or an existing file is not safe (someone else's, writable by
+    others, a symlink), OSError (or ValueError) when it cannot be opened: the controller then refuses to start.
 
     ``read()`` first, before the first ``write``: it returns what the previous controller last commanded."""
 
@@ -125,8 +129,9 @@ class CommandRecord:
         self.path = path
         self.mode = mode
         self._mode_code = MODES.index(mode)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        ensure_private_dir(os.path.dirname(os.path.abspath(path)), "state directory", strict=False)
+        check_private_file(path, "command record")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -162,6 +167,7 @@ class CommandRecord:
         self._n = 0  # the last write number
         self._pid_value = 0
         self._claimed = False
+        self._first: Optional[tuple] = None  # (what last() found before the first write,)
 
     # -- reading (at start) ------------------------------------------------------------------------------------------
 
@@ -171,7 +177,15 @@ class CommandRecord:
             and int(h["slot_bytes"]) == SLOT_BYTES and int(h["joints"]) == _N
 
     def last(self) -> Optional[Snapshot]:
-        """The newest intact update in the file, whatever its state; None when there is none."""
+        """The newest intact update in the file, whatever its state; None when there is none. Judged once before
+        this controller's first write (warnings are logged once), read again after it."""
+        if not self._claimed:
+            if self._first is None:
+                self._first = (self._last(),)
+            return self._first[0]
+        return self._last()
+
+    def _last(self) -> Optional[Snapshot]:
         if self._fresh:
             return None
         if not self._valid_header():

@@ -12,12 +12,19 @@ from typing import Optional
 
 import zmq
 
+from runtime.service import paths
+
 
 def _prepare(endpoint: str) -> None:
+    """Before binding: an ipc socket's directory is its only access control, so it is made private (0700) or checked
+    to be (ours, no symlink, parents nobody else can write); abstract sockets (ipc://@name) have no permissions at
+    all and are refused. Raises paths.PathError."""
     if endpoint.startswith("ipc://"):
-        directory = os.path.dirname(endpoint[len("ipc://"):])
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+        path = endpoint[len("ipc://"):]
+        if path.startswith("@"):
+            raise paths.PathError(f"{endpoint} is an abstract socket: any local user could connect to it; use a path "
+                                  "in a private directory")
+        paths.ensure_private_dir(os.path.dirname(os.path.abspath(path)), "ipc socket directory")
 
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:

@@ -299,6 +299,32 @@ def _stop_sequence_s(cfg) -> Optional[float]:
         return None
 
 
+#: where the units keep sockets and state (RuntimeDirectory=wam-edge, StateDirectory=wam-edge in systemd/*.in)
+UNIT_RUNTIME_DIR = "/run/wam-edge"
+UNIT_STATE_DIR = "/var/lib/wam-edge"
+#: the config keys that name sockets (the units share them) and state (the controller's latch and record)
+_SOCKET_KEYS = (("transport", "chunks"), ("transport", "state"), ("transport", "control"), ("sim", "control"),
+                ("faults", "endpoint"))
+_STATE_KEYS = (("controller", "latch_file"), ("controller", "command_record"))
+
+
+def _path_warnings(cfg, user: str) -> List[str]:
+    """Sockets and state the units do not place themselves: a fixed path in the config instead of {runtime_dir} /
+    {state_dir} (which the units make /run/wam-edge and /var/lib/wam-edge, owned by the user, mode 0700)."""
+    out = []
+    for keys, token, unit_dir, prefix, why in (
+            (_SOCKET_KEYS, "{runtime_dir}", UNIT_RUNTIME_DIR, "ipc://", "every unit and `sudo -u %s wam-edge arm` "
+             "must find the same socket" % user),
+            (_STATE_KEYS, "{state_dir}", UNIT_STATE_DIR, "", "it must survive a reboot (not /tmp or /run: tmpfs)")):
+        for section, key in keys:
+            raw = cfg.templates.get((section, key), cfg[section][key])
+            if not raw or raw.startswith(prefix + token) or raw.startswith(prefix + unit_dir + "/"):
+                continue
+            out.append("%s.%s is %s, not in %s (%s under systemd): it must be in a directory owned by %s with mode "
+                       "0700, and %s" % (section, key, raw, token, unit_dir, user, why))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """`wam-edge install-units` with parsed arguments (see ``add_arguments``). Exit status: 0 done, 1 could not
     write, 2 bad values."""
@@ -322,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
     if not os.access(exe, os.X_OK):
         warnings.append("%s is not an executable: is --venv the environment wam-edge is installed in?" % exe)
     user = args.user or default_user()
+    if os.path.isfile(config):
+        warnings.extend(_path_warnings(cfg, user))
     if user == "root":
         warnings.append("the services will run as root (pass --user to run them as the robot's user)")
     try:
