@@ -8,6 +8,7 @@ rest comes from the schema. ``--set section.key=value`` overrides any key after 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -95,6 +96,23 @@ def _endpoint(value: str) -> str:
         raise ValueError(f"{value!r}: no authentication on tcp (any local user could connect, and a link across "
                          "machines even more so); use ipc in a protected directory, e.g. ipc://{runtime_dir}/name")
     raise ValueError(f"{value!r} is not an ipc:// endpoint")
+
+
+def _loopback_endpoint(value: str) -> str:
+    """What a stand-in publisher binds (the image server simulation: pictures only, it commands nothing): ipc with a
+    path, or tcp on a loopback address; never a network interface."""
+    if value.startswith("ipc://"):
+        return _ipc(value)
+    if value.startswith("tcp://"):
+        host = value[6:].rsplit(":", 1)[0].strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return value
+        raise ValueError(f"{value!r} leaves this machine: bind to a loopback address (127.0.0.1) or ipc")
+    raise ValueError(f"{value!r} is not an ipc:// or tcp:// endpoint")
 
 
 #: Wireless remote button names, in bit order (runtime/robot/remote.py holds the bits).

@@ -23,7 +23,7 @@ import zmq
 from runtime.cameras.image_server import HEADER
 from runtime.cameras.layout import DEFAULT_LAYOUT, Layout
 from runtime.cameras.synthetic import Pacer, SyntheticScene, check_fps
-from runtime.config import _endpoint as check_bound_endpoint
+from runtime.config import _loopback_endpoint
 
 log = logging.getLogger("wam_edge.cameras")
 
@@ -34,9 +34,9 @@ _T = TypeVar("_T", bound="ImageServerSim")
 
 
 def check_endpoint(endpoint: str) -> str:
-    """The rule for every socket wam-edge binds (the config's own check): loopback tcp or ipc, never a network
-    interface; ValueError saying why otherwise."""
-    return check_bound_endpoint(endpoint)
+    """The config's rule for a stand-in publisher: loopback tcp or ipc with a path, never a network interface;
+    ValueError saying why otherwise."""
+    return _loopback_endpoint(endpoint)
 
 
 def sim_header(mode: str) -> str:
