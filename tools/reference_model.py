@@ -147,7 +147,10 @@ class ActionExpert(nn.Module):
         self.state_in = nn.Linear(STATE_DIM, WIDTH)
         self.time_mlp = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.SiLU(), nn.Linear(WIDTH, WIDTH))
         half = WIDTH // 2
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32) / half)
+        # exp on the host's libm, not torch's vectorised exp: that one differs in the last bit between CPUs, and the
+        # committed reference export must be byte-identical wherever it is regenerated
+        exponents = (-math.log(1000.0) * torch.arange(half, dtype=torch.float32) / half).tolist()
+        freqs = torch.tensor([math.exp(e) for e in exponents], dtype=torch.float32)
         self.register_buffer("freqs", freqs, persistent=False)
         self.layers = nn.ModuleList(ExpertLayer() for _ in range(LAYERS))
         self.norm = nn.LayerNorm(WIDTH)
