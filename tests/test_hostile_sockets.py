@@ -172,6 +172,14 @@ def test_a_bug_handling_a_message_is_a_counted_rejection_never_fatal(controller_
     assert r.controller.report()["stops"][0]["reason"] == "3 chunks rejected in a row"
 
 
+def test_a_socket_error_in_the_controllers_receive_loop_is_counted_never_fatal(controller_rig):
+    r = controller_rig()
+    r.controller._inbox.close(0)  # every recv on it now fails (ENOTSOCK)
+    r.controller.tick(time.monotonic())
+    r.controller.tick(time.monotonic())
+    assert r.controller.rejects.counts == {"handler_error": 2} and r.controller.ticks == 2
+
+
 def _heartbeats_arrive_after_an_oversized_message(r, push):
     n = r.controller.heartbeats
     hb = encode_heartbeat(Heartbeat("test", 1, time.monotonic(), "ok", ""))

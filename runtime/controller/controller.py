@@ -290,6 +290,9 @@ class Controller:
                 raw = inbox.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 break
+            except zmq.ZMQError as exc:  # never fatal: the loop must go on commanding the robot
+                self.rejects.count("handler_error", sockets.describe_error(exc))
+                break
             try:
                 if inbox.getsockopt(zmq.RCVMORE):  # received whole, refused: our messages are one part
                     raise DecodeError("multipart", f"a message of {1 + sockets.discard_rest(inbox)} parts")
