@@ -9,7 +9,8 @@ Socket: REP, one msgpack map per request (at most 4096 bytes), answered with one
 
   {"inject": NAME}  ->  {"ok": true, "fault": NAME, "t": time.monotonic() in the runtime when it took effect}
   {"status": true}  ->  {"ok": true, "fault": current NAME, "t": when it took effect, "injected": {NAME: count}}
-  anything else     ->  {"ok": false, "error": "..."}, and nothing changes
+  anything else     ->  {"ok": false, "error": "..."}, and nothing changes (also a multipart request, and any
+                       request whose handling failed); refusals are counted by reason (FaultSocket.rejects)
 
 NAME is one of FAULTS:
   none            no fault (healthy chunks again)
@@ -37,7 +38,7 @@ import zmq
 from runtime.cameras.base import CameraFrame, CameraSource
 from runtime.policy.backends.base import StageBackend
 from runtime.policy.wrapper import PolicyWrapper
-from runtime.protocol import sockets
+from runtime.protocol import RejectCounter, sockets
 from runtime.robot import g1
 
 log = logging.getLogger("wam_edge.faults")
@@ -86,55 +87,73 @@ class FaultInjector:
         if not isinstance(request, dict):
             return _error(f"a request is a msgpack map, got {type(request).__name__}")
         if len(request) != 1:
-            return _error(f"a request has exactly one key, 'inject' or 'status'; got {sorted(map(str, request))}")
+            keys = ", ".join(sorted(_short(k) for k in list(request)[:8]))
+            return _error(f"a request has exactly one key, 'inject' or 'status'; got {len(request)}: {keys}")
         (key, value), = request.items()
         if key == "inject":
             if not isinstance(value, str) or value not in FAULTS:
-                return _error(f"unknown fault {value!r} (known: {', '.join(FAULTS)})")
+                return _error(f"unknown fault {_short(value)} (known: {', '.join(FAULTS)})")
             t = self.inject(value)
             return {"ok": True, "fault": value, "t": t}
         if key == "status":
             if value is not True:
-                return _error(f"status takes true, got {value!r}")
+                return _error(f"status takes true, got {_short(value)}")
             return {"ok": True, "fault": self.fault, "t": self.since, "injected": dict(self.counts)}
-        return _error(f"unknown request key {key!r} (known: 'inject', 'status')")
+        return _error(f"unknown request key {_short(key)} (known: 'inject', 'status')")
+
+
+def _short(value: Any) -> str:
+    """A value named in an error: a short string shown (cut), anything else by its type only (never a repr of
+    arbitrary, maybe deeply nested, client data)."""
+    if isinstance(value, str):
+        return repr(value[:32]) + ("..." if len(value) > 32 else "")
+    if value is None or type(value) in (bool, int, float):
+        return repr(value)[:32]
+    return type(value).__name__
 
 
 def _error(message: str) -> Dict[str, Any]:
     return {"ok": False, "error": message}
 
 
+def _packed(reply: Dict[str, Any]) -> bytes:
+    return msgpack.packb(reply, use_bin_type=True)
+
+
 class FaultSocket:
-    """REP socket on ``endpoint``: ``serve()`` answers whatever requests are waiting, without blocking. ZeroMQ's own
-    size limit is above MAX_REQUEST_BYTES, so an oversized request gets an answer that says so."""
+    """REP socket on ``endpoint``: ``serve()`` answers the requests waiting, without blocking, each received whole and
+    answered once (sockets.RequestServer). ZeroMQ's own size limit is above MAX_REQUEST_BYTES, so an oversized
+    request gets an answer that says so. Refusals are counted by reason in ``rejects`` ("bad_request", "multipart",
+    "handler_error") and logged rate-limited."""
+
+    #: Requests answered per serve() at most: a flood of requests cannot hold the runtime's loop.
+    MAX_PER_SERVE = 16
 
     def __init__(self, ctx: zmq.Context, endpoint: str, injector: FaultInjector) -> None:
         self.endpoint = endpoint
         self.injector = injector
         self.sock = sockets.rep_bound(ctx, endpoint, _SOCKET_MAX_BYTES)
         self.requests = 0
-        self.refused = 0
+        self.rejects = RejectCounter(log.warning, "fault request")
+        self._server = sockets.RequestServer(self.sock, self._reply, lambda reason: _packed(_error(reason)),
+                                             self.rejects, _packed(_error("internal error")))
+
+    @property
+    def refused(self) -> int:
+        return self.rejects.total
+
+    def _reply(self, raw: bytes, now: float) -> bytes:
+        reply = self.injector.handle(raw)
+        if not reply["ok"]:
+            self.rejects.count("bad_request", reply["error"])
+        return _packed(reply)
 
     def serve(self) -> None:
-        """Answer every waiting request (REP: each recv is followed by its send). One recv NOBLOCK when idle."""
-        sock = self.sock
-        while True:
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.requests += 1
-            if len(parts) != 1:
-                reply = _error(f"a request is one message part, got {len(parts)}")
-            else:
-                reply = self.injector.handle(parts[0])
-            if not reply["ok"]:
-                self.refused += 1
-                log.warning("fault request refused: %s", reply["error"])
-            try:
-                sock.send(msgpack.packb(reply, use_bin_type=True), zmq.NOBLOCK)
-            except zmq.ZMQError as exc:  # the requester went away: REP drops the reply, never block the loop
-                log.warning("fault reply not sent: %s", exc)
+        """Answer the waiting requests (at most MAX_PER_SERVE). Guarded: a socket error is counted, never fatal."""
+        try:
+            self.requests += self._server.serve(time.monotonic(), self.MAX_PER_SERVE)
+        except Exception as exc:  # noqa: BLE001
+            self.rejects.count("handler_error", sockets.describe_error(exc))
 
     def close(self) -> None:
         self.sock.close(0)

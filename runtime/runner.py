@@ -63,6 +63,7 @@ from runtime.protocol import (
     encode_heartbeat,
     sockets,
 )
+from runtime.protocol.subscriber import NewestSubscriber
 from runtime.robot import g1
 from runtime.service.notify import Notifier
 
@@ -124,8 +125,9 @@ class PolicyRuntime:
         self._max_bytes = t["max_message_bytes"]
         self._ctx = ctx or zmq.Context.instance()
         self._chunks = sockets.push_connected(self._ctx, t["chunks"], hwm=t["send_hwm"])
-        self._state_sub = sockets.sub_conflated(self._ctx, t["state"], t["max_message_bytes"])
+        # robot state: newest wins (drained each step, no CONFLATE); multipart and link resets are counted here
         self.rejects = RejectCounter(log.warning, "robot state")
+        self._state = NewestSubscriber(self._ctx, t["state"], t["max_message_bytes"], self.rejects)
         self.camera = open_camera(camera_cfg)
         self._state_vec = np.zeros(len(manifest.state_joints), dtype=np.float32)
         self.robot_state: Optional[RobotState] = None
@@ -189,7 +191,7 @@ class PolicyRuntime:
         self._newest_start: Optional[float] = None  # start of the newest chunk sent (in flight: drop older ones)
         # the loop sleeps until the next due time or until robot state (or a fault request) arrives
         self._poller = zmq.Poller()
-        self._poller.register(self._state_sub, zmq.POLLIN)
+        self._poller.register(self._state.sock, zmq.POLLIN)
         if self._fault_socket is not None:
             self._poller.register(self._fault_socket.sock, zmq.POLLIN)
 
@@ -225,20 +227,23 @@ class PolicyRuntime:
     # -- inputs ----------------------------------------------------------------------------------------------------
 
     def _poll_state(self, now: float) -> None:
-        while True:
-            try:
-                raw = self._state_sub.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+        """Take the newest robot state waiting, if any. Guarded: whatever goes wrong receiving or handling one message
+        is counted (a DecodeError by its reason, anything else as "handler_error") and the loop goes on."""
+        try:
+            msg = self._state.newest(now)
+            if msg is None:
                 return
-            try:
-                state = decode(raw, ("state",), self._max_bytes)
-                if state.joints_count != g1.NUM_JOINTS:
-                    raise DecodeError("bad_shape", f"state.q: {state.joints_count} joints, the G1 has {g1.NUM_JOINTS}")
-            except DecodeError as err:
-                self.rejects.reject(err)
-                continue
-            self.robot_state = state
-            self.robot_state_at = now
+            state = decode(msg.buffer, ("state",), self._max_bytes)
+            if state.joints_count != g1.NUM_JOINTS:
+                raise DecodeError("bad_shape", f"state.q: {state.joints_count} joints, the G1 has {g1.NUM_JOINTS}")
+        except DecodeError as err:
+            self.rejects.reject(err)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug in handling one message must not end the runtime
+            self.rejects.count("handler_error", sockets.describe_error(exc))
+            return
+        self.robot_state = state
+        self.robot_state_at = now
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -486,7 +491,8 @@ class PolicyRuntime:
             "frames": cam.get("frames", 0),
             "camera": cam,
             **self.counters,
-            "state_rejected": dict(self.rejects.counts),
+            "state_rejected": dict(self.rejects.counts),  # includes "multipart", "link_reset", "handler_error"
+            "state_superseded": self._state.superseded,
             "backend": self.policy.describe() if hasattr(self.policy, "describe") else self.policy.manifest.name,
             "latency_ms": {
                 "frame_to_chunk": self.lat_frame_to_chunk.summary(),
@@ -518,7 +524,7 @@ class PolicyRuntime:
         self.camera.close()
         # give what is queued (the last chunk, the stopping heartbeat) a bounded chance to leave
         self._chunks.close(linger=500)
-        self._state_sub.close(0)
+        self._state.close()
         if self._fault_socket is not None:
             self._fault_socket.close()
 

@@ -331,7 +331,7 @@ def test_slow_receiver_skips_to_the_newest_message(closing) -> None:
         assert frame is not None
         last = frame.seq
         lags.append(sim.last_id - frame.sender_id)
-    # A queue would fall behind by ~8 messages per 30 ms message (lag > 100 by the end); conflation keeps it flat.
+    # A queue would fall behind by ~8 messages per 30 ms message (lag > 100 by the end); draining keeps it flat.
     assert max(lags[5:]) <= 25, lags
     s = cam.stats()
     assert s["received"] < sim.sent / 3  # most messages were never received: replaced in the socket by newer ones

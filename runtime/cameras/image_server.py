@@ -5,7 +5,8 @@ sends each capture as one JPEG: head camera(s) first, then the wrist cameras to 
 prepends 12 bytes: a native-endian float64 timestamp (its ``time.time()``) and a uint32 frame id. The client must
 know each camera's width to split the image: that is the :class:`~runtime.cameras.layout.Layout`.
 
-The socket conflates (ZMQ_CONFLATE: only the newest message is kept), so a slow consumer never builds a queue.
+The socket keeps a queue of at most two messages and each cycle takes only the newest (no ZMQ_CONFLATE: libzmq
+aborts on a multipart message there), so a slow consumer never builds a queue; see runtime/protocol/subscriber.py.
 The JPEG is decoded straight into the back buffer's side-by-side canvas (simplejpeg's ``buffer=``); the per-camera
 images are views into it, so there is no copy and no per-frame allocation of image memory.
 """
@@ -23,6 +24,8 @@ import zmq
 
 from runtime.cameras.base import ThreadedCameraSource
 from runtime.cameras.layout import Layout
+from runtime.protocol.sockets import describe_error
+from runtime.protocol.subscriber import NewestSubscriber
 
 SOI = b"\xff\xd8"
 #: Unitree's test-mode header: native-endian float64 timestamp + uint32 frame id (struct "dI", 12 bytes).
@@ -85,9 +88,13 @@ def check_header_mode(header: str) -> str:
 
 
 class ZmqSubCamera(ThreadedCameraSource):
-    """A SUB socket (empty subscription, conflating, bounded) read on the capture thread; ``_handle`` per message."""
+    """A SUB socket (empty subscription, newest message wins, bounded) read on the capture thread; ``_handle`` per
+    message taken. Whatever the publisher sends never ends the thread: multipart messages, oversized ones (the link is
+    re-established) and a ``_handle`` that raises are counted by reason ("multipart", "link_reset", "handler_error")."""
 
     POLL_MS = 50
+    #: Messages queued on the socket at most (frames are large): the newest is taken, the rest skipped.
+    QUEUE = 2
 
     def __init__(self, layout: Layout, kind: str, endpoint: str, max_bytes: int,
                  context: Optional[zmq.Context] = None) -> None:
@@ -97,46 +104,46 @@ class ZmqSubCamera(ThreadedCameraSource):
         self.endpoint = endpoint
         self._max_bytes = int(max_bytes)
         self._context = context
-        self._sock: Optional[zmq.Socket] = None
+        self._sub: Optional[NewestSubscriber] = None
 
     def _open(self) -> None:
         ctx = self._context if self._context is not None else zmq.Context.instance()
-        sock = ctx.socket(zmq.SUB)
         try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 2)
-            sock.setsockopt(zmq.CONFLATE, 1)  # keep only the newest message (all our messages are single-part)
-            sock.setsockopt(zmq.MAXMSGSIZE, self._max_bytes)  # larger messages make ZeroMQ drop the peer
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
-            sock.connect(self.endpoint)
+            self._sub = NewestSubscriber(ctx, self.endpoint, self._max_bytes, self._counter, hwm=self.QUEUE)
         except zmq.ZMQError as exc:
-            sock.close(0)
             raise ValueError(f"camera {self._kind}: cannot connect to {self.endpoint!r}: {exc}") from None
-        self._sock = sock
 
     def _release(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        if self._sub is not None:
+            self._sub.close()  # kept: stats() still reads its counters
 
     def _run(self) -> None:
-        sock = self._sock
-        assert sock is not None
+        sub = self._sub
+        assert sub is not None
+        sock = sub.sock
         while not self._stopping.is_set():
             try:
-                if not sock.poll(self.POLL_MS, zmq.POLLIN):
-                    continue
-                msg = sock.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                continue
+                sock.poll(self.POLL_MS, zmq.POLLIN)
+                stamp = time.monotonic()
+                msg = sub.newest(stamp)  # also when the poll timed out: it watches the link
             except zmq.ContextTerminated:
                 return
-            stamp = time.monotonic()
+            if msg is None:
+                continue
             self._received += 1
-            self._handle(msg.buffer, stamp)
+            try:
+                self._handle(msg.buffer, stamp)
+            except Exception as exc:  # noqa: BLE001 - a bug in handling one message must not end the capture
+                self._drop("handler_error", describe_error(exc))
 
     def _handle(self, buf: memoryview, stamp: float) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def stats(self) -> Dict[str, Any]:
+        s = super().stats()
+        sub = self._sub
+        s["superseded"] = sub.superseded if sub is not None else 0
+        return s
 
 
 class ImageServerCamera(ZmqSubCamera):

@@ -22,7 +22,8 @@ class RawZmqCamera(ZmqSubCamera):
 
     ``sender_stamp`` and ``sender_id`` are the message's ``stamp`` and ``seq``. Dropped (counted by reason): every
     runtime.protocol DecodeError reason ("malformed", "bad_version", "unexpected_type", "bad_shape", ...),
-    "wrong_cameras" (names differ from the layout) and "wrong_size" (an image is not height x width x 3).
+    "wrong_cameras" (names differ from the layout) and "wrong_size" (an image is not height x width x 3); and, from
+    the socket (ZmqSubCamera), "multipart", "link_reset" (a message over MAX_FRAME_BYTES) and "handler_error".
     """
 
     def __init__(self, endpoint: str, layout: Layout, context: Optional[zmq.Context] = None) -> None:

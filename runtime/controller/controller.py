@@ -119,6 +119,9 @@ class Controller:
         self._max_bytes = t["max_message_bytes"]
         self._publish_every = max(1, int(round(self.rate_hz / c["state_publish_hz"])))
         self.rejects = RejectCounter(log.warning, "message")
+        self._command_server = sockets.RequestServer(  # operator requests: each received whole, answered once
+            self._control, self._command_reply, self._refuse_command, self.rejects,
+            encode_reply(Reply(False, "unknown", "internal error")))
 
         r = driver.read(now)
         self.q_cmd = r.q.copy()  # the last position command: the limiter's reference, never a jump from here
@@ -347,12 +350,18 @@ class Controller:
     def _take_messages(self, now: float) -> None:
         newest: Optional[ActionChunk] = None
         valid = 0
+        inbox = self._inbox
         for _ in range(MAX_MESSAGES_PER_TICK):
             try:
-                raw = self._inbox.recv(zmq.NOBLOCK, copy=True)
+                raw = inbox.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 break
+            except zmq.ZMQError as exc:  # never fatal: the loop must go on commanding the robot
+                self.rejects.count("handler_error", sockets.describe_error(exc))
+                break
             try:
+                if inbox.getsockopt(zmq.RCVMORE):  # received whole, refused: our messages are one part
+                    raise DecodeError("multipart", f"a message of {1 + sockets.discard_rest(inbox)} parts")
                 msg = decode(raw, ("chunk", "heartbeat"), self._max_bytes)
                 if isinstance(msg, Heartbeat):
                     self._on_heartbeat(msg, now)
@@ -366,8 +375,12 @@ class Controller:
                 self.rejects.reject(err)
                 if err.reason == "stale_chunk":
                     self.chunks_dropped += 1
-                if err.reason not in ("malformed", "bad_version", "unexpected_type", "too_large"):
+                if err.reason not in ("malformed", "bad_version", "unexpected_type", "too_large", "multipart"):
                     self._rejections_in_a_row += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug in handling one message: counted, a rejection, never fatal
+                self.rejects.count("handler_error", sockets.describe_error(exc))
+                self._rejections_in_a_row += 1
                 continue
             self._rejections_in_a_row = 0
             newest = msg
@@ -454,20 +467,26 @@ class Controller:
             self.sm.hold(now, f"policy heartbeat says {hb.health}: {hb.detail}")
 
     def _take_commands(self, now: float) -> None:
+        """At most one operator request per tick, received whole and answered exactly once (sockets.RequestServer:
+        a multipart request or a handler error gets a refusal, counted). Guarded: a socket error is counted, never
+        fatal."""
         try:
-            raw = self._control.recv(zmq.NOBLOCK, copy=True)
-        except zmq.Again:
-            return
-        self.commands += 1
+            self.commands += self._command_server.serve(now)
+        except Exception as exc:  # noqa: BLE001
+            self.rejects.count("handler_error", sockets.describe_error(exc))
+
+    def _command_reply(self, raw: bytes, now: float) -> bytes:
         try:
             cmd = decode(raw, ("command",), 4096)
         except DecodeError as err:
             self.rejects.reject(err)
-            reply = Reply(False, self.sm.state, str(err))
-        else:
-            reply = self._operator(cmd.cmd, now, cmd.who) if cmd.cmd != "status" else \
-                Reply(True, self.sm.state, self.sm.describe())
-        self._control.send(encode_reply(reply))  # REP must answer every request
+            return encode_reply(Reply(False, self.sm.state, str(err)))
+        reply = self._operator(cmd.cmd, now, cmd.who) if cmd.cmd != "status" else \
+            Reply(True, self.sm.state, self.sm.describe())
+        return encode_reply(reply)
+
+    def _refuse_command(self, reason: str) -> bytes:
+        return encode_reply(Reply(False, self.sm.state, reason))
 
     # -- monitors ---------------------------------------------------------------------------------------------------
 

@@ -2,16 +2,20 @@
 
 Chunks and heartbeats: the controller binds PULL, the runtime connects PUSH and sends without blocking (a full queue
 drops the message and counts it; it never blocks the loop). Robot state: the controller binds PUB, the runtime
-subscribes with CONFLATE, so it always reads the newest state.
+subscribes through :class:`~runtime.protocol.subscriber.NewestSubscriber` (newest message wins, without CONFLATE).
+Control sockets (operator commands, the simulator, fault injection): REP, served by :class:`RequestServer`, which
+receives each request whole and answers it exactly once. No socket a peer can reach uses ZMQ_CONFLATE: libzmq
+aborts the process (an assertion, SIGABRT) when a multipart message reaches a conflating socket.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import zmq
 
+from runtime.protocol.wire import RejectCounter
 from runtime.service import paths
 
 
@@ -58,17 +62,6 @@ def pub_bound(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
     return sock
 
 
-def sub_conflated(ctx: zmq.Context, endpoint: str, max_bytes: int) -> zmq.Socket:
-    """Keeps only the newest message (single-part messages only)."""
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.CONFLATE, 1)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(endpoint)
-    return sock
-
-
 def try_send(sock: zmq.Socket, payload: bytes) -> bool:
     """Send without blocking; False when the peer's queue is full or no peer is connected."""
     try:
@@ -80,8 +73,9 @@ def try_send(sock: zmq.Socket, payload: bytes) -> bool:
 
 def rep_bound(ctx: zmq.Context, endpoint: str, max_bytes: int = 4096) -> zmq.Socket:
     """A control socket (operator commands, fault injection): one request, one reply, polled without blocking.
-    Requests over ``max_bytes`` are dropped by ZeroMQ unanswered; a server that wants to answer "too large" sets it
-    above its own limit."""
+    Requests over ``max_bytes`` are dropped by ZeroMQ unanswered (and that requester's connection closed: a REQ
+    connects, so it reconnects by itself); a server that wants to answer "too large" sets it above its own limit.
+    Serve it with :class:`RequestServer`."""
     sock = _socket(ctx, zmq.REP, 4)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     _prepare(endpoint)
@@ -106,3 +100,92 @@ def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout_s: float) -
         return sock.recv()
     finally:
         sock.close(0)
+
+
+def describe_error(exc: BaseException, limit: int = 160) -> str:
+    """``Type: message``, bounded: for counting and logging an unexpected error without echoing a payload at length."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose str() fails still gets named
+        text = "?"
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
+def discard_rest(sock: zmq.Socket) -> int:
+    """After a part with the "more" flag: receive and drop the message's remaining parts; returns how many. libzmq
+    hands a message over whole (every part is there once the first is), so this never waits."""
+    n = 0
+    while True:
+        n += 1
+        if not sock.recv(zmq.NOBLOCK, copy=False).more:
+            return n
+
+
+class RequestServer:
+    """The serving side of a REP socket: each request received whole (every part) and answered exactly once.
+
+    Why: REP is a state machine. ``send`` after a ``recv`` that left parts unread fails with EFSM, and a request left
+    unanswered makes every later ``recv`` fail the same way: one bad request would end the server. Here a multipart
+    request is refused ("multipart"), a handler that raises is answered with a refusal and counted
+    ("handler_error"), and a ``refuse`` that raises still sends ``fallback``. ``handle(request, now) -> reply bytes``;
+    ``refuse(reason) -> reply bytes``. Counts and rate-limited logs go to ``rejects``.
+    """
+
+    def __init__(self, sock: zmq.Socket, handle: Callable[[bytes, float], bytes], refuse: Callable[[str], bytes],
+                 rejects: RejectCounter, fallback: bytes) -> None:
+        self.sock = sock
+        self._handle = handle
+        self._refuse = refuse
+        self.rejects = rejects
+        self._fallback = fallback
+        self._owed: Optional[bytes] = None  # a reply whose send did not go through: sent before anything else
+
+    def serve(self, now: float, limit: int = 1) -> int:
+        """Answer up to ``limit`` waiting requests without blocking; returns how many were answered."""
+        sock = self.sock
+        if self._owed is not None and not self._send(self._owed):
+            return 0
+        served = 0
+        while served < limit and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            served += 1
+            if not self._send(self._reply(parts, now)):
+                break
+        return served
+
+    def _send(self, reply: bytes) -> bool:
+        """REP drops the reply to a peer that went away; should a send still not go through, it stays owed (the
+        socket accepts nothing else until it is sent)."""
+        try:
+            self.sock.send(reply, zmq.NOBLOCK)
+        except zmq.Again:
+            self._owed = reply
+            return False
+        self._owed = None
+        return True
+
+    def _reply(self, parts, now: float) -> bytes:
+        if len(parts) != 1:
+            reason = f"a request is one message part, got {len(parts)}"
+            self.rejects.count("multipart", reason)
+            return self._refusal(reason)
+        try:
+            reply = self._handle(parts[0], now)
+            if not isinstance(reply, bytes):
+                raise TypeError(f"the handler returned {type(reply).__name__}, not bytes")
+            return reply
+        except Exception as exc:  # noqa: BLE001 - a bug in handling one request must not end the server
+            self.rejects.count("handler_error", describe_error(exc))
+            return self._refusal(f"internal error handling the request ({type(exc).__name__})")
+
+    def _refusal(self, reason: str) -> bytes:
+        try:
+            reply = self._refuse(reason)
+            if isinstance(reply, bytes):
+                return reply
+        except Exception as exc:  # noqa: BLE001
+            self.rejects.count("handler_error", describe_error(exc))
+        return self._fallback

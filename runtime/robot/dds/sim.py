@@ -29,31 +29,130 @@ applied in this order:
   "summary": true or {"since": t}  answer includes "summary" (see summary())
   "stop": true                   end the run
 Every reply carries "t", the time.monotonic() at which the request took effect (a harness's fault time).
+A request is checked whole before any of it is applied (``parse_control``): a malformed one (not msgpack, not a map,
+an unknown key, a value of the wrong type or range) and a multipart one are answered {"ok": false, "error": ...},
+change nothing, and are counted in the summary's "control_rejected" (by reason).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
+import msgpack
 import numpy as np
 
 from runtime.hil.judge import authority
+from runtime.protocol.wire import RejectCounter
 from runtime.robot import g1
 from runtime.robot.dds import transport
 from runtime.robot.dds.unitree_hg import LowCmd_, LowState_
 from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer
-from runtime.robot.remote import REMOTE_BYTES, encode_remote
+from runtime.robot.remote import BUTTONS, REMOTE_BYTES, STICKS, encode_remote
 from runtime.robot.sim_g1 import G1Physics
+
+log = logging.getLogger("wam_edge.sim")
 
 _N = g1.NUM_JOINTS
 _UPPER = g1.UPPER_BODY_MASK
 _LOWCMD, _ARM_SDK = 0, 1
 _TOPIC_NAMES = ("lowcmd", "arm_sdk")
+
+CONTROL_KEYS = ("press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine", "summary", "stop")
+
+
+class ControlError(ValueError):
+    """A control request refused whole: nothing of it is applied. The message is short and echoes no payload."""
+
+
+def _short(value: Any) -> str:
+    """A value named in an error: a short string shown (cut), anything else by its type only."""
+    if isinstance(value, str):
+        return repr(value[:32]) + ("..." if len(value) > 32 else "")
+    return type(value).__name__
+
+
+def _finite(value: Any, what: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ControlError(f"{what}: expected a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _vector(value: Any, n: int, what: str) -> List[float]:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ControlError(f"{what}: expected {n} numbers, got {_short(value)}")
+    return [_finite(v, what) for v in value]
+
+
+def _flag(value: Any, what: str) -> bool:
+    if type(value) is not bool:
+        raise ControlError(f"{what}: expected true or false, got {_short(value)}")
+    return value
+
+
+def check_control(request: Any) -> Dict[str, Any]:
+    """A control request as a map of checked, normalised values, or ControlError naming the first thing wrong."""
+    if not isinstance(request, dict):
+        raise ControlError(f"a control request is a map, got {_short(request)}")
+    unknown = [k for k in request if k not in CONTROL_KEYS]
+    if unknown:
+        raise ControlError("unknown control keys: " + ", ".join(sorted(_short(k) for k in unknown[:8])))
+    out: Dict[str, Any] = {}
+    if "press" in request:
+        press = request["press"] if request["press"] is not None else []
+        if not isinstance(press, list) or not all(isinstance(b, str) and b in BUTTONS for b in press):
+            raise ControlError(f"press: expected a list of button names ({', '.join(BUTTONS)})")
+        out["press"] = list(press)
+    if "sticks" in request:
+        sticks = request["sticks"] if request["sticks"] is not None else {}
+        if not isinstance(sticks, dict) or not all(isinstance(k, str) and k in STICKS for k in sticks):
+            raise ControlError(f"sticks: expected a map of stick names ({', '.join(STICKS)}) to numbers")
+        out["sticks"] = {k: _finite(v, f"sticks.{k}") for k, v in sticks.items()}
+    for key in ("tilt", "gyro"):
+        if key in request:
+            out[key] = _vector(request[key], 3, key)
+    if "temperature" in request:
+        t = request["temperature"]
+        out["temperature"] = _vector(t, _N, "temperature") if isinstance(t, (list, tuple)) else \
+            _finite(t, "temperature")
+    for key in ("freeze", "stop"):
+        if key in request:
+            out[key] = _flag(request[key], key)
+    if "mode_machine" in request:
+        m = request["mode_machine"]
+        if type(m) is not int or not 0 <= m <= 255:
+            raise ControlError(f"mode_machine: expected an integer in [0, 255], got {_short(m)}")
+        out["mode_machine"] = m
+    if "summary" in request:
+        summary = request["summary"]
+        if isinstance(summary, dict):
+            if set(summary) - {"since"}:
+                raise ControlError("summary: a map takes only 'since'")
+            since = summary.get("since")
+            out["summary"] = {"since": None if since is None else _finite(since, "summary.since")}
+        elif summary is None or type(summary) is bool:
+            out["summary"] = bool(summary)
+        else:
+            raise ControlError(f"summary: expected true or {{'since': t}}, got {_short(summary)}")
+    return out
+
+
+def parse_control(raw: bytes) -> Dict[str, Any]:
+    """One control request (msgpack bytes) -> the checked map, or ControlError."""
+    try:
+        request = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types (ValueError, ExtraData, ...)
+        raise ControlError(f"not a msgpack request ({type(exc).__name__})") from None
+    return check_control(request)
+
+
+def _packed_refusal(reason: str) -> bytes:
+    return msgpack.packb({"ok": False, "error": reason}, use_bin_type=True)
 
 
 class CommandLog:
@@ -230,13 +329,15 @@ class SimulatedG1Dds:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._control = None
+        self.control_rejects = RejectCounter(log.warning, "control request")
         if control:
             import zmq
 
             from runtime.protocol import sockets
 
-            self._zmq = zmq
             self._control = sockets.rep_bound(zmq.Context.instance(), control)
+            self._control_server = sockets.RequestServer(self._control, self._control_reply, _packed_refusal,
+                                                         self.control_rejects, _packed_refusal("internal error"))
 
     # ---- what a test sets -------------------------------------------------------------------------------------
 
@@ -266,7 +367,8 @@ class SimulatedG1Dds:
         with self._lock:
             out = self.log.summary(since)
         out.update(published=self.published, tick=self.tick, debug_mode=self.debug_mode,
-                   mode_machine=self.mode_machine, q=[float(x) for x in self.q])
+                   mode_machine=self.mode_machine, q=[float(x) for x in self.q],
+                   control_rejected=self.control_rejects.snapshot()[1])
         return out
 
     def last(self, k: int = 1) -> List[Dict[str, Any]]:
@@ -379,27 +481,25 @@ class SimulatedG1Dds:
         self.published += 1
 
     def _serve_control(self) -> None:
-        zmq = self._zmq
-        sock = self._control
-        if not sock.poll(0, zmq.POLLIN):
-            return
-        import msgpack
-
+        """At most one control request per tick, received whole and answered once (sockets.RequestServer). Guarded:
+        nothing a requester sends ends the simulator."""
         try:
-            request = msgpack.unpackb(sock.recv(), raw=False)
-            reply = self.apply(request)
-        except Exception as exc:  # noqa: BLE001 - a bad request must not kill the simulator
-            reply = {"ok": False, "error": "{}: {}".format(type(exc).__name__, exc)}
-        sock.send(msgpack.packb(reply, use_bin_type=True))
+            self._control_server.serve(time.monotonic())
+        except Exception as exc:  # noqa: BLE001
+            self.control_rejects.count("handler_error", f"{type(exc).__name__}: {str(exc)[:160]}")
+
+    def _control_reply(self, raw: bytes, now: float) -> bytes:
+        try:
+            request = parse_control(raw)
+        except ControlError as exc:
+            self.control_rejects.count("bad_request", str(exc))
+            return _packed_refusal(str(exc))
+        return msgpack.packb(self.apply(request), use_bin_type=True)
 
     def apply(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        """Apply one control request (the map the control socket takes); returns the reply map."""
-        if not isinstance(request, dict):
-            raise TypeError("a control request is a map")
-        unknown = set(request) - {"press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine",
-                                  "summary", "stop"}
-        if unknown:
-            raise KeyError("unknown control keys: {}".format(", ".join(sorted(unknown))))
+        """Apply one control request (the map the control socket takes); returns the reply map. The request is
+        checked whole first (check_control): a bad one raises ControlError and changes nothing."""
+        request = check_control(request)
         if "press" in request or "sticks" in request:
             self.press(request.get("press") or (), **(request.get("sticks") or {}))
         if "tilt" in request:
