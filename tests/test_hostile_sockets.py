@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 
+import deep_msgpack
 import msgpack
 import numpy as np
 import pytest
@@ -447,7 +448,7 @@ def _msgpack_values():
 
 def _packed_requests(keys, values):
     maps = st.dictionaries(keys, values, max_size=4)
-    return (st.binary(max_size=200) | _msgpack_values().map(msgpack.packb) | maps.map(msgpack.packb))
+    return (st.binary(max_size=200) | _msgpack_values().map(deep_msgpack.packb) | maps.map(deep_msgpack.packb))
 
 
 def _nested(depth, leaf="nan"):
@@ -468,7 +469,7 @@ def test_fault_requests_of_any_bytes_or_msgpack_get_a_short_answer(raw):
 @pytest.mark.parametrize("request_map", [{"inject": _nested(999)}, {"status": _nested(999)},
                                          {"inject": "nan", "status": _nested(999)}])
 def test_a_deeply_nested_fault_request_is_refused_not_fatal(request_map):
-    reply = FaultInjector().handle(msgpack.packb(request_map))
+    reply = FaultInjector().handle(deep_msgpack.packb(request_map))
     assert reply["ok"] is False and len(reply["error"]) <= 400
 
 
