@@ -245,14 +245,14 @@ def chunk_dict(ctx: Context, session: str, horizon: int = 8, stamp: Optional[flo
     if actions is None:
         actions = np.tile(ctx.q[ctx.action_index].astype(np.float32), (horizon, 1))
     return {"v": spec.VERSION, "type": "chunk", "session": session, "episode": 0, "seq": ctx.next_seq(),
-            "obs_stamp": ctx.stamp_now() if stamp is None else stamp, "frame_stamp": time.monotonic(),
+            "obs_stamp": ctx.stamp_now() if stamp is None else stamp, "frame_stamp": ctx.stamp_now(),
             "step_s": 0.02, "joints": list(ctx.action_joints if joints is None else joints),
             "actions": _array(np.ascontiguousarray(actions, dtype=np.float32))}
 
 
 def heartbeat_dict(ctx: Context, session: str, health: str = "ok", detail: str = "fuzz") -> Dict[str, Any]:
     return {"v": spec.VERSION, "type": "heartbeat", "session": session, "seq": ctx.next_seq(),
-            "stamp": time.monotonic(), "health": health, "detail": detail}
+            "stamp": ctx.seq * 0.1, "health": health, "detail": detail}
 
 
 def state_dict(ctx: Context, joints: int = g1.NUM_JOINTS, stamp: Optional[float] = None) -> Dict[str, Any]:
@@ -267,7 +267,8 @@ def frame_dict(ctx: Context, cameras: Optional[Sequence[Tuple[str, int]]] = None
                height: Optional[int] = None) -> Dict[str, Any]:
     h = ctx.height if height is None else height
     images = {name: _array(np.full((h, w, 3), 7, dtype=np.uint8)) for name, w in (cameras or ctx.cameras)}
-    return {"v": spec.VERSION, "type": "frame", "seq": ctx.next_seq(), "stamp": time.monotonic(), "images": images}
+    seq = ctx.next_seq()
+    return {"v": spec.VERSION, "type": "frame", "seq": seq, "stamp": seq / 30.0, "images": images}
 
 
 def command_dict(cmd: str = "status", who: str = SESSION_PREFIX) -> Dict[str, Any]:

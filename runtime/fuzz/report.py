@@ -41,7 +41,9 @@ def build(runs: List[Any], opts: Options, names: List[str]) -> Dict[str, Any]:
             "error": run.error,
         }
         entry.update(counted)
-        entry["ok"] = not (run.crashes or run.stalls or applied or run.error)
+        wire = counted.get("dds_wire") or {}
+        entry["unsafe_on_wire"] = sum(wire.get(k, 0) for k in ("bad_crc", "non_finite", "out_of_limits"))
+        entry["ok"] = not (run.crashes or run.stalls or applied or run.error or entry["unsafe_on_wire"])
         sockets.append(entry)
     return {
         "ok": bool(sockets) and all(s["ok"] for s in sockets),

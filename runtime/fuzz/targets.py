@@ -525,7 +525,8 @@ class SimTarget(ControllerTarget):
         if out["robot_side_count"]:
             applied["robot_side_effect"] = out["robot_side_count"]
         out.update(applied=sum(applied.values()), applied_by_class=applied, rejected=self.replies_refused,
-                   rejected_source="refusing replies (the simulator keeps no count)", bad_replies=self.bad_replies)
+                   rejected_source="refusing replies (the simulator keeps no count)",
+                   refused_replies=self.replies_refused, bad_replies=self.bad_replies)
         return out
 
 
@@ -759,6 +760,7 @@ class FaultsTarget(RuntimeTarget):
             applied["fault_injected"] = extra
         return {"applied": sum(applied.values()), "applied_by_class": applied, "rejected": self.replies_refused,
                 "rejected_source": "refusing replies (the runtime's report keeps no count)",
+                "refused_replies": self.replies_refused,
                 "faults_injected": injected, "bad_replies": self.bad_replies,
                 "runtime_chunks": getattr(self, "_chunks", 0)}
 
