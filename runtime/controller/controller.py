@@ -116,6 +116,8 @@ class Controller:
         self.chunks_received = 0
         self.chunks_applied = 0
         self.applied_by_session: Dict[str, int] = {}  # who drove: `wam-edge fuzz` checks no fuzz session ever did
+        self.applied_not_newer = 0  # applied chunks whose seq was not newer than the last applied one of the session
+        self._applied_last = ("", -1)  # (session, seq) of the last chunk applied
         self.first_chunk_applied_at: Optional[float] = None  # time.monotonic() of the first chunk applied
         self.chunks_ignored = 0  # valid, but arrived while the controller does not accept chunks
         self.heartbeats = 0
@@ -324,6 +326,9 @@ class Controller:
             key = newest.session if (newest.session in self.applied_by_session
                                      or len(self.applied_by_session) < MAX_SESSIONS_COUNTED) else "(other)"
             self.applied_by_session[key] = self.applied_by_session.get(key, 0) + 1
+            if newest.session == self._applied_last[0] and newest.seq <= self._applied_last[1]:
+                self.applied_not_newer += 1
+            self._applied_last = (newest.session, newest.seq)
             if self.first_chunk_applied_at is None:
                 self.first_chunk_applied_at = now
             self.last_chunk_at = now
@@ -649,6 +654,7 @@ class Controller:
             "chunks_received": self.chunks_received,
             "chunks_applied": self.chunks_applied,
             "chunks_applied_by_session": dict(self.applied_by_session),
+            "chunks_applied_not_newer": self.applied_not_newer,
             "first_chunk_applied_t": (None if self.first_chunk_applied_at is None
                                       else round(self.first_chunk_applied_at, 4)),
             "chunks_ignored": self.chunks_ignored,

@@ -134,6 +134,7 @@ def run_target(target: Target, cfg: Config, overrides: List[str], opts: Options,
         target.ctx.class_index = all_classes.index(cls.name)
         target.ctx.class_name = cls.name
         rng = messages.rng_for(opts.seed, target.name, cls.name)
+        crec["ready"] = target.before_class()  # a controller target: driving when the class starts
         next_check = 0.0
         event: Optional[Dict[str, Any]] = None
         i = 0

@@ -74,7 +74,7 @@ class Context:
         self.action_index = g1.indices(self.action_joints)
         self.state_stamp: Optional[float] = None  # the controller's newest robot state (its clock)
         self.q = g1.NOMINAL_POSE.astype(np.float64)
-        self.sniffed: List[bytes] = []  # the runtime's own chunks, newest last (byte-exact replays)
+        self.sniffed: List[Tuple[float, bytes]] = []  # the runtime's own chunks and when, newest last (replays)
         self.sniffed_max = 16
         self.seq = 0
         self.class_index = 0
@@ -90,7 +90,7 @@ class Context:
         np.copyto(self.q, q)
 
     def saw_chunk(self, raw: bytes) -> None:
-        self.sniffed.append(raw)
+        self.sniffed.append((time.monotonic(), raw))
         if len(self.sniffed) > self.sniffed_max:
             del self.sniffed[0]
 
@@ -641,8 +641,10 @@ def g_foreign_session(ctx: Context, rng: random.Random) -> Message:
 def g_replayed(ctx: Context, rng: random.Random) -> Message:
     """Issue 10, 8: byte-exact replays of the runtime's own chunks (same session, an old seq), else of a fuzz
     chunk already sent."""
-    if ctx.sniffed:
-        return Message("replayed", [rng.choice(ctx.sniffed)], note="the runtime's own chunk")
+    if ctx.sniffed:  # one young enough to pass the age check: only the seq can tell it is a replay
+        young = [raw for t, raw in ctx.sniffed if time.monotonic() - t < 0.5 * ctx.max_chunk_age_s]
+        raw = rng.choice(young) if young else ctx.sniffed[-1][1]
+        return Message("replayed", [raw], note="the runtime's own chunk")
     if ctx.last_fuzz_chunk is None:
         ctx.last_fuzz_chunk = pack(chunk_dict(ctx, _session(ctx, "replayed")))
     return Message("replayed", [ctx.last_fuzz_chunk], note="a fuzz chunk again")

@@ -151,6 +151,11 @@ class Target:
         """Between classes: put back what a class may have changed; a failure description, or None."""
         return None
 
+    def before_class(self) -> bool:
+        """Before a class: bring the processes where the class should meet them; False when they did not get there
+        (the class is sent anyway)."""
+        return True
+
     def answered_since(self, since: float) -> bool:
         """Whether the processes showed they are alive after ``since`` (a state, a chunk, a reply)."""
         raise NotImplementedError
@@ -244,6 +249,18 @@ class ControllerTarget(Target):
     def pump(self, now: float) -> None:
         self.watch.pump(now)
         self.arming.pump(now)
+
+    def before_class(self) -> bool:
+        """Each class meets a controller that drives (after a stop the rig re-arms it: a stop ramp and an arming
+        ramp, a few seconds)."""
+        deadline = time.monotonic() + 10.0
+        while self.watch.safety != "running":
+            now = time.monotonic()
+            self.pump(now)
+            if now > deadline or self.inc is None or self.inc.dead() is not None:
+                return False
+            time.sleep(0.002)
+        return True
 
     def stalled(self, now: float) -> Optional[str]:
         last = self.watch.last_at if self.watch.last_at is not None else self.started_at
@@ -401,7 +418,7 @@ class ChunksTarget(ControllerTarget):
                 else:
                     other[session] = other.get(session, 0) + n
         originals = getattr(self, "originals", 0)
-        replays = max(0, runtime_applied - originals) if self.opts.driving else 0
+        replays = sum(rep.get("controller", {}).get("chunks_applied_not_newer", 0) for rep in reports)
         heartbeat_holds = sum(1 for t in out["fuzz_transitions"] if "policy heartbeat says" in t)
         applied_by_class = dict(fuzz)
         if replays:
