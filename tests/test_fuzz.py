@@ -309,3 +309,54 @@ def test_fuzz_reports_a_paused_process_as_a_stall():
     assert s["stalls"] >= 1 and s["crashes"] == 0, json.dumps(s)[:3000]
     assert s["events"][0]["kind"] == "stall"
     assert rep["ok"] is False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the controller's observable: which session drove, and chunks applied that were not newer than the last
+
+
+def test_the_controller_reports_applied_chunks_per_session_bounded(tmp_path):
+    """What the chunks socket's applied count reads (report()["chunks_applied_by_session"]); without it a fuzz
+    chunk that drove the robot would go unseen."""
+    import time
+
+    import zmq
+
+    from runtime.controller import controller as ctl
+    from runtime.controller.safety import RUNNING
+    from runtime.robot.sim_g1 import SimulatedG1
+
+    d = str(tmp_path)
+    cfg = load_config(CONFIG, [f"transport.chunks=ipc://{d}/chunks", f"transport.state=ipc://{d}/state",
+                               f"transport.control=ipc://{d}/control", f"controller.latch_file={d}/latch",
+                               f"controller.command_record={d}/record", "controller.arm_ramp_s=0.05"])
+    zctx = zmq.Context()
+    c = ctl.Controller(cfg, SimulatedG1(), zctx)
+    push = zctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(cfg["transport"]["chunks"])
+    try:
+        c.tick(time.monotonic())
+        assert c._operator("arm", time.monotonic(), "test").ok
+        end = time.monotonic() + 0.2
+        c.run(lambda: time.monotonic() < end)
+        assert c.sm.state == RUNNING
+        idx = g1.indices(g1.UPPER_BODY)
+        for seq in (1, 2, 3):
+            actions = np.repeat(c.q_cmd[idx][None], 32, 0).astype(np.float32)
+            push.send(encode_chunk(ActionChunk("fuzz-a", 0, seq, time.monotonic(), 0.0, 0.02, g1.UPPER_BODY,
+                                               actions)))
+            end = time.monotonic() + 0.05
+            c.run(lambda: time.monotonic() < end)
+        rep = c.report()
+        assert rep["chunks_applied_by_session"] == {"fuzz-a": 3} and rep["chunks_applied_not_newer"] == 0
+        c.applied_by_session = {f"s{i}": 1 for i in range(ctl.MAX_SESSIONS_COUNTED)}
+        push.send(encode_chunk(ActionChunk("fuzz-a", 0, 4, time.monotonic(), 0.0, 0.02, g1.UPPER_BODY, actions)))
+        end = time.monotonic() + 0.05
+        c.run(lambda: time.monotonic() < end)
+        assert c.report()["chunks_applied_by_session"]["(other)"] == 1
+        assert len(c.report()["chunks_applied_by_session"]) == ctl.MAX_SESSIONS_COUNTED + 1
+    finally:
+        push.close()
+        c.close()
+        zctx.term()
