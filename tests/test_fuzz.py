@@ -338,25 +338,29 @@ def test_the_controller_reports_applied_chunks_per_session_bounded(tmp_path):
     try:
         c.tick(time.monotonic())
         assert c._operator("arm", time.monotonic(), "test").ok
-        end = time.monotonic() + 0.2
-        c.run(lambda: time.monotonic() < end)
+        _run_for(c, 0.2)
         assert c.sm.state == RUNNING
         idx = g1.indices(g1.UPPER_BODY)
         for seq in (1, 2, 3):
             actions = np.repeat(c.q_cmd[idx][None], 32, 0).astype(np.float32)
             push.send(encode_chunk(ActionChunk("fuzz-a", 0, seq, time.monotonic(), 0.0, 0.02, g1.UPPER_BODY,
                                                actions)))
-            end = time.monotonic() + 0.05
-            c.run(lambda: time.monotonic() < end)
+            _run_for(c, 0.05)
         rep = c.report()
         assert rep["chunks_applied_by_session"] == {"fuzz-a": 3} and rep["chunks_applied_not_newer"] == 0
         c.applied_by_session = {f"s{i}": 1 for i in range(ctl.MAX_SESSIONS_COUNTED)}
         push.send(encode_chunk(ActionChunk("fuzz-a", 0, 4, time.monotonic(), 0.0, 0.02, g1.UPPER_BODY, actions)))
-        end = time.monotonic() + 0.05
-        c.run(lambda: time.monotonic() < end)
+        _run_for(c, 0.05)
         assert c.report()["chunks_applied_by_session"]["(other)"] == 1
         assert len(c.report()["chunks_applied_by_session"]) == ctl.MAX_SESSIONS_COUNTED + 1
     finally:
         push.close()
         c.close()
         zctx.term()
+
+
+def _run_for(controller, seconds):
+    import time
+
+    end = time.monotonic() + seconds
+    controller.run(lambda: time.monotonic() < end)

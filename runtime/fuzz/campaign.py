@@ -135,6 +135,7 @@ def run_target(target: Target, cfg: Config, overrides: List[str], opts: Options,
         target.ctx.class_name = cls.name
         rng = messages.rng_for(opts.seed, target.name, cls.name)
         crec["ready"] = target.before_class()  # a controller target: driving when the class starts
+        target.windows.append((time.monotonic(), cls.name))
         next_check = 0.0
         event: Optional[Dict[str, Any]] = None
         i = 0
@@ -184,6 +185,7 @@ def run_target(target: Target, cfg: Config, overrides: List[str], opts: Options,
                 run.stalls += 1
                 crec["stalls"] += 1
             run.events.append(event)
+            target.failed_classes.add(cls.name)
             if progress is not None:
                 progress(f"  {target.name}: {event['kind']} during {cls.name} (message {event['message']}): "
                          f"{event.get('exit') or event.get('detail')}")

@@ -281,7 +281,7 @@ def base_dict(ctx: Context, rng: random.Random) -> Dict[str, Any]:
     session = _session(ctx, ctx.class_name)
     if link == "chunks":
         return chunk_dict(ctx, session, rng.choice((1, 8, 32))) if rng.random() < 0.7 else \
-            heartbeat_dict(ctx, session, rng.choice(spec.HEALTH))
+            heartbeat_dict(ctx, session, rng.choice(spec.HEALTH), f"{SESSION_PREFIX} {ctx.class_name}")
     if link == "state":
         return state_dict(ctx)
     if link == "frames":

@@ -85,6 +85,8 @@ def print_table(report: Dict[str, Any], out: TextIO = sys.stdout) -> None:
             lines.append(f"{s['target']}: ... {len(s['events']) - 20} more events in the JSON report")
         for cls, n in sorted(s.get("applied_by_class", {}).items()):
             lines.append(f"{s['target']}: applied {n} x {cls}")
+        if s.get("unsafe_on_wire"):
+            lines.append(f"{s['target']}: UNSAFE commands on the DDS wire: {s.get('dds_wire')}")
         if s.get("bad_replies"):
             lines.append(f"{s['target']}: {s['bad_replies']} replies the client could not read "
                          f"({s.get('bad_reply_example', '')})")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
@@ -105,7 +105,18 @@ class Target:
         self.bad_replies = 0
         self.bad_reply_example = ""
         self.transport_dropped = 0
-        self.no_reply: Dict[str, int] = {}
+        self.windows: List[Tuple[float, str]] = []  # (time.monotonic() a class began, its name), in order
+        self.failed_classes: Set[str] = set()  # classes with a crash or a stall (already failures)
+
+    def class_at(self, t: float) -> str:
+        """The class being sent at ``t`` (time.monotonic(), the clock every process here shares), or the class
+        before it while the rig waited between classes."""
+        name = "before_the_first_class"
+        for start, cls in self.windows:
+            if start > t:
+                break
+            name = cls
+        return name
 
     # -- set-up ------------------------------------------------------------------------------------------------------
 
@@ -281,8 +292,8 @@ class ControllerTarget(Target):
         """What every controller target counts: rejected, stops, the fuzz-caused transitions and the DDS wire."""
         rejected: Dict[str, int] = {}
         stops: Dict[str, int] = {}
-        fuzz_transitions: List[str] = []
-        robot_side: List[str] = []
+        fuzz_transitions: List[Dict[str, Any]] = []
+        robot_side: List[Dict[str, Any]] = []
         ignored = 0
         log_full = False
         wire = {"commands": 0, "bad_crc": 0, "non_finite": 0, "out_of_limits": 0}
@@ -298,10 +309,12 @@ class ControllerTarget(Target):
                 if t.get("to") in ("holding", "stopping", "stopped", "estop") and "wam-edge fuzz rig" not in reason:
                     key = _reason_key(reason)
                     stops[key] = stops.get(key, 0) + 1
+                entry = {"class": self.class_at(float(t.get("t", 0.0))), "reason": reason[:160],
+                         "transition": f"{t.get('from')} -> {t.get('to')}"}
                 if SESSION_PREFIX in reason and "wam-edge fuzz rig" not in reason:
-                    fuzz_transitions.append(f"{t.get('from')} -> {t.get('to')}: {reason[:160]}")
+                    fuzz_transitions.append(entry)
                 if any(s in reason for s in ROBOT_SIDE):
-                    robot_side.append(f"{t.get('from')} -> {t.get('to')}: {reason[:160]}")
+                    robot_side.append(entry)
             sim = rep.get("sim", {})
             if sim:
                 wire["commands"] += int(sim.get("received", sim.get("commands", 0)) or 0)
@@ -323,6 +336,15 @@ class ControllerTarget(Target):
         self._driving_s += self.watch.driving_s
         for k, v in self.arming.refused.items():
             self._refused[k] = self._refused.get(k, 0) + v
+
+
+def _merge(ok_replies: Dict[str, int], transitions: List[Dict[str, Any]]) -> Dict[str, int]:
+    """Per class, the larger of the requests answered ok and the transitions they caused (one request may do
+    both, or act although refused)."""
+    by_class: Dict[str, int] = {}
+    for t in transitions:
+        by_class[t["class"]] = by_class.get(t["class"], 0) + 1
+    return {c: max(ok_replies.get(c, 0), by_class.get(c, 0)) for c in set(ok_replies) | set(by_class)}
 
 
 def _reason_key(reason: str) -> str:
@@ -419,12 +441,12 @@ class ChunksTarget(ControllerTarget):
                     other[session] = other.get(session, 0) + n
         originals = getattr(self, "originals", 0)
         replays = sum(rep.get("controller", {}).get("chunks_applied_not_newer", 0) for rep in reports)
-        heartbeat_holds = sum(1 for t in out["fuzz_transitions"] if "policy heartbeat says" in t)
         applied_by_class = dict(fuzz)
         if replays:
             applied_by_class["replayed"] = applied_by_class.get("replayed", 0) + replays
-        if heartbeat_holds:
-            applied_by_class["foreign_heartbeat"] = applied_by_class.get("foreign_heartbeat", 0) + heartbeat_holds
+        for t in out["fuzz_transitions"]:  # a fuzz heartbeat's health was taken: it held the robot
+            if t["reason"].startswith("policy heartbeat says"):
+                applied_by_class[t["class"]] = applied_by_class.get(t["class"], 0) + 1
         if other:  # a session neither the runtime's nor ours: a mutated fuzz session
             applied_by_class["unknown_session"] = sum(other.values())
         out.update(applied=sum(applied_by_class.values()), applied_by_class=applied_by_class,
@@ -474,10 +496,7 @@ class ControlTarget(ControllerTarget):
 
     def account(self, reports: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
         out = self._controller_account(reports)
-        applied = dict(self.replies_ok)
-        extra = out["fuzz_transition_count"] - sum(applied.values())
-        if extra > 0:
-            applied["state_transition"] = extra
+        applied = _merge(self.replies_ok, out["fuzz_transitions"])  # obeyed: said ok, or logged `by fuzz`
         out.update(applied=sum(applied.values()), applied_by_class=applied,
                    rejected=sum(out["rejected_by_reason"].values()), refused_replies=self.replies_refused,
                    bad_replies=self.bad_replies, bad_reply_example=self.bad_reply_example)
@@ -538,9 +557,9 @@ class SimTarget(ControllerTarget):
 
     def account(self, reports: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
         out = self._controller_account(reports)
-        applied = dict(self.replies_ok)
-        if out["robot_side_count"]:
-            applied["robot_side_effect"] = out["robot_side_count"]
+        # said ok, or acted on the robot's side (not where the simulator crashed: the robot's state went stale then)
+        acted = [t for t in out["robot_side_transitions"] if t["class"] not in self.failed_classes]
+        applied = _merge(self.replies_ok, acted)
         out.update(applied=sum(applied.values()), applied_by_class=applied, rejected=self.replies_refused,
                    rejected_source="refusing replies (the simulator keeps no count)",
                    refused_replies=self.replies_refused, bad_replies=self.bad_replies)
