@@ -40,6 +40,9 @@ def build(runs: List[Any], opts: Options, names: List[str]) -> Dict[str, Any]:
             "exit_codes": run.exit_codes,
             "error": run.error,
         }
+        for key in ("fuzz_transitions", "robot_side_transitions"):  # the counts stay; the report shows the first
+            if key in counted:
+                counted[key] = counted[key][:50]
         entry.update(counted)
         wire = counted.get("dds_wire") or {}
         entry["unsafe_on_wire"] = sum(wire.get(k, 0) for k in ("bad_crc", "non_finite", "out_of_limits"))

@@ -321,8 +321,8 @@ class ControllerTarget(Target):
                 for k in ("bad_crc", "non_finite", "out_of_limits"):
                     wire[k] += int(sim.get(k, 0) or 0)
         out = {"rejected_by_reason": rejected, "ignored": ignored, "stops": stops,
-               "fuzz_transitions": fuzz_transitions[:50], "fuzz_transition_count": len(fuzz_transitions),
-               "robot_side_transitions": robot_side[:50], "robot_side_count": len(robot_side),
+               "fuzz_transitions": fuzz_transitions, "fuzz_transition_count": len(fuzz_transitions),
+               "robot_side_transitions": robot_side, "robot_side_count": len(robot_side),
                "transition_log_full": log_full, "rearms": self._arms, "estops_cleared": self._estops,
                "arming_refused": self._refused, "driving_s": round(self._driving_s, 2)}
         if self.opts.dds:
