@@ -10,12 +10,13 @@ requester for REP sockets. Every peer is non-blocking and pumped from one loop: 
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import msgpack
 import numpy as np
@@ -250,25 +251,32 @@ def _socket(ctx: zmq.Context, kind: int, sndhwm: int = 1000, rcvhwm: int = 1000)
 
 
 class Requester:
-    """One request at a time to a REP socket, without blocking: a DEALER, so that any frames can be sent (a REQ would
-    refuse a multipart request's shape and block after a lost reply). ``poll()`` returns the reply's frames."""
+    """Requests to a REP socket without blocking: a DEALER, so that any frames can be sent (a REQ would refuse a
+    multipart request's shape and block after a lost reply), several in flight if asked (a REP answers them in
+    order). ``poll()`` returns the oldest request's reply frames; ``tag`` is then what that request was sent with."""
 
     def __init__(self, zctx: zmq.Context, endpoint: str) -> None:
         self.endpoint = endpoint
         self.sock = _socket(zctx, zmq.DEALER, 16, 16)
         self.sock.connect(endpoint)
-        self.sent_at: Optional[float] = None
+        self.outstanding: Deque[Tuple[float, Any]] = collections.deque()
+        self.tag: Any = None
 
     @property
     def waiting(self) -> bool:
-        return self.sent_at is not None
+        return bool(self.outstanding)
 
-    def send(self, frames: Sequence[bytes]) -> bool:
+    @property
+    def sent_at(self) -> Optional[float]:
+        """When the oldest request without a reply was sent."""
+        return self.outstanding[0][0] if self.outstanding else None
+
+    def send(self, frames: Sequence[bytes], tag: Any = None) -> bool:
         try:
             self.sock.send_multipart([b""] + list(frames), zmq.NOBLOCK)
         except zmq.Again:
             return False
-        self.sent_at = time.monotonic()
+        self.outstanding.append((time.monotonic(), tag))
         return True
 
     def poll(self) -> Optional[List[bytes]]:
@@ -276,7 +284,7 @@ class Requester:
             parts = self.sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return None
-        self.sent_at = None
+        self.tag = self.outstanding.popleft()[1] if self.outstanding else None
         return parts[1:] if parts and parts[0] == b"" else parts
 
     def close(self) -> None:

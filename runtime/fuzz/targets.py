@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
@@ -67,6 +67,70 @@ class Options:
         self.log_dir = log_dir
 
 
+class RepClient:
+    """A target's requests to a REP socket, each answer handed to ``on_reply(class, frames)``. An oversized request
+    goes on a connection of its own: ZeroMQ drops the peer that sends it, and there may be no answer.
+
+    One request in flight (WINDOW), as a REQ client has: the project's REP sockets keep 4 messages queued each way
+    (protocol/sockets.py rep_bound), and a REP drops a reply silently when its queue is full, so a client with
+    several requests in flight loses answers (seen with 2)."""
+
+    WINDOW = 1
+
+    def __init__(self, target: "Target", endpoint: str, on_reply: Callable[[str, List[bytes]], None]) -> None:
+        self.target = target
+        self.endpoint = endpoint
+        self.on_reply = on_reply
+        self.req = Requester(target.zctx, endpoint)
+
+    def send(self, msg: Message) -> Optional[str]:
+        t = self.target
+        if msg.oversized:
+            req = Requester(t.zctx, self.endpoint)
+            frames, _ = t._request(req, msg, expect_reply=False)
+            req.close()
+            if frames is None:
+                t.transport_dropped += 1
+            else:
+                self.on_reply(msg.cls, frames)
+            return None
+        problem = self._collect(self.WINDOW - 1)
+        if problem:
+            return problem
+        deadline = time.monotonic() + t.opts.stall_s
+        while not self.req.send(msg.frames, msg.cls):
+            now = time.monotonic()
+            t.pump(now)
+            if now > deadline:
+                return f"{t.socket}: takes no request for {t.opts.stall_s:.1f} s"
+            time.sleep(0.0002)
+        return self._collect(self.WINDOW - 1)
+
+    def drain(self) -> Optional[str]:
+        """Every request answered (at the end of a class)."""
+        return self._collect(0)
+
+    def _collect(self, most: int) -> Optional[str]:
+        """Take answers until at most ``most`` requests wait; a stall when the oldest waits longer than stall_s."""
+        t = self.target
+        while True:
+            frames = self.req.poll()
+            if frames is not None:
+                self.on_reply(self.req.tag, frames)
+                continue
+            if len(self.req.outstanding) <= most:
+                return None
+            now = time.monotonic()
+            t.pump(now)
+            oldest = self.req.sent_at
+            if oldest is not None and now - oldest > t.opts.stall_s:
+                return f"{t.socket}: no answer for {now - oldest:.1f} s to a {self.req.outstanding[0][1]} request"
+            time.sleep(0.0002)
+
+    def close(self) -> None:
+        self.req.close()
+
+
 def action_joints(cfg: Config) -> Tuple[str, ...]:
     """The model's action joints (what a valid chunk drives), from its manifest; the G1's upper body otherwise."""
     try:
@@ -107,6 +171,7 @@ class Target:
         self.transport_dropped = 0
         self.windows: List[Tuple[float, str]] = []  # (time.monotonic() a class began, its name), in order
         self.failed_classes: Set[str] = set()  # classes with a crash or a stall (already failures)
+        self.rep: Optional[RepClient] = None  # a REP target's requests
 
     def class_at(self, t: float) -> str:
         """The class being sent at ``t`` (time.monotonic(), the clock every process here shares), or the class
@@ -161,6 +226,24 @@ class Target:
     def after_class(self) -> Optional[str]:
         """Between classes: put back what a class may have changed; a failure description, or None."""
         return None
+
+    def drain(self) -> Optional[str]:
+        """At the end of a class: every request answered (a REP target); a failure description, or None."""
+        return self.rep.drain() if self.rep is not None else None
+
+    def send_request(self, msg: Message) -> Optional[str]:
+        assert self.rep is not None
+        return self.rep.send(msg)
+
+    def count_map_reply(self, cls: str, frames: List[bytes]) -> None:
+        """The fault socket's and the simulator's answer: a map with ok."""
+        ok, _ = decode_map_reply(frames)
+        if ok is None:
+            self.bad_replies += 1
+        elif ok:
+            self.replies_ok[cls] = self.replies_ok.get(cls, 0) + 1
+        else:
+            self.replies_refused += 1
 
     def before_class(self) -> bool:
         """Before a class: bring the processes where the class should meet them; False when they did not get there
@@ -464,34 +547,25 @@ class ControlTarget(ControllerTarget):
         return Context(self.link, self.opts.seed, 4096)
 
     def after_ready(self, inc: Incarnation) -> None:
-        self.endpoint = inc.endpoint("control")
-        self.req = Requester(self.zctx, self.endpoint)
+        self.rep = RepClient(self, inc.endpoint("control"), self.on_reply)
         super().after_ready(inc)
 
     def send(self, msg: Message) -> Optional[str]:
-        if msg.oversized:
-            req = Requester(self.zctx, self.endpoint)
-            frames, _ = self._request(req, msg, expect_reply=False)
-            req.close()
-            if frames is None:
-                self.transport_dropped += 1
-                return None
-        else:
-            frames, problem = self._request(self.req, msg, expect_reply=True)
-            if frames is None:
-                return problem
+        return self.send_request(msg)
+
+    def on_reply(self, cls: str, frames: List[bytes]) -> None:
         ok, state, detail, readable = decode_operator_reply(frames)
         if not readable:
             self.bad_replies += 1
-            self.bad_reply_example = self.bad_reply_example or f"{msg.cls}: {detail} ({sum(map(len, frames))} bytes)"
+            self.bad_reply_example = self.bad_reply_example or f"{cls}: {detail} ({sum(map(len, frames))} bytes)"
         if ok:
-            self.replies_ok[msg.cls] = self.replies_ok.get(msg.cls, 0) + 1
+            self.replies_ok[cls] = self.replies_ok.get(cls, 0) + 1
         else:
             self.replies_refused += 1
-        return None
 
     def close(self) -> None:
-        self.req.close()
+        if self.rep is not None:
+            self.rep.close()
         super().close()
 
     def account(self, reports: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
@@ -515,9 +589,8 @@ class SimTarget(ControllerTarget):
         return Context(self.link, self.opts.seed, 4096)
 
     def after_ready(self, inc: Incarnation) -> None:
-        self.endpoint = inc.endpoint("sim")
-        self.req = Requester(self.zctx, self.endpoint)
-        self.reset_req = Requester(self.zctx, self.endpoint)
+        self.rep = RepClient(self, inc.endpoint("sim"), self.count_map_reply)
+        self.reset_req = Requester(self.zctx, inc.endpoint("sim"))
         super().after_ready(inc)
 
     def after_class(self) -> Optional[str]:
@@ -530,28 +603,11 @@ class SimTarget(ControllerTarget):
         return problem or None
 
     def send(self, msg: Message) -> Optional[str]:
-        if msg.oversized:
-            req = Requester(self.zctx, self.endpoint)
-            frames, _ = self._request(req, msg, expect_reply=False)
-            req.close()
-            if frames is None:
-                self.transport_dropped += 1
-                return None
-        else:
-            frames, problem = self._request(self.req, msg, expect_reply=True)
-            if frames is None:
-                return problem
-        ok, _ = decode_map_reply(frames)
-        if ok is None:
-            self.bad_replies += 1
-        elif ok:
-            self.replies_ok[msg.cls] = self.replies_ok.get(msg.cls, 0) + 1
-        else:
-            self.replies_refused += 1
-        return None
+        return self.send_request(msg)
 
     def close(self) -> None:
-        self.req.close()
+        if self.rep is not None:
+            self.rep.close()
         self.reset_req.close()
         super().close()
 
@@ -756,33 +812,15 @@ class FaultsTarget(RuntimeTarget):
         return out
 
     def after_ready(self, inc: Incarnation) -> None:
-        self.endpoint = inc.endpoint("faults")
-        self.req = Requester(self.zctx, self.endpoint)
+        self.rep = RepClient(self, inc.endpoint("faults"), self.count_map_reply)
         super().after_ready(inc)
 
     def send(self, msg: Message) -> Optional[str]:
-        if msg.oversized:
-            req = Requester(self.zctx, self.endpoint)
-            frames, _ = self._request(req, msg, expect_reply=False)
-            req.close()
-            if frames is None:
-                self.transport_dropped += 1
-                return None
-        else:
-            frames, problem = self._request(self.req, msg, expect_reply=True)
-            if frames is None:
-                return problem
-        ok, _ = decode_map_reply(frames)
-        if ok is None:
-            self.bad_replies += 1
-        elif ok:
-            self.replies_ok[msg.cls] = self.replies_ok.get(msg.cls, 0) + 1
-        else:
-            self.replies_refused += 1
-        return None
+        return self.send_request(msg)
 
     def close(self) -> None:
-        self.req.close()
+        if self.rep is not None:
+            self.rep.close()
         super().close()
 
     def account(self, reports: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
