@@ -215,7 +215,7 @@ def test_fuzz_every_socket_nothing_crashes_stalls_or_is_applied(target, tmp_path
     if target == "sim" and NO_DDS:
         pytest.skip(NO_DDS)
     extra = ["--no-sim"] if target == "control" else []  # the sim socket's own test covers the DDS wire
-    r, rep = _fuzz(tmp_path, "--target", target, "--messages", str(MESSAGES), *extra)
+    r, rep = _fuzz(tmp_path, "--target", target, "--messages", str(MESSAGES), "--stall-s", "5", *extra)
     s = rep["sockets"][0]
     summary = json.dumps({k: s.get(k) for k in ("events", "applied_by_class", "error", "bad_reply_example")})[:4000]
     assert s["error"] is None, summary
