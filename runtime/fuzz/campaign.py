@@ -158,11 +158,6 @@ def run_target(target: Target, cfg: Config, overrides: List[str], opts: Options,
                     event.update({"class": cls.name, "message": i + 1})
                     crec["skipped"] += count - i - 1
                     break
-        if event is None:  # every request of the class answered (a REP)
-            problem = target.drain()
-            if problem:
-                event = _failure(target, inc, time.monotonic()) or {"kind": "stall", "detail": problem}
-                event.update({"class": cls.name, "message": count, "after_class": True})
         if event is None:  # the class is over: the processes must show they are alive and answering
             class_end = time.monotonic()
             wait_until = class_end + opts.stall_s

@@ -364,7 +364,9 @@ class Arming:
     REARM_S = 0.5
 
     def __init__(self, zctx: zmq.Context, endpoint: str, stall_s: float) -> None:
-        self.req = Requester(zctx, endpoint)
+        self.zctx = zctx
+        self.endpoint = endpoint
+        self.req = Requester(zctx, endpoint)  # a fresh one per request (see targets.RepClient)
         self.stall_s = stall_s
         self.want_driving = False
         self.state = "unknown"
@@ -408,6 +410,8 @@ class Arming:
             elif self.state in ("idle", "stopped"):
                 cmd = "arm"
                 self.last_arm = now
+        self.req.close()
+        self.req = Requester(self.zctx, self.endpoint)
         if self.req.send([encode_command(Command(cmd, "wam-edge fuzz rig"))]):
             self.pending = cmd
             self.next_at = now + (0.02 if cmd != "status" else self.POLL_S)

@@ -69,67 +69,32 @@ class Options:
 
 
 class RepClient:
-    """A target's requests to a REP socket, each answer handed to ``on_reply(class, frames)``. An oversized request
-    goes on a connection of its own: ZeroMQ drops the peer that sends it, and there may be no answer.
+    """A target's requests to a REP socket, each answer handed to ``on_reply(class, frames)``.
 
-    One request in flight (WINDOW), as a REQ client has: the project's REP sockets keep 4 messages queued each way
-    (protocol/sockets.py rep_bound), and a REP drops a reply silently when its queue is full, so a client with
-    several requests in flight loses answers (seen with 2)."""
-
-    WINDOW = 1
+    Each request goes on a connection of its own, as the project's own clients send them (sockets.request): the
+    REP sockets keep 4 messages queued each way (protocol/sockets.py rep_bound), and libzmq updates a queue's count
+    lazily, so a REP silently drops a reply once a client has sent a few quick requests on one connection (seen
+    within 10 requests). An oversized request gets no answer: ZeroMQ drops the peer that sends it."""
 
     def __init__(self, target: "Target", endpoint: str, on_reply: Callable[[str, List[bytes]], None]) -> None:
         self.target = target
         self.endpoint = endpoint
         self.on_reply = on_reply
-        self.req = Requester(target.zctx, endpoint)
 
     def send(self, msg: Message) -> Optional[str]:
         t = self.target
-        if msg.oversized:
-            req = Requester(t.zctx, self.endpoint)
-            frames, _ = t._request(req, msg, expect_reply=False)
+        req = Requester(t.zctx, self.endpoint)
+        try:
+            frames, problem = t._request(req, msg, expect_reply=not msg.oversized)
+        finally:
             req.close()
-            if frames is None:
-                t.transport_dropped += 1
-            else:
-                self.on_reply(msg.cls, frames)
-            return None
-        problem = self._collect(self.WINDOW - 1)
-        if problem:
+        if frames is not None:
+            self.on_reply(msg.cls, frames)
+        elif msg.oversized:
+            t.transport_dropped += 1
+        else:
             return problem
-        deadline = time.monotonic() + t.opts.stall_s
-        while not self.req.send(msg.frames, msg.cls):
-            now = time.monotonic()
-            t.pump(now)
-            if now > deadline:
-                return f"{t.socket}: takes no request for {t.opts.stall_s:.1f} s"
-            time.sleep(0.0002)
-        return self._collect(self.WINDOW - 1)
-
-    def drain(self) -> Optional[str]:
-        """Every request answered (at the end of a class)."""
-        return self._collect(0)
-
-    def _collect(self, most: int) -> Optional[str]:
-        """Take answers until at most ``most`` requests wait; a stall when the oldest waits longer than stall_s."""
-        t = self.target
-        while True:
-            frames = self.req.poll()
-            if frames is not None:
-                self.on_reply(self.req.tag, frames)
-                continue
-            if len(self.req.outstanding) <= most:
-                return None
-            now = time.monotonic()
-            t.pump(now)
-            oldest = self.req.sent_at
-            if oldest is not None and now - oldest > t.opts.stall_s:
-                return f"{t.socket}: no answer for {now - oldest:.1f} s to a {self.req.outstanding[0][1]} request"
-            time.sleep(0.0002)
-
-    def close(self) -> None:
-        self.req.close()
+        return None
 
 
 def action_joints(cfg: Config) -> Tuple[str, ...]:
@@ -227,10 +192,6 @@ class Target:
     def after_class(self) -> Optional[str]:
         """Between classes: put back what a class may have changed; a failure description, or None."""
         return None
-
-    def drain(self) -> Optional[str]:
-        """At the end of a class: every request answered (a REP target); a failure description, or None."""
-        return self.rep.drain() if self.rep is not None else None
 
     def send_request(self, msg: Message) -> Optional[str]:
         assert self.rep is not None
@@ -555,11 +516,6 @@ class ControlTarget(ControllerTarget):
         else:
             self.replies_refused += 1
 
-    def close(self) -> None:
-        if self.rep is not None:
-            self.rep.close()
-        super().close()
-
     def account(self, reports: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
         out = self._controller_account(reports)
         applied = _merge(self.replies_ok, out["fuzz_transitions"])  # obeyed: said ok, or logged `by fuzz`
@@ -582,7 +538,6 @@ class SimTarget(ControllerTarget):
 
     def after_ready(self, inc: Incarnation) -> None:
         self.rep = RepClient(self, inc.endpoint("sim"), self.count_map_reply)
-        self.reset_req = Requester(self.zctx, inc.endpoint("sim"))
         super().after_ready(inc)
 
     def after_class(self) -> Optional[str]:
@@ -591,17 +546,15 @@ class SimTarget(ControllerTarget):
                    "temperature": 40.0, "mode_machine": self.cfg["sim"]["mode_machine"]}
         import msgpack
 
-        frames, problem = self._request(self.reset_req, Message("reset", [msgpack.packb(request)]), True)
+        req = Requester(self.zctx, self.inc.endpoint("sim") if self.inc is not None else "")
+        try:
+            frames, problem = self._request(req, Message("reset", [msgpack.packb(request)]), True)
+        finally:
+            req.close()
         return problem or None
 
     def send(self, msg: Message) -> Optional[str]:
         return self.send_request(msg)
-
-    def close(self) -> None:
-        if self.rep is not None:
-            self.rep.close()
-        self.reset_req.close()
-        super().close()
 
     def account(self, reports: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
         out = self._controller_account(reports)
@@ -809,11 +762,6 @@ class FaultsTarget(RuntimeTarget):
 
     def send(self, msg: Message) -> Optional[str]:
         return self.send_request(msg)
-
-    def close(self) -> None:
-        if self.rep is not None:
-            self.rep.close()
-        super().close()
 
     def account(self, reports: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Any]:
         applied = dict(self.replies_ok)
