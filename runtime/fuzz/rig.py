@@ -436,6 +436,7 @@ class ChunkProxy:
         self.push.connect(forward)
         self.on_chunk = on_chunk
         self.chunks = 0
+        self.last_chunk_at: Optional[float] = None
         self.heartbeats = 0
         self.sessions: Set[str] = set()
         self.lost = 0
@@ -459,6 +460,7 @@ class ChunkProxy:
                 msg = None
             if msg is not None and hasattr(msg, "actions"):
                 self.chunks += 1
+                self.last_chunk_at = now
                 self.sessions.add(msg.session)
                 self.on_chunk(raw)
             elif msg is not None:

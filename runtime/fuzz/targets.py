@@ -281,7 +281,7 @@ class ControllerTarget(Target):
     def after_ready(self, inc: Incarnation) -> None:
         self.watch = ControllerWatch(self.zctx, inc.endpoint("state"), self.ctx.saw_state)
         self.arming = Arming(self.zctx, inc.endpoint("control"), self.opts.stall_s)
-        self.arming.want_driving = True
+        self.arming.want_driving = True  # the first arming; before_class arms again between classes
         deadline = time.monotonic() + max(10.0, 4 * self.opts.stall_s)
         while self.watch.safety != "running":
             now = time.monotonic()
@@ -298,16 +298,31 @@ class ControllerTarget(Target):
         self.arming.pump(now)
 
     def before_class(self) -> bool:
-        """Each class meets a controller that drives (after a stop the rig re-arms it: a stop ramp and an arming
-        ramp, a few seconds)."""
+        """Each class meets a controller that drives with the runtime: the rig re-arms it between classes (never
+        during one: a person arms, then the fuzz meets what they armed), and waits until it runs and has the
+        runtime's chunks (``driven``)."""
         deadline = time.monotonic() + 10.0
-        while self.watch.safety != "running":
-            now = time.monotonic()
-            self.pump(now)
-            if now > deadline or self.inc is None or self.inc.dead() is not None:
-                return False
-            time.sleep(0.002)
-        return True
+        self.arming.want_driving = True
+        try:
+            running_since: Optional[float] = None
+            while True:
+                now = time.monotonic()
+                self.pump(now)
+                if self.watch.safety != "running":
+                    running_since = None
+                elif running_since is None:
+                    running_since = now
+                elif self.driven(running_since):
+                    return True
+                if now > deadline or self.inc is None or self.inc.dead() is not None:
+                    return False
+                time.sleep(0.002)
+        finally:
+            self.arming.want_driving = False
+
+    def driven(self, running_since: float) -> bool:
+        """Running, and the runtime's session has had time to be the one armed with."""
+        return not self.opts.driving or time.monotonic() - running_since > 0.2
 
     def stalled(self, now: float) -> Optional[str]:
         last = self.watch.last_at if self.watch.last_at is not None else self.started_at
@@ -422,6 +437,13 @@ class ChunksTarget(ControllerTarget):
         super().pump(now)
         if self.proxy is not None:
             self.proxy.pump(now)
+
+    def driven(self, running_since: float) -> bool:
+        """The runtime's chunk went to the running controller: its session is the one armed with (the first chunk
+        after arming sets it; see docs/fuzz.md)."""
+        if self.proxy is None:
+            return super().driven(running_since)
+        return self.proxy.last_chunk_at is not None and self.proxy.last_chunk_at > running_since + 0.02
 
     def send(self, msg: Message) -> Optional[str]:
         if msg.oversized:  # its own connection: the controller's ZeroMQ drops the peer that sends it
