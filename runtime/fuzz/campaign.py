@@ -114,14 +114,63 @@ def _failure(target: Target, inc: Incarnation, now: float) -> Optional[Dict[str,
     return None
 
 
+def _send_class(target: Target, inc: Incarnation, cls: messages.FuzzClass, count: int, rng: Any,
+                crec: Dict[str, Any], run: TargetRun, deadline: Optional[float]) -> Optional[Dict[str, Any]]:
+    """Send the class's messages, checking the processes every CHECK_S; the crash or stall that ended it, or None."""
+    next_check = 0.0
+    for i in range(count):
+        if deadline is not None and time.monotonic() > deadline:
+            crec["skipped"] += count - i
+            return None
+        msg = cls.make(target.ctx, rng)
+        if any(len(f) > target.ctx.max_bytes for f in msg.frames):
+            msg.oversized = True  # the receiving socket drops it (and its peer): no answer to wait for
+        problem = target.send(msg)
+        if problem is None:
+            crec["sent"] += 1
+            run.sent += 1
+        now = time.monotonic()
+        if problem is not None or now >= next_check:
+            next_check = now + CHECK_S
+            event = _failure(target, inc, now) or ({"kind": "stall", "detail": problem} if problem else None)
+            if event is not None:
+                event.update({"class": cls.name, "message": i + 1})
+                crec["skipped"] += count - i - 1
+                return event
+    return None
+
+
+def _settle(target: Target, inc: Incarnation, cls: messages.FuzzClass, count: int,
+            stall_s: float) -> Optional[Dict[str, Any]]:
+    """After a class: the processes must show they are alive and answering within stall_s, and the target puts
+    back what the class may have changed; the crash or stall, or None."""
+    class_end = time.monotonic()
+    event: Optional[Dict[str, Any]] = None
+    while event is None:
+        now = time.monotonic()
+        target.pump(now)
+        event = _failure(target, inc, now)
+        if event is None and target.answered_since(class_end):
+            problem = target.after_class()
+            if not problem:
+                return None
+            event = {"kind": "stall", "detail": problem}
+        elif event is None and now > class_end + stall_s:
+            event = {"kind": "stall", "detail": f"no sign of life within {stall_s:.1f} s after the class ended"}
+        time.sleep(0.001)
+    event.update({"class": cls.name, "message": count, "after_class": True})
+    return event
+
+
 def run_target(target: Target, cfg: Config, overrides: List[str], opts: Options,
                on_started: Optional[Hook] = None, progress: Optional[Callable[[str], None]] = None) -> TargetRun:
+    """Fuzz one socket: every class in turn, processes restarted after a crash or a stall."""
     run = TargetRun(target)
     t0 = time.monotonic()
-    classes = messages.classes_for(target.link, opts.classes, opts.canary)
-    plan = messages.plan(target.link, classes, opts.messages)
+    plan = messages.plan(target.link, messages.classes_for(target.link, opts.classes, opts.canary), opts.messages)
     all_classes = [c.name for c in messages.LINKS[target.link]]
     deadline = None if opts.seconds is None else t0 + opts.seconds
+    say = progress or (lambda line: None)
     try:
         inc = _start(target, cfg, overrides, opts, run, on_started)
     except FuzzError as exc:
@@ -131,64 +180,24 @@ def run_target(target: Target, cfg: Config, overrides: List[str], opts: Options,
     run.rss_before = inc.rss()
     for cls, count in plan:
         crec = run.cls(cls.name, count)
+        if deadline is not None and time.monotonic() > deadline:
+            crec["skipped"] = count
+            continue
         target.ctx.class_index = all_classes.index(cls.name)
         target.ctx.class_name = cls.name
-        rng = messages.rng_for(opts.seed, target.name, cls.name)
         crec["ready"] = target.before_class()  # a controller target: driving when the class starts
         target.windows.append((time.monotonic(), cls.name))
-        next_check = 0.0
-        event: Optional[Dict[str, Any]] = None
-        i = 0
-        for i in range(count):
-            if deadline is not None and time.monotonic() > deadline:
-                crec["skipped"] += count - i
-                break
-            msg = cls.make(target.ctx, rng)
-            if any(len(f) > target.ctx.max_bytes for f in msg.frames):
-                msg.oversized = True  # the receiving socket drops it (and its peer): no answer to wait for
-            problem = target.send(msg)
-            if problem is None:
-                crec["sent"] += 1
-                run.sent += 1
-            now = time.monotonic()
-            if problem is not None or now >= next_check:
-                next_check = now + CHECK_S
-                event = _failure(target, inc, now) or ({"kind": "stall", "detail": problem} if problem else None)
-                if event is not None:
-                    event.update({"class": cls.name, "message": i + 1})
-                    crec["skipped"] += count - i - 1
-                    break
-        if event is None:  # the class is over: the processes must show they are alive and answering
-            class_end = time.monotonic()
-            wait_until = class_end + opts.stall_s
-            while event is None:
-                now = time.monotonic()
-                target.pump(now)
-                event = _failure(target, inc, now)
-                if event is None and target.answered_since(class_end):
-                    break
-                if event is None and now > wait_until:
-                    event = {"kind": "stall", "detail": f"no sign of life within {opts.stall_s:.1f} s after the "
-                             f"class ended"}
-                time.sleep(0.001)
-            if event is not None:
-                event.update({"class": cls.name, "message": count, "after_class": True})
-        if event is None:
-            problem = target.after_class()
-            if problem:
-                event = {"kind": "stall", "detail": problem, "class": cls.name, "message": count}
+        rng = messages.rng_for(opts.seed, target.name, cls.name)
+        event = _send_class(target, inc, cls, count, rng, crec, run, deadline) or \
+            _settle(target, inc, cls, count, opts.stall_s)
         if event is not None:
-            if event["kind"] == "crash":
-                run.crashes += 1
-                crec["crashes"] += 1
-            else:
-                run.stalls += 1
-                crec["stalls"] += 1
+            kind = "crashes" if event["kind"] == "crash" else "stalls"
+            setattr(run, kind, getattr(run, kind) + 1)
+            crec[kind] += 1
             run.events.append(event)
             target.failed_classes.add(cls.name)
-            if progress is not None:
-                progress(f"  {target.name}: {event['kind']} during {cls.name} (message {event['message']}): "
-                         f"{event.get('exit') or event.get('detail')}")
+            say(f"  {target.name}: {event['kind']} during {cls.name} (message {event['message']}): "
+                f"{event.get('exit') or event.get('detail')}")
             run.rss_after = inc.rss()
             _finish(target, inc, run, failed=True)
             run.restarts += 1
@@ -198,8 +207,7 @@ def run_target(target: Target, cfg: Config, overrides: List[str], opts: Options,
                 run.error = f"restart after the {event['kind']}: {exc}"
                 run.seconds = time.monotonic() - t0
                 return run
-        if progress is not None:
-            progress(f"  {target.name}: {cls.name}: {crec['sent']} sent")
+        say(f"  {target.name}: {cls.name}: {crec['sent']} sent")
     run.rss_after = inc.rss()
     _finish(target, inc, run, failed=False)
     run.seconds = time.monotonic() - t0
