@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, text) in TOOL_COMMANDS.items():
         sub.add_parser(name, help=text + " (`wam-edge %s --help`)" % name, add_help=False)
 
+    p = sub.add_parser("fuzz", help="rig use: malformed messages of every class to each socket of the running "
+                       "processes (loopback only); sent, crashes, stalls, applied, rejected, RSS (docs/fuzz.md)")
+    _common(p)
+    from runtime.fuzz import command as fuzz_command
+
+    fuzz_command.add_arguments(p)
+
     p = sub.add_parser("image-server-sim", help="a simulation of Unitree's image server: synthetic side-by-side "
                        "JPEG frames over ZeroMQ, laid out as camera.layout says (camera.header: timestamp_id sends "
                        "the test-mode header; none and auto, plain JPEG)")
@@ -245,6 +252,10 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "hil":
         return _hil(cfg, args)
+    if args.command == "fuzz":
+        from runtime.fuzz import command as fuzz_command
+
+        return fuzz_command.run(cfg, args.overrides, args)
     if args.command == "image-server-sim":
         from runtime.cameras.image_server_sim import check_endpoint, serve
 

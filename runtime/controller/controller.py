@@ -64,6 +64,8 @@ EXIT_REFUSED = 78
 
 #: Messages taken in per tick at most; the rest wait for the next tick (bounded work per tick).
 MAX_MESSAGES_PER_TICK = 8
+#: report()["chunks_applied_by_session"] counts this many sessions by name, any further ones under "(other)".
+MAX_SESSIONS_COUNTED = 64
 
 #: Seam traces (report()["execution"]["seam_traces"]): the first this many seams after arming whose windows do not
 #: overlap, the commanded position of SEAM_TRACE_JOINTS joints from SEAM_TRACE_BEFORE ticks before the seam to
@@ -137,6 +139,9 @@ class Controller:
         self.state_seq = 0
         self.chunks_received = 0
         self.chunks_applied = 0
+        self.applied_by_session: Dict[str, int] = {}  # who drove: `wam-edge fuzz` checks no fuzz session ever did
+        self.applied_not_newer = 0  # applied chunks whose seq was not newer than the last applied one of the session
+        self._applied_last = ("", -1)  # (session, seq) of the last chunk applied
         self.first_chunk_applied_at: Optional[float] = None  # time.monotonic() of the first chunk applied
         self.chunks_ignored = 0  # valid, but arrived while the controller does not accept chunks
         self.heartbeats = 0
@@ -397,6 +402,12 @@ class Controller:
             self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
             self._starved = False
             self.chunks_applied += 1
+            key = newest.session if (newest.session in self.applied_by_session
+                                     or len(self.applied_by_session) < MAX_SESSIONS_COUNTED) else "(other)"
+            self.applied_by_session[key] = self.applied_by_session.get(key, 0) + 1
+            if newest.session == self._applied_last[0] and newest.seq <= self._applied_last[1]:
+                self.applied_not_newer += 1
+            self._applied_last = (newest.session, newest.seq)
             if self.first_chunk_applied_at is None:
                 self.first_chunk_applied_at = now
             self.last_chunk_at = now
@@ -751,6 +762,8 @@ class Controller:
             "control_ticks": self.ticks,
             "chunks_received": self.chunks_received,
             "chunks_applied": self.chunks_applied,
+            "chunks_applied_by_session": dict(self.applied_by_session),
+            "chunks_applied_not_newer": self.applied_not_newer,
             "first_chunk_applied_t": (None if self.first_chunk_applied_at is None
                                       else round(self.first_chunk_applied_at, 4)),
             "chunks_ignored": self.chunks_ignored,
