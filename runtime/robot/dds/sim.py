@@ -104,12 +104,12 @@ def check_control(request: Any) -> Dict[str, Any]:
         raise ControlError("unknown control keys: " + ", ".join(sorted(_short(k) for k in unknown[:8])))
     out: Dict[str, Any] = {}
     if "press" in request:
-        press = request["press"] if request["press"] is not None else []
+        press = request["press"]
         if not isinstance(press, list) or not all(isinstance(b, str) and b in BUTTONS for b in press):
             raise ControlError(f"press: expected a list of button names ({', '.join(BUTTONS)})")
         out["press"] = list(press)
     if "sticks" in request:
-        sticks = request["sticks"] if request["sticks"] is not None else {}
+        sticks = request["sticks"]
         if not isinstance(sticks, dict) or not all(isinstance(k, str) and k in STICKS for k in sticks):
             raise ControlError(f"sticks: expected a map of stick names ({', '.join(STICKS)}) to numbers")
         out["sticks"] = {k: _finite(v, f"sticks.{k}") for k, v in sticks.items()}
@@ -133,10 +133,9 @@ def check_control(request: Any) -> Dict[str, Any]:
         if isinstance(summary, dict):
             if set(summary) - {"since"}:
                 raise ControlError("summary: a map takes only 'since'")
-            since = summary.get("since")
-            out["summary"] = {"since": None if since is None else _finite(since, "summary.since")}
-        elif summary is None or type(summary) is bool:
-            out["summary"] = bool(summary)
+            out["summary"] = {"since": _finite(summary["since"], "summary.since") if "since" in summary else None}
+        elif type(summary) is bool:
+            out["summary"] = summary
         else:
             raise ControlError(f"summary: expected true or {{'since': t}}, got {_short(summary)}")
     return out
