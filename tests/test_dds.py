@@ -343,6 +343,23 @@ def test_lowcmd_round_trip_and_state_fields(rig):
     assert drv.link.crc_errors == 0 and drv.link.unparsed == 0
 
 
+def test_a_robot_state_with_a_nan_is_never_taken(rig):
+    """A NaN tilt compares false with every bound: it must never reach the controller's monitors; the reading
+    keeps the last finite state (which then goes stale: the controller stops)."""
+    sim, drv = rig(LOWCMD)
+    sim.set_tilt(0.1, 0.0, 0.0)
+    assert wait_until(lambda: abs(drv.read(0).rpy[0] - 0.1) < 1e-6, 3.0)
+    sim.set_tilt(float("nan"), 0.0, 0.0)
+    assert wait_until(lambda: (drv.read(0), drv.link.non_finite)[1] > 5, 3.0)
+    stamp = drv.reading.stamp
+    time.sleep(0.1)
+    drv.read(0)
+    assert np.isfinite(drv.reading.rpy).all() and abs(drv.reading.rpy[0] - 0.1) < 1e-6
+    assert drv.reading.stamp == stamp  # nothing taken since: the state is going stale
+    sim.set_tilt(0.0, 0.0, 0.0)
+    assert wait_until(lambda: drv.read(0).stamp > stamp and drv.reading.rpy[0] == 0.0, 3.0)
+
+
 def test_mode_machine_is_echoed_when_the_robot_changes_it(rig):
     sim, drv = rig(LOWCMD, mode_machine=5)
     drv.command.q[:] = g1.NOMINAL_POSE

@@ -29,6 +29,8 @@ class G1Link:
     ``poll()`` takes the newest LowState into ``reading`` (a RobotReading), ``wireless_remote`` (raw 40 bytes) and
     ``mode_machine``. LowState CRC mismatches are counted in ``crc_errors`` and the state is still used (unless
     ``drop_bad_crc``): the C++ SDK checks it, but whether every robot firmware and simulator fills it is unverified.
+    A LowState with a non-finite joint or IMU value is never taken (``non_finite``): NaN compares false with every
+    bound (a NaN tilt would pass the tilt check), and the controller stops on the state going stale instead.
     """
 
     def __init__(self, domain_id: int = 0, interface: Optional[str] = None, mode: str = LOWCMD,
@@ -51,11 +53,15 @@ class G1Link:
         self.published = 0  # LowCmds sent
         self.crc_errors = 0  # LowStates whose crc did not match
         self.unparsed = 0  # LowStates we could not take in place (big-endian or short)
+        self.non_finite = 0  # LowStates refused for a NaN or infinite joint or IMU value
         st = self.state
         # views copied into the reading on every new state (float32 -> float64, no allocation)
         self._copies = ((self.reading.q, st.q[:_N]), (self.reading.dq, st.dq[:_N]),
                         (self.reading.tau, st.tau_est[:_N]), (self.reading.temperature, st.temperature[:_N, 1]),
                         (self.reading.rpy, st.rpy), (self.reading.gyro, st.gyroscope))
+        # the float fields, each with a preallocated mask for the finiteness check (no allocation per state)
+        self._finite = tuple((src, np.zeros(src.shape, dtype=bool)) for _, src in self._copies
+                             if src.dtype.kind == "f")
 
     @property
     def topic(self) -> str:
@@ -74,6 +80,11 @@ class G1Link:
         if not st.crc_ok():
             self.crc_errors += 1
             if self.drop_bad_crc:
+                return False
+        for src, mask in self._finite:
+            np.isfinite(src, out=mask)
+            if not mask.all():
+                self.non_finite += 1
                 return False
         r = self.reading
         for dst, src in self._copies:
