@@ -173,6 +173,21 @@ def test_a_bug_handling_a_message_is_a_counted_rejection_never_fatal(controller_
     assert r.controller.report()["stops"][0]["reason"] == "3 chunks rejected in a row"
 
 
+def test_a_bug_applying_a_valid_chunk_stops_the_robot_and_is_never_fatal(controller_rig):
+    r = controller_rig()
+    r.arm()
+
+    def bug(*_):
+        raise RuntimeError("a bug")
+
+    r.controller.schedule.load = bug
+    r.send(r.toward(0.0), seq=1)
+    r.run(0.05)
+    assert r.controller.rejects.counts == {"handler_error": 1}
+    assert r.controller.sm.state in (STOPPING, STOPPED)
+    assert r.controller.report()["stops"][0]["reason"].startswith("internal error applying a chunk: RuntimeError")
+
+
 def test_a_socket_error_in_the_controllers_receive_loop_is_counted_never_fatal(controller_rig):
     r = controller_rig()
     r.controller._inbox.close(0)  # every recv on it now fails (ENOTSOCK)

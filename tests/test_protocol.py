@@ -54,7 +54,8 @@ def test_chunk_round_trip(c):
 @given(st.sampled_from(["starting", "ok", "degraded", "fault", "stopping"]), st.text(max_size=256), stamps)
 def test_heartbeat_round_trip(health, detail, stamp):
     d = decode(encode_heartbeat(Heartbeat("s", 3, stamp, health, detail)), ("heartbeat",))
-    assert (d.health, d.detail, d.stamp, d.seq) == (health, detail, stamp, 3)
+    assert (d.health, d.stamp, d.seq) == (health, stamp, 3)
+    assert d.detail == detail if detail.isprintable() else d.detail.isprintable() and len(d.detail) == len(detail)
 
 
 @given(hnp.arrays(np.float32, 29, elements=finite32), hnp.arrays(np.float32, 29, elements=finite32))
@@ -252,3 +253,9 @@ def test_a_reply_is_cut_and_made_printable_so_that_the_client_always_decodes_it(
     assert r.ok is False and r.state == "idle?"
     assert len(r.detail) <= MAX_REPLY_DETAIL and r.detail.isprintable()
     assert r.detail[:4] == detail[:4].replace("\x1b", "?").replace("\n", " ")
+
+
+def test_a_heartbeats_detail_is_made_printable_before_it_reaches_a_log():
+    raw = encode_heartbeat(Heartbeat("s", 1, 1.0, "fault", "camera\n2026-12-02 ERROR forged line\x1b[2J"))
+    hb = decode(raw, ("heartbeat",))
+    assert hb.detail.isprintable() and "forged line" in hb.detail

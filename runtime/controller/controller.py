@@ -391,30 +391,38 @@ class Controller:
             newest = msg
             valid += 1
         if newest is not None:
-            self.chunks_dropped += valid - 1  # superseded in this tick: never executed
-            if self.schedule.active:
-                self.seams += 1
-                step = self._seam_window(newest)
-                self._seam_until = now + step
-                if self._trace_filling < 0 and len(self._trace_meta) < SEAM_TRACES:
-                    self._start_trace(newest)
-            self.schedule.load(newest, self.schedule.joint_indices(newest.joints), now)
-            self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
-            self._starved = False
-            self.chunks_applied += 1
-            key = newest.session if (newest.session in self.applied_by_session
-                                     or len(self.applied_by_session) < MAX_SESSIONS_COUNTED) else "(other)"
-            self.applied_by_session[key] = self.applied_by_session.get(key, 0) + 1
-            if newest.session == self._applied_last[0] and newest.seq <= self._applied_last[1]:
-                self.applied_not_newer += 1
-            self._applied_last = (newest.session, newest.seq)
-            if self.first_chunk_applied_at is None:
-                self.first_chunk_applied_at = now
-            self.last_chunk_at = now
-            self.sm.chunk_arrived(now)
+            try:
+                self._apply(newest, valid, now)
+            except Exception as exc:  # noqa: BLE001 - a bug applying a chunk: counted, and the robot stops
+                self.rejects.count("handler_error", sockets.describe_error(exc))
+                self.sm.stop(now, f"internal error applying a chunk: {sockets.describe_error(exc)}")
         if self._rejections_in_a_row >= self.c["max_rejections"]:
             self.sm.stop(now, f"{self._rejections_in_a_row} chunks rejected in a row")
             self._rejections_in_a_row = 0
+
+    def _apply(self, newest: ActionChunk, valid: int, now: float) -> None:
+        """The newest valid chunk of this tick takes over (the seam counters watch the hand-over)."""
+        self.chunks_dropped += valid - 1  # superseded in this tick: never executed
+        if self.schedule.active:
+            self.seams += 1
+            step = self._seam_window(newest)
+            self._seam_until = now + step
+            if self._trace_filling < 0 and len(self._trace_meta) < SEAM_TRACES:
+                self._start_trace(newest)
+        self.schedule.load(newest, self.schedule.joint_indices(newest.joints), now)
+        self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
+        self._starved = False
+        self.chunks_applied += 1
+        key = newest.session if (newest.session in self.applied_by_session
+                                 or len(self.applied_by_session) < MAX_SESSIONS_COUNTED) else "(other)"
+        self.applied_by_session[key] = self.applied_by_session.get(key, 0) + 1
+        if newest.session == self._applied_last[0] and newest.seq <= self._applied_last[1]:
+            self.applied_not_newer += 1
+        self._applied_last = (newest.session, newest.seq)
+        if self.first_chunk_applied_at is None:
+            self.first_chunk_applied_at = now
+        self.last_chunk_at = now
+        self.sm.chunk_arrived(now)
 
     def _check_chunk(self, chunk: ActionChunk, now: float) -> None:
         """Raises DecodeError naming what is wrong; a chunk that returns is accepted. A session's seq only grows

@@ -87,11 +87,13 @@ def rep_bound(ctx: zmq.Context, endpoint: str, max_bytes: int = 4096) -> zmq.Soc
     return sock
 
 
-def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout_s: float) -> Optional[bytes]:
+def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout_s: float,
+            max_bytes: int = 1 << 16) -> Optional[bytes]:
     """One request on a fresh REQ socket, so a late reply can never be taken as the answer to the next request.
-    None when no reply came within ``timeout_s``."""
+    None when no reply came within ``timeout_s`` (or it was over ``max_bytes``: ZeroMQ drops it unread)."""
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     try:
         sock.connect(endpoint)
         sock.send(payload)

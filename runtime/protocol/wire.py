@@ -370,7 +370,7 @@ def _decode_heartbeat(m: Dict[str, Any]) -> Heartbeat:
     if health not in HEALTH:
         raise DecodeError("out_of_range", f"heartbeat.health: {_show(health)} not in {list(HEALTH)}")
     return Heartbeat(session=_text(m, "session", w), seq=_count(m, "seq", w), stamp=_number(m, "stamp", w, 0.0),
-                     health=health, detail=_text(m, "detail", w, 256))
+                     health=health, detail=_printable(_text(m, "detail", w, 256), 256))  # it reaches logs
 
 
 def _decode_state(m: Dict[str, Any]) -> RobotState:
