@@ -15,6 +15,7 @@ import traceback
 from typing import List, Optional
 
 from runtime.config import ConfigError, default_config_path, load_config, render_defaults
+from runtime.service.paths import PathError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -189,8 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 #: Errors that say what a person can fix (a model file that changed, a missing engine or module, a busy address, a
-#: policy that produced non-finite actions at warm-up): one line. Anything else is a bug: Python's own traceback.
-EXPECTED_ERRORS = (ValueError, RuntimeError, OSError, ImportError)
+#: policy that produced non-finite actions at warm-up, a socket directory others could write): one line. Anything else is a bug: Python's own traceback.
+EXPECTED_ERRORS = (ValueError, RuntimeError, OSError, ImportError, PathError)
 
 
 def _report(command: str, exc: BaseException, code: int, verbose: bool) -> int:

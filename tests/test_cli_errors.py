@@ -154,6 +154,17 @@ def test_run_with_a_missing_stage_file_says_so_in_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "action_expert.onnx" in r.stderr
 
 
+def test_a_socket_directory_others_could_write_is_refused_in_one_line(tmp_path):
+    squatted = tmp_path / "squatted"
+    squatted.mkdir()
+    os.chmod(str(squatted), 0o777)
+    r = wam_edge("run", "--set", "faults.enabled=true", "--set", f"faults.endpoint=ipc://{squatted}/faults",
+                 "--seconds", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("wam-edge run:")]
+    assert len(said) == 1 and "0777" in said[0] and str(squatted) in said[0], r.stderr
+
+
 def test_a_config_error_is_still_exit_2_without_a_hint(tmp_path):
     r = wam_edge("run", "--set", "policy.steps=many")
     assert r.returncode == 2 and "Traceback" not in r.stderr
