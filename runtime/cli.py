@@ -190,7 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 #: Errors that say what a person can fix (a model file that changed, a missing engine or module, a busy address, a
-#: policy that produced non-finite actions at warm-up, a socket directory others could write): one line. Anything else is a bug: Python's own traceback.
+#: policy that produced non-finite actions at warm-up, a socket directory others could write): one line. Anything
+#: else is a bug: Python's own traceback.
 EXPECTED_ERRORS = (ValueError, RuntimeError, OSError, ImportError, PathError)
 
 
