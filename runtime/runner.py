@@ -127,6 +127,7 @@ class PolicyRuntime:
         self._chunks = sockets.push_connected(self._ctx, t["chunks"], hwm=t["send_hwm"])
         # robot state: newest wins (drained each step, no CONFLATE); multipart and link resets are counted here
         self.rejects = RejectCounter(log.warning, "robot state")
+        sockets.check_connect(t["state"])  # a state stream from a directory others control could be invented
         self._state = NewestSubscriber(self._ctx, t["state"], t["max_message_bytes"], self.rejects)
         self.camera = open_camera(camera_cfg)
         self._state_vec = np.zeros(len(manifest.state_joints), dtype=np.float32)

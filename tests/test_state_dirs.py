@@ -483,3 +483,41 @@ def test_latch_on_tmpfs_is_warned_about(tmp_path, caplog):
     finally:
         subprocess.run(["rm", "-rf", shm], check=False)
 
+
+
+# -- the connecting side: wam-edge arm, the runtime ------------------------------------------------------------------
+
+def test_nothing_connects_to_a_socket_in_a_directory_others_control(tmp_path):
+    """A squatter's socket could pose as the controller: an e-stop sent there would reach nobody."""
+    squatted = tmp_path / "squatted"
+    squatted.mkdir()
+    os.chmod(str(squatted), 0o777)
+    reply = operator.send(f"ipc://{squatted}/control", "estop", "test", timeout_s=0.2)
+    assert not reply.ok and "mode 0777" in reply.detail and "not connecting" in reply.detail
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(paths.PathError, match="mode 0777"):
+            sockets.push_connected(ctx, f"ipc://{squatted}/chunks", 2)
+        link = tmp_path / "link"
+        link.symlink_to(squatted)
+        with pytest.raises(paths.PathError, match="symbolic link"):
+            sockets.check_connect(f"ipc://{link}/state")
+        private = tmp_path / "private"
+        private.mkdir(mode=0o700)
+        sockets.push_connected(ctx, f"ipc://{private}/chunks", 2).close(0)  # a private one is fine
+        sockets.check_connect(f"ipc://{tmp_path}/missing/state")  # a missing one: the binder makes and checks it
+    finally:
+        ctx.term()
+
+
+def test_the_runtime_refuses_a_state_socket_in_a_directory_others_control(tmp_path):
+    squatted = tmp_path / "squatted"
+    squatted.mkdir()
+    os.chmod(str(squatted), 0o777)
+    env = dict(os.environ)
+    env.pop("WAM_EDGE_VERBOSE", None)
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--seconds", "1", "--set",
+                        f"transport.state=ipc://{squatted}/state"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env, check=False)
+    said = [line for line in r.stderr.splitlines() if line.startswith("wam-edge run:")]
+    assert r.returncode == 1 and len(said) == 1 and "mode 0777" in said[0], r.stderr

@@ -12,6 +12,7 @@ from typing import Optional
 import zmq
 
 from runtime.protocol import MAX_REPLY_BYTES, Command, DecodeError, Reply, decode, encode_command, sockets
+from runtime.service.paths import PathError
 
 
 def send(endpoint: str, cmd: str, who: Optional[str] = None, timeout_s: float = 2.0,
@@ -24,7 +25,10 @@ def send(endpoint: str, cmd: str, who: Optional[str] = None, timeout_s: float = 
 def request(endpoint: str, payload: bytes, timeout_s: float = 2.0, ctx: Optional[zmq.Context] = None) -> Reply:
     """Send one encoded request, valid or not (tests and fuzzing send malformed ones), and decode the reply with
     the bounds the controller's ``encode_reply`` keeps to (MAX_REPLY_BYTES, MAX_REPLY_DETAIL characters)."""
-    raw = sockets.request(ctx or zmq.Context.instance(), endpoint, payload, timeout_s)
+    try:
+        raw = sockets.request(ctx or zmq.Context.instance(), endpoint, payload, timeout_s, MAX_REPLY_BYTES)
+    except PathError as err:  # a control socket in a directory others control: not ours to talk to
+        return Reply(False, "unknown", str(err))
     if raw is None:
         return Reply(False, "unknown", f"no answer from the controller at {endpoint} within {timeout_s} s")
     try:

@@ -48,7 +48,15 @@ def pull_bound(ctx: zmq.Context, endpoint: str, hwm: int, max_bytes: int) -> zmq
     return sock
 
 
+def check_connect(endpoint: str) -> None:
+    """Before connecting to one of wam-edge's own ipc sockets: its directory, where it is there, is private
+    (paths.check_connect_dir); PathError otherwise. tcp endpoints are the config's business."""
+    if endpoint.startswith("ipc://"):
+        paths.check_connect_dir(os.path.dirname(endpoint[len("ipc://"):]))
+
+
 def push_connected(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
+    check_connect(endpoint)
     sock = _socket(ctx, zmq.PUSH, hwm)
     sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only toward a live peer, never toward a dead connection
     sock.connect(endpoint)
@@ -91,6 +99,7 @@ def request(ctx: zmq.Context, endpoint: str, payload: bytes, timeout_s: float,
             max_bytes: int = 1 << 16) -> Optional[bytes]:
     """One request on a fresh REQ socket, so a late reply can never be taken as the answer to the next request.
     None when no reply came within ``timeout_s`` (or it was over ``max_bytes``: ZeroMQ drops it unread)."""
+    check_connect(endpoint)
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)

@@ -205,6 +205,31 @@ def ensure_private_dir(path: str, what: str = "runtime directory", strict: bool 
     return path
 
 
+def check_connect_dir(path: str, what: str = "socket directory") -> None:
+    """Before connecting to an ipc socket in ``path``: a directory that is there must be a real directory that nobody
+    but its owner may enter (no group or other permissions), owned by this user (root may connect to the services'
+    user's). A socket in a directory someone else controls may be theirs, posing as the controller: an e-stop sent
+    there would reach nobody. A missing directory is left to the binder, which makes and checks it."""
+    path = os.path.abspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    me = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise PathError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); expected a real directory, "
+                        "mode 0700: not connecting")
+    if not stat.S_ISDIR(st.st_mode):
+        raise PathError(f"{what} {path} is not a directory: not connecting")
+    if me != 0 and st.st_uid != me:
+        raise PathError(f"{what} {path} is owned by {_user(st.st_uid)}, not {_user(me)}: its sockets may be "
+                        "someone else's; not connecting (run as the services' user)")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise PathError(f"{what} {path} has mode {mode:04o} (owner {_user(st.st_uid)}); expected 0700: others "
+                        "could have put their own socket there; not connecting")
+
+
 def check_private_file(path: str, what: str) -> bool:
     """An existing latch or record: a regular file (no symlink) owned by the effective user and not writable by group
     or others. False when there is none; raises PathError when it is not safe."""
