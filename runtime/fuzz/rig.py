@@ -24,6 +24,7 @@ import zmq
 
 from runtime import demo
 from runtime.config import Config, ConfigError, load_config
+from runtime.hil.rig import stop_process
 from runtime.protocol import (
     Command,
     DecodeError,
@@ -218,16 +219,7 @@ class Incarnation:
             if proc is None:
                 continue
             proc.stopped_by_rig = True
-            p = proc.popen
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-                try:
-                    p.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            codes[role] = p.returncode
+            codes[role] = stop_process(proc.popen, timeout_s)
         return codes
 
     def remove(self) -> None:

@@ -32,6 +32,19 @@ class RigError(RuntimeError):
     """The rig could not be brought to the state a trial needs (a process would not start, a peer did not answer)."""
 
 
+def stop_process(p: subprocess.Popen, timeout_s: float) -> int:
+    """SIGCONT (a paused process cannot handle SIGTERM), SIGTERM, and SIGKILL after ``timeout_s``; the exit code."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGCONT)
+        p.terminate()
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return p.returncode
+
+
 class HilRig:
     def __init__(self, cfg: Config, overrides: Sequence[str], workdir: str, with_sim: bool,
                  log_dir: Optional[str] = None) -> None:
@@ -135,17 +148,7 @@ class HilRig:
 
     def terminate(self, role: str, timeout_s: float = 15.0) -> Optional[int]:
         p = self.procs[role]
-        if p is None:
-            return None
-        if p.poll() is None:
-            p.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
-            p.terminate()
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return p.returncode
+        return None if p is None else stop_process(p, timeout_s)
 
     def log_tail(self, role: str, lines: int = 15) -> str:
         try:
