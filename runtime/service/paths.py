@@ -183,26 +183,41 @@ def ensure_private_dir(path: str, what: str = "runtime directory", strict: bool 
         raise PathError(f"{what} {path}: cannot create it: {exc.strerror}") from None
     st = os.lstat(path)
     me = os.geteuid()
-    if stat.S_ISLNK(st.st_mode):
+    # a directory just made gets exactly 0700 below, whatever the umask gave it
+    problem = _dir_problem(st, owner_ok=st.st_uid == me, mask=0 if created else 0o077 if strict else 0o022)
+    if problem == "link":
         raise PathError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); expected a real directory "
                         f"owned by {_user(me)}, mode 0700. Remove it and start again")
-    if not stat.S_ISDIR(st.st_mode):
+    if problem == "not_dir":
         raise PathError(f"{what} {path} is not a directory")
-    if st.st_uid != me:
+    if problem == "owner":
         raise PathError(f"{what} {path} is owned by {_user(st.st_uid)}; expected {_user(me)} (the user wam-edge "
                         "runs as), mode 0700: someone else made it and could change what is in it. Remove it and "
                         "start again, or configure another directory")
-    if created:
-        os.chmod(path, 0o700)  # exactly 0700, whatever the umask
-        return path
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & (0o077 if strict else 0o022):
+    if problem == "mode":
         expect = "0700 (no access for group or others)" if strict else "0700 (at least: not writable by group or " \
                                                                         "others)"
-        raise PathError(f"{what} {path} has mode {mode:04o} (owner {_user(st.st_uid)}); expected {expect}: others "
-                        "could have replaced or removed what is in it. Check it, then remove it and start again "
-                        f"(or chmod 700 {path})")
+        raise PathError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o} (owner {_user(st.st_uid)}); "
+                        f"expected {expect}: others could have replaced or removed what is in it. Check it, then "
+                        f"remove it and start again (or chmod 700 {path})")
+    if created:
+        os.chmod(path, 0o700)
     return path
+
+
+def _dir_problem(st: os.stat_result, owner_ok: bool, mask: int) -> Optional[str]:
+    """What is wrong with a directory others must not control, from its lstat: "link", "not_dir", "owner" (when
+    not ``owner_ok``), "mode" (a permission bit in ``mask``), or None. The one inspection both the binding side
+    (ensure_private_dir) and the connecting side (check_connect_dir) make; each words its own refusal."""
+    if stat.S_ISLNK(st.st_mode):
+        return "link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not_dir"
+    if not owner_ok:
+        return "owner"
+    if stat.S_IMODE(st.st_mode) & mask:
+        return "mode"
+    return None
 
 
 def check_connect_dir(path: str, what: str = "socket directory") -> None:
@@ -216,18 +231,18 @@ def check_connect_dir(path: str, what: str = "socket directory") -> None:
     except FileNotFoundError:
         return
     me = os.geteuid()
-    if stat.S_ISLNK(st.st_mode):
+    problem = _dir_problem(st, owner_ok=me in (0, st.st_uid), mask=0o077)
+    if problem == "link":
         raise PathError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); expected a real directory, "
                         "mode 0700: not connecting")
-    if not stat.S_ISDIR(st.st_mode):
+    if problem == "not_dir":
         raise PathError(f"{what} {path} is not a directory: not connecting")
-    if me != 0 and st.st_uid != me:
+    if problem == "owner":
         raise PathError(f"{what} {path} is owned by {_user(st.st_uid)}, not {_user(me)}: its sockets may be "
                         "someone else's; not connecting (run as the services' user)")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise PathError(f"{what} {path} has mode {mode:04o} (owner {_user(st.st_uid)}); expected 0700: others "
-                        "could have put their own socket there; not connecting")
+    if problem == "mode":
+        raise PathError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o} (owner {_user(st.st_uid)}); "
+                        "expected 0700: others could have put their own socket there; not connecting")
 
 
 def check_private_file(path: str, what: str) -> bool:
