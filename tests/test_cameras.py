@@ -383,6 +383,48 @@ def test_image_server_bad_input_is_counted_never_delivered(closing, caplog) -> N
                for r in records)
 
 
+def header_starting_with(prefix: bytes, frame_id: int) -> bytes:
+    """A test-mode header of now whose first bytes (the timestamp's lowest mantissa bytes, little-endian) are
+    ``prefix``: FF D8 about once in 65,536 frames, FF D8 FF once in 16.7 million."""
+    header = bytearray(HEADER.pack(time.time(), frame_id))
+    header[:len(prefix)] = prefix
+    return bytes(header)
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="the timestamp's first bytes are its low bytes on little-endian")
+@pytest.mark.parametrize("prefix", [b"\xff\xd8", b"\xff\xd8\xff", b"\xff\xd8\xff\xe0"])
+def test_auto_header_whose_timestamp_starts_like_a_jpeg_is_still_a_header(closing, prefix: bytes) -> None:
+    good = SyntheticScene(SMALL, seed=5).render(3)
+    jpeg = simplejpeg.encode_jpeg(good, quality=95)
+    header = header_starting_with(prefix, 7)
+    stamp, _ = HEADER.unpack(header)
+    assert abs(stamp - time.time()) < 3600.0  # a real timestamp (4 bytes changed move it by minutes)
+    endpoint = tcp()
+    cam = closing(ImageServerCamera(endpoint, SMALL, header="auto"))
+    cam.start()
+    closing(Publisher(endpoint, [header + jpeg]))
+    frame = cam.wait_newer(0, 5.0)
+    assert frame is not None, cam.stats()
+    assert (frame.sender_id, frame.sender_stamp) == (7, stamp)
+    assert jpeg_diff(frame.canvas, good) < 2.0
+    assert cam.stats()["dropped"] == 0
+
+
+def test_auto_header_needs_a_jpeg_at_offset_12() -> None:
+    """Plain JPEGs (simplejpeg's, OpenCV's: JFIF) never hold FF D8 FF at offset 12; where a message could be read
+    both ways, the 12-byte reading wins only when its JPEG is this layout's size."""
+    cam = ImageServerCamera("tcp://127.0.0.1:5555", SMALL, header="auto")
+    good = simplejpeg.encode_jpeg(SyntheticScene(SMALL, seed=5).render(3), quality=95)
+    other = simplejpeg.encode_jpeg(np.zeros((16, 16, 3), np.uint8), quality=95)
+    header = header_starting_with(b"\xff\xd8\xff", 1)
+    assert good[12:15] != b"\xff\xd8\xff"
+    for message, expected in ((good, False), (HEADER.pack(1.0, 1) + good, True), (header + good, True),
+                              (header + other, False), (b"not a jpeg at all", False), (b"", False)):
+        assert cam.has_header(memoryview(message)) is expected, message[:16]
+    assert ImageServerCamera("tcp://127.0.0.1:5555", SMALL, header="timestamp_id").has_header(memoryview(good))
+    assert not ImageServerCamera("tcp://127.0.0.1:5555", SMALL, header="none").has_header(memoryview(header + good))
+
+
 def test_image_server_wrong_layout_drops_everything(closing) -> None:
     sim = closing(ImageServerSim(tcp(), SMALL, fps=100))
     sim.start()

@@ -2,8 +2,10 @@
 
 Unitree's image server (xr_teleoperate, unitree_IL_lerobot) binds a PUB socket (tcp port 5555 on the robot) and
 sends each capture as one JPEG: head camera(s) first, then the wrist cameras to the right. In its test mode it
-prepends 12 bytes: a native-endian float64 timestamp (its ``time.time()``) and a uint32 frame id. The client must
-know each camera's width to split the image: that is the :class:`~runtime.cameras.layout.Layout`.
+prepends 12 bytes: a native-endian float64 timestamp (its ``time.time()``) and a uint32 frame id (struct "dI"). The
+client must know each camera's width to split the image: that is the :class:`~runtime.cameras.layout.Layout`.
+``header: auto`` tells the two apart by where a JPEG starts (offset 0 or 12), not by the first bytes alone: a
+timestamp's low bytes are FF D8, the JPEG SOI marker, about once in 65,536 frames.
 
 The socket keeps a queue of at most two messages and each cycle takes only the newest (no ZMQ_CONFLATE: libzmq
 aborts on a multipart message there), so a slow consumer never builds a queue; see runtime/protocol/subscriber.py.
@@ -28,6 +30,8 @@ from runtime.protocol.sockets import describe_error
 from runtime.protocol.subscriber import NewestSubscriber
 
 SOI = b"\xff\xd8"
+#: How every JPEG starts: the SOI marker, then the first byte of the marker after it (FF D8 FF).
+JPEG_START = SOI + b"\xff"
 #: Unitree's test-mode header: native-endian float64 timestamp + uint32 frame id (struct "dI", 12 bytes).
 HEADER = struct.Struct("=dI")
 HEADER_MODES = ("auto", "none", "timestamp_id")
@@ -150,9 +154,9 @@ class ImageServerCamera(ZmqSubCamera):
     """Frames from Unitree's image server (or :class:`~runtime.cameras.image_server_sim.ImageServerSim`).
 
     header: "none" (plain JPEG), "timestamp_id" (12-byte test-mode header first), or "auto" (a header is present
-    iff the message does not start with the JPEG SOI marker FF D8). With a header, the frame's ``sender_stamp`` is
-    the server's timestamp (its wall clock) and ``sender_id`` its frame id; ``stamp`` is always this process's
-    monotonic clock at receipt.
+    iff a JPEG starts at offset 12: see ``has_header``). With a header, the frame's ``sender_stamp`` is the server's
+    timestamp (its wall clock) and ``sender_id`` its frame id; ``stamp`` is always this process's monotonic clock at
+    receipt.
 
     Dropped (counted in stats()["reasons"], never delivered): "bad_header" (header mode expects 12 bytes that are
     not there or hold a non-finite timestamp), "not_jpeg", "bad_jpeg", "wrong_size" (not height x sum of widths).
@@ -165,9 +169,26 @@ class ImageServerCamera(ZmqSubCamera):
         self.header = check_header_mode(header)
         _decode_supports_buffer()
 
+    def has_header(self, buf: memoryview) -> bool:
+        """Whether ``buf`` starts with the 12-byte header. "auto": iff a JPEG starts at offset 12 (FF D8 FF), which a
+        plain JPEG never has there (JFIF's version byte; an APPn or DQT segment's length and table), and where a
+        JPEG could start at offset 0 as well (a header whose timestamp's low bytes are FF D8 FF), iff the JPEG at
+        offset 12 reads as this layout's size: only a real frame does."""
+        if self.header != "auto":
+            return self.header == "timestamp_id"
+        size = HEADER.size
+        if buf[size:size + 3] != JPEG_START:
+            return False
+        if buf[:3] != JPEG_START:
+            return True
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(buf[size:])
+        except ValueError:
+            return False
+        return (height, width) == self._layout.shape[:2]
+
     def _split_header(self, buf: memoryview) -> Tuple[memoryview, Optional[float], Optional[int]]:
-        mode = self.header
-        if mode == "none" or (mode == "auto" and bytes(buf[:2]) == SOI):
+        if not self.has_header(buf):
             return buf, None, None
         if len(buf) < HEADER.size:
             raise JpegError("bad_header", f"{len(buf)} bytes, shorter than the {HEADER.size}-byte header")
