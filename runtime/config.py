@@ -238,10 +238,12 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "height": Key(480, int, "image height of every camera in the layout", lo=8, hi=4096),
         "layout": Key([{"name": "head", "width": 640}, {"name": "left_wrist", "width": 640},
                        {"name": "right_wrist", "width": 640}], list,
-                      "cameras side by side, left to right, as Unitree's image server sends them", check=_layout),
+                      "every view in the frame, left to right, as Unitree's image server sends them; the model "
+                      "takes those its manifest names, the rest are ignored", check=_layout),
         "endpoint": Key("tcp://127.0.0.1:5555", str, "image_server / raw_zmq publisher to subscribe to",
                         check=_any_endpoint),
-        "header": Key("auto", str, "image server test-mode header: auto | none | timestamp_id (12 bytes)",
+        "header": Key("auto", str, "image server test-mode header: auto (one iff a JPEG starts at byte 12) | none "
+                      "| timestamp_id (12 bytes)",
                       choices=("auto", "none", "timestamp_id")),
         "replay_path": Key("", str, "replay: directory of side-by-side JPEG frames (relative to this file)"),
         "replay_loop": Key(True, bool, "replay: start again at the end"),

@@ -101,6 +101,9 @@ class PolicyRuntime:
         missing = [name for name in manifest.camera_names if name not in have]
         if missing:
             raise ValueError(f"model {m['path']} needs cameras {missing} that camera.layout does not have {have}")
+        ignored = [name for name in have if name not in manifest.camera_names]  # never preprocessed
+        log.info("camera views used by the model: %s; ignored: %s", ", ".join(manifest.camera_names),
+                 ", ".join(ignored) or "none")
         self.state_index = g1.indices(manifest.state_joints)
         g1.indices(manifest.action_joints)  # an unknown joint name fails here, at start-up
         self.session = uuid.uuid4().hex[:12]

@@ -266,6 +266,44 @@ def test_bad_factories_exit_2_with_one_clear_line(tmp_path, monkeypatch, capsys,
     assert err.count("\n") == 1 and err.startswith("wam-edge export: ") and words in err, err
 
 
+def test_every_camera_states_its_channel_order():
+    """The exporter records each camera's channel order: an option over the factory's word, rgb where neither says."""
+    _torch()
+    from tools.export import ExportError, parse_channel_orders, record_channel_orders
+
+    def cameras(*stated):
+        return {"cameras": [dict({"name": n}, **({"channel_order": o} if o else {})) for n, o in stated]}
+
+    m = cameras(("head", None), ("left_wrist", "bgr"), ("right_wrist", None))
+    record_channel_orders(m)
+    assert [c["channel_order"] for c in m["cameras"]] == ["rgb", "bgr", "rgb"]
+    m = cameras(("head", None), ("left_wrist", "bgr"), ("right_wrist", "rgb"))
+    record_channel_orders(m, parse_channel_orders(["bgr", "right_wrist=rgb"]))
+    assert [c["channel_order"] for c in m["cameras"]] == ["bgr", "bgr", "rgb"]
+    assert [c["channel_order"] for c in _committed_manifest()["cameras"]] == ["rgb"] * 3
+    with pytest.raises(ExportError, match=r"camera 'chest': the manifest has no such camera \(cameras: head\)"):
+        record_channel_orders(cameras(("head", None)), {"chest": "bgr"})
+    with pytest.raises(ExportError, match="channel order 'BGR' for camera 'head' is not one of rgb, bgr"):
+        record_channel_orders(cameras(("head", None)), parse_channel_orders(["head=BGR"]))
+    with pytest.raises(ExportError, match="expected CAMERA=ORDER or ORDER"):
+        parse_channel_orders(["=bgr"])
+
+
+@pytest.mark.slow
+def test_channel_order_option_is_written_and_read(tmp_path, capsys):
+    out = str(tmp_path / "bgr")
+    assert _export_main(["--factory", "tools.make_reference:student", "--out", out, "--no-golden",
+                         "--channel-order", "left_wrist=bgr"]) == 0
+    assert "cameras: head (rgb), left_wrist (bgr), right_wrist (rgb)" in capsys.readouterr().out
+    assert [(c.channel_order, c.channel_order_stated) for c in load_manifest(out).cameras] == \
+        [("rgb", True), ("bgr", True), ("rgb", True)]
+    assert _export_main(["--factory", "tools.make_reference:student", "--out", str(tmp_path / "no"),
+                         "--channel-order", "chest=bgr"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "camera 'chest': the manifest has no such camera" in err, err
+    assert not os.path.exists(str(tmp_path / "no"))  # refused before anything was exported
+
+
 def test_checkpoint_that_does_not_fit_names_the_module_and_keys(tmp_path):
     torch = _torch()
     from tools.export import ExportError, load_checkpoint

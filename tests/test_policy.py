@@ -53,6 +53,7 @@ def test_committed_manifest_describes_the_reference():
     assert (m.sampler.type, m.sampler.steps, m.sampler.shift, m.sampler.distilled) == \
         ("flow_matching", 1, 1.0, True)
     assert np.allclose(m.action.mean, NOMINAL)
+    assert [(c.channel_order, c.channel_order_stated) for c in m.cameras] == [("rgb", True)] * 3
     assert [s.name for s in m.stages] == ["world", "action_expert"]
     total = sum(os.path.getsize(os.path.join(REFERENCE, f)) for f in os.listdir(REFERENCE))
     assert total < 3 * 1024 * 1024
@@ -148,15 +149,28 @@ def test_wrong_image_shape_names_camera_and_shapes(policy):
         policy.infer(images, joint_state())
 
 
-def test_missing_or_unknown_camera_is_named(policy):
+def test_missing_camera_is_named(policy):
     images = frames()
     del images["right_wrist"]
-    with pytest.raises(PolicyInputError, match="missing image for camera 'right_wrist'"):
+    with pytest.raises(PolicyInputError, match=r"missing image for camera 'right_wrist'.*got head, left_wrist\)$"):
         policy.infer(images, joint_state())
-    images = frames()
-    images["chest"] = images["head"]
-    with pytest.raises(PolicyInputError, match="unknown camera 'chest'"):
-        policy.infer(images, joint_state())
+
+
+def test_views_the_model_does_not_take_are_never_preprocessed():
+    """Unitree's image server sends every view (both head eyes, both wrists): the model takes its own and never
+    reads the others. The ignored view here is no image at all, so preprocessing it would raise."""
+    from conftest import heap_peak_above_baseline
+
+    a, b = load_policy(REFERENCE, seed=5), load_policy(REFERENCE, seed=5)
+    images, state = frames(), joint_state()
+    expected = a.infer(images, state).copy()
+    with_extra = dict(images, head_right=np.zeros((480, 640), np.float32), chest="not an image")
+    np.testing.assert_array_equal(b.infer(with_extra, state), expected)
+    assert [cam.spec.name for cam in b._cameras] == list(CAMERAS)  # no preprocessor, no buffer for them
+    peak = heap_peak_above_baseline(lambda i: b.infer(with_extra, state))
+    assert peak < 8 * 1024, "peak %d bytes above baseline" % peak
+    a.close()
+    b.close()
 
 
 def test_wrong_state_shape_is_named(policy):
@@ -277,6 +291,8 @@ MANIFEST_ERRORS = [
      r"stages\[0\]\.inputs\[0\]\.source: sampler:t changes every sampler step"),
     ("dynamic axis", lambda d: d["stages"][1]["inputs"][0].update(shape=["batch", 32, 17]),
      r"stages\[1\]\.inputs\[0\]\.shape\[0\]: symbolic dimension 'batch'"),
+    ("channel order", lambda d: d["cameras"][2].update(channel_order="BGR"),
+     r"cameras\[2\]\.channel_order: 'BGR' is not one of rgb, bgr"),
     ("camera input name", lambda d: d["cameras"][0].update(input="image_front"),
      r"cameras\[0\]\.input: camera 'head' says it feeds 'image_front'"),
     ("negative std", lambda d: d["state"]["std"].__setitem__(3, -0.5),
@@ -376,6 +392,78 @@ def test_preprocess_reads_strided_camera_views_in_place():
     pre = CameraPreprocessor(spec, np.empty((1, 3, 64, 48), np.float32))
     peak = heap_peak_above_baseline(lambda i: pre(views[0]), warmup=1, runs=1)
     assert peak < 4096, "a strided view was copied (%d bytes)" % peak
+
+
+def channel_model(tmp_path, name, order, mean=None, std=None):
+    """A copy of the reference whose head camera is declared ``order``; mean/std (default: the reference's
+    reversed for bgr, as a BGR-trained model lists its stats in its own channel order)."""
+    model = copy_reference(tmp_path / name)
+
+    def edit(d):
+        head = d["cameras"][0]
+        flip = (lambda v: v[::-1]) if order == "bgr" else (lambda v: v)
+        head.update(channel_order=order, mean=mean or flip(head["mean"]), std=std or flip(head["std"]))
+
+    edit_manifest(model, edit)
+    return str(model)
+
+
+def test_bgr_camera_tensor_is_the_rgb_tensor_with_channels_swapped(tmp_path):
+    """Through real ONNX Runtime sessions: the tensor bound to a bgr camera's input is the rgb model's with its
+    channels swapped (other cameras untouched), and the model acts on it as on a channel-swapped frame."""
+    rgb, bgr = load_policy(REFERENCE, seed=4), load_policy(channel_model(tmp_path, "bgr", "bgr"), seed=4)
+    assert [c.channel_order for c in bgr.manifest.cameras] == ["bgr", "rgb", "rgb"]
+    images, state = frames(7), joint_state()
+    rgb_actions = rgb.infer(images, state).copy()
+    bgr_actions = bgr.infer(images, state).copy()
+    rgb_head = rgb.backend.host_input("world", "image_head")
+    np.testing.assert_array_equal(bgr.backend.host_input("world", "image_head"), rgb_head[:, ::-1])
+    for cam in ("image_left_wrist", "image_right_wrist"):
+        np.testing.assert_array_equal(bgr.backend.host_input("world", cam), rgb.backend.host_input("world", cam))
+    assert not np.array_equal(bgr_actions, rgb_actions)  # the model saw other pixels
+    rgb.close()
+    bgr.close()
+    # with the same stats on every channel: a bgr model given a frame acts exactly as an rgb model given that frame
+    # with its channels reversed
+    same = dict(mean=[0.45] * 3, std=[0.25] * 3)
+    rgb = load_policy(channel_model(tmp_path, "rgb_same", "rgb", **same), seed=4)
+    bgr = load_policy(channel_model(tmp_path, "bgr_same", "bgr", **same), seed=4)
+    swapped = dict(images, head=images["head"][:, :, ::-1])
+    np.testing.assert_array_equal(bgr.infer(images, state), rgb.infer(swapped, state))
+    rgb.close()
+    bgr.close()
+
+
+def test_manifest_without_channel_order_reads_rgb_and_says_so(tmp_path, caplog):
+    model = copy_reference(tmp_path)
+    edit_manifest(model, lambda d: [c.pop("channel_order") for c in d["cameras"][1:]])
+    m = load_manifest(str(model))
+    assert [(c.channel_order, c.channel_order_stated) for c in m.cameras] == \
+        [("rgb", True), ("rgb", False), ("rgb", False)]
+    caplog.set_level("INFO", logger="wam_edge.policy")
+    with load_policy(str(model)) as p:
+        assert np.isfinite(p.infer(frames(), joint_state())).all()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "no channel_order for cameras left_wrist, right_wrist: read as rgb" in warnings[0]
+    assert any("camera inputs of model reference: head (rgb), left_wrist (rgb), right_wrist (rgb)"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_preprocess_bgr_swaps_channels_in_the_same_gather():
+    spec = _camera_spec(32, 24)
+    bgr_spec = CameraSpec("head", 32, 24, "nearest", spec.mean[::-1], spec.std[::-1], "image_head", "bgr")
+    image = np.random.default_rng(3).integers(0, 256, (480, 3 * 640, 3), dtype=np.uint8)[:, 640:1280]
+    a, b = np.empty((1, 3, 32, 24), np.float32), np.empty((1, 3, 32, 24), np.float32)
+    CameraPreprocessor(spec, a)(image)
+    pre = CameraPreprocessor(bgr_spec, b)
+    pre(image)
+    np.testing.assert_array_equal(b, a[:, ::-1])
+    from conftest import heap_peak_above_baseline
+
+    peak = heap_peak_above_baseline(lambda i: pre(image), warmup=1, runs=1)
+    assert peak < 4096, "bgr preprocessing allocated %d bytes" % peak
+    with pytest.raises(ValueError, match="channel order must be one of rgb, bgr, got 'grb'"):
+        CameraPreprocessor(CameraSpec("head", 32, 24, "nearest", spec.mean, spec.std, "image_head", "grb"), b)
 
 
 def test_preprocess_same_size_is_identity_resize():

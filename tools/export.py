@@ -7,6 +7,9 @@ StageExport in run order, each with its torch module (weights loaded, e.g. with 
 at the shapes to export (the opt shape of any dynamic axis) and each input's manifest source. A teacher (a
 velocity network the sampler runs for K steps) and a distilled one-step student export through the same path;
 the factory's manifest says which (sampler.distilled) and how many steps the sampler takes (sampler.steps).
+Every camera entry of the written manifest states its channel_order (the order the model was trained on: "rgb",
+or "bgr" for datasets recorded through Unitree's image client): ``--channel-order NAME=bgr`` (or ``bgr`` for every
+camera) over what the factory states, "rgb" where neither says. The factory's mean and std are in that order.
 tools/make_reference.py has two such factories: ``tools.make_reference:student`` and ``...:teacher``.
 
 What the export guarantees: opset >= 17 (LayerNormalization is one op, which TensorRT maps to its normalization
@@ -41,7 +44,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import onnx
 import torch
 
-from runtime.policy.manifest import ManifestError, parse_manifest, sha256_file
+from runtime.policy.manifest import CHANNEL_ORDERS, DEFAULT_CHANNEL_ORDER, ManifestError, parse_manifest, sha256_file
 from tools.onnx_forms import (  # noqa: F401 (ExportError, MIN_OPSET and the form checks are part of this API)
     DECOMPOSED_NORM,
     MIN_OPSET,
@@ -478,17 +481,43 @@ def export_stage(stage: StageExport, out_dir: str, opset: int = DEFAULT_OPSET,
     return _export_stage(stage, out_dir, opset, external_data)[0]
 
 
+def record_channel_orders(manifest: Dict[str, Any], orders: Optional[Dict[str, str]] = None) -> None:
+    """Make every camera entry of ``manifest`` state its channel_order, in place: ``orders`` (camera name ->
+    "rgb" | "bgr"; the name "*" for every camera) over what the entry states, DEFAULT_CHANNEL_ORDER where neither
+    says. ExportError for an order or a camera name that is not there."""
+    orders = dict(orders or {})
+    cameras = manifest.get("cameras")
+    entries = [c for c in cameras if isinstance(c, dict)] if isinstance(cameras, list) else []
+    names = [c.get("name") for c in entries]
+    for name, order in orders.items():
+        if order not in CHANNEL_ORDERS:
+            which = "every camera" if name == "*" else "camera %r" % name
+            raise ExportError("channel order %r for %s is not one of %s" % (order, which, ", ".join(CHANNEL_ORDERS)))
+        if name != "*" and name not in names:
+            raise ExportError("channel order for camera %r: the manifest has no such camera (cameras: %s)"
+                              % (name, ", ".join(map(str, names)) or "none"))
+    for entry in entries:
+        order = orders.get(entry.get("name"), orders.get("*"))
+        if order is not None:
+            entry["channel_order"] = order
+        else:
+            entry.setdefault("channel_order", DEFAULT_CHANNEL_ORDER)
+
+
 def export_model(stages: Sequence[StageExport], out_dir: str, manifest: Dict[str, Any],
-                 opset: int = DEFAULT_OPSET, external_data: str = "auto") -> Tuple[Dict[str, Any], List[StageReport]]:
+                 opset: int = DEFAULT_OPSET, external_data: str = "auto",
+                 channel_orders: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, Any], List[StageReport]]:
     """Export every stage and write <out_dir>/manifest.json; returns the manifest and one report per file.
 
-    manifest holds everything but "stages". The result is validated with the runtime's own parser before
-    it is written, so a manifest this writes is one the runtime loads.
+    manifest holds everything but "stages". Each camera's channel order is recorded (record_channel_orders).
+    The result is validated with the runtime's own parser before it is written, so a manifest this writes is one
+    the runtime loads.
     """
     if "stages" in manifest:
         raise ExportError("the manifest given to the exporter must not hold \"stages\" (the exporter writes them)")
-    os.makedirs(out_dir, exist_ok=True)
     full = copy.deepcopy(dict(manifest))
+    record_channel_orders(full, channel_orders)  # before the long part: a wrong name fails at once
+    os.makedirs(out_dir, exist_ok=True)
     done = [_export_stage(stage, out_dir, opset, external_data) for stage in stages]
     full["stages"] = [entry for entry, _ in done]
     manifest_path = os.path.join(out_dir, "manifest.json")
@@ -578,7 +607,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         help="write <out>/golden.npz (the default)")
     parser.add_argument("--no-golden", dest="golden", action="store_false", help="do not write golden.npz")
     parser.add_argument("--seed", type=int, default=0, help="seed of the golden inputs (default %(default)s)")
+    parser.add_argument("--channel-order", action="append", default=[], metavar="[CAMERA=]ORDER",
+                        help="the channel order (%s) a camera's model input was trained on, e.g. head=bgr for "
+                        "frames recorded through Unitree's image client; ORDER alone sets every camera; repeatable; "
+                        "default: what the factory states, else %s"
+                        % (" or ".join(CHANNEL_ORDERS), DEFAULT_CHANNEL_ORDER))
     return parser
+
+
+def parse_channel_orders(items: Sequence[str]) -> Dict[str, str]:
+    """["head=bgr", "rgb"] -> {"head": "bgr", "*": "rgb"} (record_channel_orders checks names and orders)."""
+    out: Dict[str, str] = {}
+    for item in items:
+        name, sep, order = item.rpartition("=")
+        if sep and not name:
+            raise ExportError("--channel-order %r: expected CAMERA=ORDER or ORDER" % item)
+        out[name if sep else "*"] = order
+    return out
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "wam-edge export") -> int:
@@ -591,8 +636,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "wam-edge export") -> int
               % (prog, args.opset, MIN_OPSET), file=sys.stderr)
         return 2
     try:
+        orders = parse_channel_orders(args.channel_order)
         spec = call_factory(args.factory, args.checkpoint)
-        manifest, reports = export_model(spec.stages, args.out, spec.manifest, args.opset, args.external_data)
+        manifest, reports = export_model(spec.stages, args.out, spec.manifest, args.opset, args.external_data,
+                                         orders)
         for r in reports:
             ops = ", ".join("%d %s" % (n, op) for op, n in r.op_counts.items())
             weights = "; weights in %s" % r.data_file if r.data_file else ""
@@ -602,6 +649,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "wam-edge export") -> int
                 print(warning)
         print("wrote %s" % os.path.join(args.out, "manifest.json"))
         print("sampler: %s" % describe_sampler(manifest["sampler"]))
+        print("cameras: %s" % ", ".join("%s (%s)" % (c["name"], c["channel_order"]) for c in manifest["cameras"]))
         if args.golden:
             from tools import golden
 

@@ -39,7 +39,8 @@ def manifest_base() -> Dict[str, Any]:
                        "expert. For plumbing and tests only; its actions mean nothing.",
         "cameras": [
             {"name": cam, "height": rm.IMAGE_SIZE, "width": rm.IMAGE_SIZE, "resize": "nearest",
-             "mean": list(rm.IMAGE_MEAN), "std": list(rm.IMAGE_STD), "input": "image_" + cam}
+             "mean": list(rm.IMAGE_MEAN), "std": list(rm.IMAGE_STD), "input": "image_" + cam,
+             "channel_order": "rgb"}  # what the reference's inputs are (say "bgr" for a model trained on BGR)
             for cam in rm.CAMERAS
         ],
         "state": {"joints": list(rm.G1_JOINTS), "mean": list(rm.STATE_MEAN),

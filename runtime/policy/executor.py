@@ -17,7 +17,7 @@ import numpy as np
 
 from .backends import StageBackend, load_backend
 from .errors import PolicyError, PolicyInputError
-from .manifest import Manifest, SamplerSpec, is_host_source, load_manifest
+from .manifest import DEFAULT_CHANNEL_ORDER, Manifest, SamplerSpec, is_host_source, load_manifest
 from .preprocess import CameraPreprocessor, StateNormaliser
 from .sampler import FlowMatchingSchedule
 
@@ -49,6 +49,7 @@ class Policy:
         host = self._host_buffers()
         self._cameras = tuple(CameraPreprocessor(c, host["camera:" + c.name][0])
                               for c in manifest.cameras)
+        _log_channel_orders(manifest)
         n_state = len(manifest.state.joints)
         state_bufs = host.get("state") or [np.zeros((1, n_state), np.float32)]
         self._state = StateNormaliser(manifest.state, state_bufs[0])
@@ -118,13 +119,13 @@ class Policy:
     # --- hot path ---------------------------------------------------------------
 
     def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray) -> np.ndarray:
-        """images: camera name -> HxWx3 uint8 RGB (any size); state: joint
-        positions in manifest.state_joints order. Returns (horizon, action_dim)
-        float32 absolute targets: a view of an internal buffer, overwritten by
-        the next call. Raises PolicyError rather than return non-finite values."""
+        """images: camera name -> HxWx3 uint8 RGB (any size), at least the
+        manifest's cameras; other views (a camera layout names every view in
+        the frame) are never read. state: joint positions in
+        manifest.state_joints order. Returns (horizon, action_dim) float32
+        absolute targets: a view of an internal buffer, overwritten by the next
+        call. Raises PolicyError rather than return non-finite values."""
         start = perf_counter()
-        if len(images) != len(self._cameras):
-            self._check_camera_names(images)
         for cam in self._cameras:
             image = images.get(cam.spec.name)
             if image is None:
@@ -285,12 +286,8 @@ class Policy:
         expected = self.manifest.camera_names
         for name in expected:
             if images.get(name) is None:
-                raise PolicyInputError("missing image for camera %r (the model expects cameras: "
-                                       "%s)" % (name, ", ".join(expected)))
-        for name in images:
-            if name not in expected:
-                raise PolicyInputError("unknown camera %r (the model expects cameras: %s)"
-                                       % (name, ", ".join(expected)))
+                raise PolicyInputError("missing image for camera %r (the model expects cameras: %s; got %s)"
+                                       % (name, ", ".join(expected), ", ".join(images) or "none"))
 
     def _non_finite_error(self) -> PolicyError:
         bad = ~self._finite
@@ -333,6 +330,17 @@ class Policy:
             return "inputs were finite; one of the stages %s produced them (their outputs stay on the device)" % (
                 unseen,)
         return "inputs and every stage output were finite: the sampler's update or the action scaling overflowed"
+
+
+def _log_channel_orders(manifest: Manifest) -> None:
+    """Which channel order each camera input gets; a warning where the manifest does not say (an older export)."""
+    log.info("camera inputs of model %s: %s", manifest.name,
+             ", ".join("%s (%s)" % (c.name, c.channel_order) for c in manifest.cameras))
+    unstated = [c.name for c in manifest.cameras if not c.channel_order_stated]
+    if unstated:
+        log.warning("%s states no channel_order for camera%s %s: read as %s, the order this runtime always fed; if "
+                    "the model was trained on BGR frames, re-export it with --channel-order NAME=bgr",
+                    manifest.path, "s" if len(unstated) > 1 else "", ", ".join(unstated), DEFAULT_CHANNEL_ORDER)
 
 
 def _mirrors(bufs: List[np.ndarray]) -> Tuple[Tuple[np.ndarray, np.ndarray], ...]:

@@ -23,6 +23,10 @@ VERSION = 1
 DTYPES = ("float32", "float16", "int32", "int64", "uint8", "bool")
 HOST_DTYPE = "float32"  # tensors fed from / read by the host are float32 for now
 RESIZE_MODES = ("nearest",)
+# The order of a camera input's three channels. A manifest that does not say is read as "rgb": the order this
+# runtime fed every model before the key existed (exported/reference and any older export).
+CHANNEL_ORDERS = ("rgb", "bgr")
+DEFAULT_CHANNEL_ORDER = "rgb"
 ACTION_KINDS = ("joint_position",)
 SAMPLER_TYPES = ("flow_matching",)
 RUNS = ("once", "per_step")
@@ -49,6 +53,9 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class CameraSpec:
+    """One camera input. channel_order: the order of the tensor's channels ("rgb" or "bgr", as the model was
+    trained: datasets recorded through Unitree's image client may be BGR); mean and std are in that order.
+    channel_order_stated: False where the manifest left channel_order out (then read as DEFAULT_CHANNEL_ORDER)."""
     name: str
     height: int
     width: int
@@ -56,6 +63,8 @@ class CameraSpec:
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     input: str  # name of the stage input this camera feeds
+    channel_order: str = DEFAULT_CHANNEL_ORDER
+    channel_order_stated: bool = True
 
 
 @dataclass(frozen=True)
@@ -287,7 +296,8 @@ def _check_unique(ctx: _Ctx, names: Tuple[str, ...], path: str, what: str) -> No
 # --- sections ----------------------------------------------------------------
 
 def _camera(ctx: _Ctx, value: Any, path: str) -> CameraSpec:
-    d = ctx.obj(value, path, ("name", "height", "width", "resize", "mean", "std", "input"))
+    d = ctx.obj(value, path, ("name", "height", "width", "resize", "mean", "std", "input"), ("channel_order",))
+    stated = "channel_order" in d
     return CameraSpec(
         name=ctx.name(d["name"], path + ".name"),
         height=ctx.int_(d["height"], path + ".height"),
@@ -296,6 +306,9 @@ def _camera(ctx: _Ctx, value: Any, path: str) -> CameraSpec:
         mean=ctx.floats(d["mean"], path + ".mean", 3),  # type: ignore[arg-type]
         std=ctx.floats(d["std"], path + ".std", 3, positive=True),  # type: ignore[arg-type]
         input=ctx.name(d["input"], path + ".input"),
+        channel_order=ctx.str_(d["channel_order"], path + ".channel_order", CHANNEL_ORDERS) if stated
+        else DEFAULT_CHANNEL_ORDER,
+        channel_order_stated=stated,
     )
 
 

@@ -4,6 +4,8 @@ Resizing is nearest neighbour through precomputed gather indices (byte offsets,
 so strided camera views are read in place), so a frame costs one np.take, one
 cast and two in-place ufuncs on same-shape arrays and allocates nothing (index
 arrays are built once per source frame size and layout, normally at warmup).
+Frames are RGB; a model trained on BGR (manifest channel_order) gets its
+channels swapped by the same gather, at no cost.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import PolicyInputError
-from .manifest import CameraSpec, StateSpec
+from .manifest import CHANNEL_ORDERS, CameraSpec, StateSpec
 
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:
@@ -32,11 +34,18 @@ def _check_buffer(out: np.ndarray, shape: Tuple[int, ...], what: str) -> None:
 
 
 class CameraPreprocessor:
-    """HxWx3 uint8 RGB of any size -> normalised (1, 3, h, w) float32, in place."""
+    """HxWx3 uint8 RGB of any size -> normalised (1, 3, h, w) float32 in the
+    model's channel order (spec.channel_order), in place."""
 
     def __init__(self, spec: CameraSpec, out: np.ndarray) -> None:
         _check_buffer(out, (1, 3, spec.height, spec.width), "camera %r" % spec.name)
+        if spec.channel_order not in CHANNEL_ORDERS:
+            raise ValueError("camera %r: channel order must be one of %s, got %r"
+                             % (spec.name, ", ".join(CHANNEL_ORDERS), spec.channel_order))
         self.spec = spec
+        # source (RGB) channel of each output channel
+        self._channels = np.arange(3, dtype=np.int64) if spec.channel_order == "rgb" \
+            else np.arange(2, -1, -1, dtype=np.int64)
         self.out = out
         self._chw = out[0]
         self._u8 = np.empty((3, spec.height, spec.width), dtype=np.uint8)
@@ -65,7 +74,7 @@ class CameraPreprocessor:
             ys = nearest_indices(key[0], self.spec.height)
             xs = nearest_indices(key[1], self.spec.width)
             pixel = ys[:, None] * s0 + xs[None, :] * s1                 # (h, w)
-            channel = np.arange(3, dtype=np.int64)[:, None, None] * s2  # (3, 1, 1)
+            channel = self._channels[:, None, None] * s2                # (3, 1, 1)
             index = (pixel[None, :, :] + channel).astype(np.intp)       # (3, h, w)
             self._index[key] = index
         return index
