@@ -218,13 +218,13 @@ def test_a_bad_crc_lowstate_stream_stops_the_controller_on_stale_state(robot, ru
     domain, src = robot()
     drv = DdsG1Driver(ARM_SDK, domain, "lo")
     assert drv.link.wait_for_state(10.0)
-    r = running(drv, "controller.state_timeout_s=0.2")
+    r = running(drv, "controller.state_timeout_s=0.3")
     src.crc = 0x1  # from now on every LowState's crc is wrong; the stream itself goes on
     sent = src.published
     r.run(1.0)
     assert src.published > sent + 50  # the robot kept publishing throughout
     assert r.controller.sm.state in (STOPPING, STOPPED)
-    assert "robot state is" in r.stop_reason() and "old (limit 200 ms)" in r.stop_reason()
+    assert "robot state is" in r.stop_reason() and "old (limit 300 ms)" in r.stop_reason()
     link = r.controller.report()["robot_link"]
     assert link["lowstate_crc"] == "check" and link["states_refused"]["bad_crc"] > 50
     assert link["states_refused"]["non_finite"] == 0 and link["states_refused"]["unparsed"] == 0
@@ -236,7 +236,7 @@ def test_a_tilt_only_the_quaternion_shows_stops_the_robot_over_dds(robot, runnin
     domain, src = robot()
     drv = DdsG1Driver(ARM_SDK, domain, "lo")
     assert drv.link.wait_for_state(10.0)
-    r = running(drv, "controller.max_tilt=0.8")
+    r = running(drv, "controller.max_tilt=0.8", "controller.state_timeout_s=0.3")
     src.state.quaternion[:] = imu.quaternion_from_rpy(-0.95, 0.1, 2.0)  # rpy stays zero on the wire
     r.run(0.3)
     assert drv.reading.rpy.tolist() == [0.0, 0.0, 0.0]
