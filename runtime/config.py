@@ -338,6 +338,10 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "domain_id": Key(0, int, "DDS domain: 0 on the robot, 1 for unitree_mujoco", lo=0, hi=232),
         "interface": Key("", str, "network interface to the robot (e.g. eth0); empty lets CycloneDDS choose; "
                          "lo for a simulation on this machine"),
+        "lowstate_crc": Key("check", str, "check: a robot state (LowState) whose CRC does not match is refused, as "
+                            "Unitree's C++ SDK does (it counts as missing state: controller.state_timeout_s stops "
+                            "the robot) | ignore: used unchecked, for simulators that leave the crc 0 "
+                            "(unitree_mujoco); logged as a warning at start", choices=("check", "ignore")),
     },
     "sim": {
         "time_constant_s": Key(0.03, float, "simulated G1: first-order response time of each joint", lo=0.001,

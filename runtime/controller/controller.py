@@ -49,7 +49,7 @@ from runtime.protocol import (
     encode_state,
     sockets,
 )
-from runtime.robot import g1
+from runtime.robot import g1, imu
 from runtime.robot.driver import ARM_SDK, RobotDriver, RobotReading
 from runtime.service import paths
 from runtime.service.notify import Notifier
@@ -501,7 +501,7 @@ class Controller:
             self.rejects.reject(err)
             return encode_reply(Reply(False, self.sm.state, str(err)))
         reply = self._operator(cmd.cmd, now, cmd.who) if cmd.cmd != "status" else \
-            Reply(True, self.sm.state, self.sm.describe())
+            Reply(True, self.sm.state, "; ".join(filter(None, (self.sm.describe(), self.driver.status_note()))))
         return encode_reply(reply)
 
     def _refuse_command(self, reason: str) -> bytes:
@@ -522,7 +522,7 @@ class Controller:
             sm.stop(now, f"robot state is {age * 1000:.0f} ms old (limit {c['state_timeout_s'] * 1000:.0f} ms)",
                     immediate=True)
             return
-        tilt = max(abs(r.rpy[0]), abs(r.rpy[1]))
+        tilt = imu.tilt(r.quat, r.rpy)  # from the quaternion; rpy only where the quaternion is unusable
         if tilt > c["max_tilt"]:
             sm.stop(now, f"tilt {tilt:.2f} rad (limit {c['max_tilt']})", immediate=True)
         np.abs(r.dq, out=self._absdq)
@@ -800,6 +800,7 @@ class Controller:
                 "chunks_evicted": self.schedule.evicted,
                 "seam_traces": self.seam_traces(),
             },
+            "robot_link": self.driver.report(),
             "task": self.tasks[self.task_index],
             "final_q": [round(float(v), 5) for v in self.q_cmd],
             "command_record": self._record_path,
@@ -846,12 +847,13 @@ def make_driver(cfg: Config) -> RobotDriver:
 
     d = cfg["dds"]
     if c["mode"] == "lowcmd" and c["release_motion_control"]:
-        try:  # before our link: unitree_sdk2py opens its own DDS domain
+        try:  # before our link: unitree_sdk2py creates the DDS domain itself; the link then shares it
             was = release_motion_control(d["domain_id"], d["interface"] or None)
             log.info("Unitree's motion controller released (was %r)", was or "none")
         except RuntimeError as exc:
             log.warning("lowcmd mode: %s", exc)
-    return DdsG1Driver(mode=c["mode"], domain_id=d["domain_id"], interface=d["interface"] or None)
+    return DdsG1Driver(mode=c["mode"], domain_id=d["domain_id"], interface=d["interface"] or None,
+                       lowstate_crc=d["lowstate_crc"])
 
 
 def main(cfg: Config, report_path: Optional[str] = None, ready_file: Optional[str] = None,

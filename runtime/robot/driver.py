@@ -6,6 +6,8 @@ fills before write(). Nothing is allocated per tick. All arrays are in G1 motor 
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import numpy as np
 
 from runtime.robot import g1
@@ -18,7 +20,7 @@ ARM_SDK, LOWCMD = "arm_sdk", "lowcmd"
 class RobotReading:
     """The newest robot state. ``stamp`` is this process's time.monotonic() when that state arrived."""
 
-    __slots__ = ("q", "dq", "tau", "temperature", "rpy", "gyro", "buttons", "tick", "stamp", "count")
+    __slots__ = ("q", "dq", "tau", "temperature", "quat", "rpy", "gyro", "buttons", "tick", "stamp", "count")
 
     def __init__(self) -> None:
         n = g1.NUM_JOINTS
@@ -26,7 +28,8 @@ class RobotReading:
         self.dq = np.zeros(n)
         self.tau = np.zeros(n)  # estimated torque
         self.temperature = np.zeros(n)  # winding temperature, deg C
-        self.rpy = np.zeros(3)  # IMU roll, pitch, yaw (rad)
+        self.quat = np.array([1.0, 0.0, 0.0, 0.0])  # IMU attitude quaternion w, x, y, z: the primary output
+        self.rpy = np.zeros(3)  # IMU roll, pitch, yaw (rad): some sources leave it zero (runtime/robot/imu.py)
         self.gyro = np.zeros(3)  # rad/s
         self.buttons = 0  # wireless remote button bits (g1-wire.md)
         self.tick = 0  # the robot's own tick counter
@@ -62,6 +65,14 @@ class RobotDriver:
 
     def write(self) -> None:
         raise NotImplementedError
+
+    def report(self) -> Dict[str, Any]:
+        """What the transport took and refused (the controller's report); empty for a driver without a wire."""
+        return {}
+
+    def status_note(self) -> str:
+        """A short line for `wam-edge status` when the transport refused robot state ("" when nothing to say)."""
+        return ""
 
     def close(self) -> None:
         pass

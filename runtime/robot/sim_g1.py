@@ -18,6 +18,7 @@ import numpy as np
 
 from runtime.robot import g1
 from runtime.robot.driver import ARM_SDK, JointCommand, RobotDriver, RobotReading
+from runtime.robot.imu import quaternion_from_rpy
 from runtime.robot.remote import button_mask
 
 
@@ -134,5 +135,8 @@ class SimulatedG1(RobotDriver):
         """Hold these remote buttons (names as in config: R1, L1, start, select, ..., none to release)."""
         self.reading.buttons = button_mask(buttons)
 
-    def tilt(self, roll: float, pitch: float = 0.0) -> None:
-        self.reading.rpy[0], self.reading.rpy[1] = roll, pitch
+    def tilt(self, roll: float, pitch: float = 0.0, rpy: bool = True) -> None:
+        """The IMU reports this attitude: in its quaternion and, unless ``rpy`` is False (a source that leaves rpy
+        zero), in rpy too."""
+        self.reading.quat[:] = quaternion_from_rpy(roll, pitch)
+        self.reading.rpy[0], self.reading.rpy[1] = (roll, pitch) if rpy else (0.0, 0.0)

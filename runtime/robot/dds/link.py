@@ -3,13 +3,15 @@
 Commands go to rt/lowcmd (full body, robot in debug mode) or rt/arm_sdk (waist + arms, Unitree's controller keeps
 the legs). Every LowCmd echoes mode_machine from the newest LowState (a wrong value makes the robot ignore us, and
 it can change per boot), carries mode_pr 0, and gets its CRC last. State is taken newest-only (keep-last-1 reader,
-one take per poll): a slow reader sees the latest state, never a backlog.
+one take per poll): a slow reader sees the latest state, never a backlog. A LowState whose CRC does not match is
+refused, as Unitree's C++ SDK refuses it: it counts as missing state (the controller's state-age watchdog applies).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -20,27 +22,39 @@ from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer
 from runtime.robot.driver import ARM_SDK, LOWCMD, RobotReading
 from runtime.robot.remote import decode_buttons
 
+log = logging.getLogger("wam_edge.dds")
+
 _N = g1.NUM_JOINTS
+#: dds.lowstate_crc: check (refuse a LowState whose CRC does not match) or ignore (simulators that leave it 0).
+CRC_CHECK, CRC_IGNORE = "check", "ignore"
 
 
 class G1Link:
     """The DDS link. Fill ``command`` (a LowCmdBuffer: 35-slot views mode/q/dq/tau/kp/kd), then ``publish()``.
 
     ``poll()`` takes the newest LowState into ``reading`` (a RobotReading), ``wireless_remote`` (raw 40 bytes) and
-    ``mode_machine``. LowState CRC mismatches are counted in ``crc_errors`` and the state is still used (unless
-    ``drop_bad_crc``): the C++ SDK checks it, but whether every robot firmware and simulator fills it is unverified.
-    A LowState with a non-finite joint or IMU value is never taken (``non_finite``): NaN compares false with every
-    bound (a NaN tilt would pass the tilt check), and the controller stops on the state going stale instead.
+    ``mode_machine``. Never taken, only counted: a LowState whose CRC does not match (``crc_errors``; with
+    ``lowstate_crc`` "ignore" the CRC is not checked), one with a non-finite joint value, rpy or gyro
+    (``non_finite``: NaN compares false with every bound, a NaN tilt would pass the tilt check) and one we cannot
+    parse (``unparsed``). The reading then goes stale and the controller stops on its age. The quaternion is copied
+    as it is: the controller's tilt check judges it (runtime/robot/imu.py) and falls back to rpy.
     """
 
     def __init__(self, domain_id: int = 0, interface: Optional[str] = None, mode: str = LOWCMD,
-                 loopback: Optional[bool] = None, require_state: bool = True, drop_bad_crc: bool = False) -> None:
+                 loopback: Optional[bool] = None, require_state: bool = True, lowstate_crc: str = CRC_CHECK) -> None:
         if mode not in (LOWCMD, ARM_SDK):
             raise ValueError("mode must be {!r} or {!r}, not {!r}".format(LOWCMD, ARM_SDK, mode))
+        if lowstate_crc not in (CRC_CHECK, CRC_IGNORE):
+            raise ValueError("lowstate_crc must be {!r} or {!r}, not {!r}".format(CRC_CHECK, CRC_IGNORE,
+                                                                                lowstate_crc))
         self.mode = mode
         self.domain_id = domain_id
         self.require_state = require_state
-        self.drop_bad_crc = drop_bad_crc
+        self.lowstate_crc = lowstate_crc
+        self._check_crc = lowstate_crc == CRC_CHECK
+        if not self._check_crc:
+            log.warning("dds.lowstate_crc is 'ignore': robot state (LowState) is used WITHOUT checking its CRC. Only "
+                        "for a simulator that leaves the crc 0 (unitree_mujoco); never on a real robot")
         self.participant = transport.open_participant(domain_id, interface, loopback)
         topic = transport.ARM_SDK_TOPIC if mode == ARM_SDK else transport.LOWCMD_TOPIC
         self._writer = transport.writer(self.participant, topic, LowCmd_)
@@ -51,7 +65,7 @@ class G1Link:
         self.wireless_remote = np.zeros(40, dtype=np.uint8)
         self.mode_machine = 0
         self.published = 0  # LowCmds sent
-        self.crc_errors = 0  # LowStates whose crc did not match
+        self.crc_errors = 0  # LowStates refused: their crc did not match
         self.unparsed = 0  # LowStates we could not take in place (big-endian or short)
         self.non_finite = 0  # LowStates refused for a NaN or infinite joint or IMU value
         st = self.state
@@ -62,6 +76,7 @@ class G1Link:
         # the float fields, each with a preallocated mask for the finiteness check (no allocation per state)
         self._finite = tuple((src, np.zeros(src.shape, dtype=bool)) for _, src in self._copies
                              if src.dtype.kind == "f")
+        self._copies += ((self.reading.quat, st.quaternion),)  # judged by the tilt check, not refused here
 
     @property
     def topic(self) -> str:
@@ -77,10 +92,12 @@ class G1Link:
         if not st.load(samples[-1]):
             self.unparsed += 1
             return False
-        if not st.crc_ok():
+        if self._check_crc and not st.crc_ok():
             self.crc_errors += 1
-            if self.drop_bad_crc:
-                return False
+            if self.crc_errors == 1:
+                log.warning("robot state (LowState) with a bad CRC refused; every one is (counted in the report). "
+                            "A simulator that leaves the crc 0 (unitree_mujoco) needs dds.lowstate_crc: ignore")
+            return False
         for src, mask in self._finite:
             np.isfinite(src, out=mask)
             if not mask.all():
@@ -123,6 +140,16 @@ class G1Link:
         self.published += 1
         return True
 
+    def refused(self) -> Dict[str, int]:
+        """LowStates not taken, by reason."""
+        return {"bad_crc": self.crc_errors, "non_finite": self.non_finite, "unparsed": self.unparsed}
+
+    def report(self) -> Dict[str, Any]:
+        """What the link took, refused and sent (the controller's report)."""
+        return {"topic": self.topic, "lowstate_crc": self.lowstate_crc, "states_taken": self.reading.count,
+                "states_refused": self.refused(), "commands_published": self.published}
+
     def close(self) -> None:
-        """Delete the DDS entities now rather than at garbage collection (the domain stays for this process)."""
+        """Delete the DDS entities now rather than at garbage collection (the domain and the process's shared
+        participant stay: transport.open_participant)."""
         transport.delete(self._writer, self._reader, self.participant)

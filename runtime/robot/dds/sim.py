@@ -53,6 +53,7 @@ from runtime.robot import g1
 from runtime.robot.dds import transport
 from runtime.robot.dds.unitree_hg import LowCmd_, LowState_
 from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer
+from runtime.robot.imu import quaternion_from_rpy
 from runtime.robot.remote import BUTTONS, REMOTE_BYTES, STICKS, encode_remote
 from runtime.robot.sim_g1 import G1Physics
 
@@ -471,11 +472,11 @@ class SimulatedG1Dds:
         st.temperature[:_N, 0] = self._temperature - 10.0
         roll, pitch, yaw = self._tilt
         st.rpy[:] = self._tilt
-        st.quaternion[:] = _quaternion(roll, pitch, yaw)
+        st.quaternion[:] = quaternion_from_rpy(roll, pitch, yaw)  # the IMU's primary output, consistent with rpy
         st.gyroscope[:] = self._gyro
         st.accelerometer[:] = (0.0, 0.0, 9.81)
         st.wireless_remote[:] = self._remote
-        st.seal()
+        st.seal()  # crc last: a controller refuses a LowState whose crc does not match (dds.lowstate_crc)
         transport.write_raw(self._writer, st.cdr)
         self.published += 1
 
@@ -518,15 +519,6 @@ class SimulatedG1Dds:
         if request.get("stop"):
             self._stop.set()
         return reply
-
-
-def _quaternion(roll: float, pitch: float, yaw: float):
-    """(w, x, y, z) of intrinsic roll-pitch-yaw (ZYX) angles."""
-    cr, sr = math.cos(roll / 2), math.sin(roll / 2)
-    cp, sp = math.cos(pitch / 2), math.sin(pitch / 2)
-    cy, sy = math.cos(yaw / 2), math.sin(yaw / 2)
-    return (cr * cp * cy + sr * sp * sy, sr * cp * cy - cr * sp * sy,
-            cr * sp * cy + sr * cp * sy, cr * cp * sy - sr * sp * cy)
 
 
 def main(domain_id: int = 1, interface: Optional[str] = "lo", rate_hz: float = 500.0,
