@@ -261,12 +261,17 @@ def test_chunk_running_out_holds_its_last_action(rig):
     (lambda r, now: b"\x80" * (2 << 20), None),  # over MAXMSGSIZE: ZeroMQ drops it
 ])
 def test_bad_chunks_are_never_applied(rig, make, reason):
+    """Mid-run: a chunk holding the pose runs, then the bad one (first_step_too_far: max_first_step guards every
+    chunk once one was applied; the first one after arming is approached instead, test_approach.py)."""
     r = rig()
     r.arm()
+    r.send(np.repeat(r.controller.q_cmd[ARM_IDX][None], 50, 0).astype(np.float32), 0.05, seq=0)
+    r.run(0.05)
+    assert r.controller.chunks_applied == 1
     before = r.controller.q_cmd.copy()
     r.push.send(make(r, time.monotonic()))
     r.run(0.1)
-    assert r.controller.chunks_applied == 0
+    assert r.controller.chunks_applied == 1 and r.controller.sm.state == RUNNING
     assert np.array_equal(r.controller.q_cmd, before)
     if reason:
         assert r.controller.rejects.counts == {reason: 1}
