@@ -18,7 +18,7 @@ from runtime.config import load_config
 from runtime.controller.controller import Controller
 from runtime.controller.limits import JointLimiter
 from runtime.controller.record import SIZE, STATE_CODES, CommandRecord
-from runtime.controller.safety import ARMING, ESTOP, HOLDING, IDLE, RUNNING, STOPPED, STOPPING
+from runtime.controller.safety import APPROACHING, ARMING, ESTOP, HOLDING, IDLE, RUNNING, STOPPED, STOPPING
 from runtime.controller.schedule import ChunkSchedule
 from runtime.protocol import ActionChunk, Heartbeat, decode, encode_chunk, encode_heartbeat
 from runtime.robot import g1
@@ -638,7 +638,7 @@ def _drive(c, seconds, until=None):
     return out
 
 
-@pytest.mark.parametrize("when", ["running", "arming"])
+@pytest.mark.parametrize("when", ["running", "arming", "approaching"])
 def test_arm_sdk_restart_after_a_crash_ramps_out_from_the_recorded_command(rig, tmp_path, caplog, when):
     r = rig(*(["controller.arm_ramp_s=0.2"] if when == "arming" else []))
     if when == "running":
@@ -646,15 +646,19 @@ def test_arm_sdk_restart_after_a_crash_ramps_out_from_the_recorded_command(rig, 
         for i in range(3):
             r.send(r.toward(0.3, 8), step_s=0.05, seq=i)
             r.run(0.1)
-    else:
+    elif when == "arming":
         r.controller._operator("arm", time.monotonic(), "test")
         _drive(r.controller, 0.1)
-    assert r.controller.sm.state == (RUNNING if when == "running" else ARMING)
+    else:  # the first chunk is far: the controller approaches it
+        r.arm()
+        r.send(np.repeat(_arm_target(0.45)[None], 8, 0), step_s=0.05)
+        r.run(0.1)
+    assert r.controller.sm.state == {"running": RUNNING, "arming": ARMING, "approaching": APPROACHING}[when]
     r.crash()
     prev = _recorded(tmp_path, "arm_sdk")
     assert prev is not None and prev.state == when
     assert np.array_equal(prev.q, r.controller.q_cmd) and prev.weight == r.sim.command.weight
-    assert (prev.weight == 1.0) if when == "running" else (0.2 < prev.weight < 0.9)
+    assert (prev.weight == 1.0) if when != "arming" else (0.2 < prev.weight < 0.9)
     r2 = Rig(tmp_path, *FAST, "controller.stop_ramp_s=0.3", sim=r.sim)  # a new controller on the same robot
     try:
         c = r2.controller
