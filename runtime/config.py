@@ -299,7 +299,15 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_chunk_age_s": Key(1.0, float, "a chunk answering a robot state older than this is rejected",
                                lo=0.01, hi=10.0),
         "max_first_step": Key(0.3, float, "rad: a chunk whose current action is farther than this from the "
-                              "commanded pose is rejected", lo=0.01, hi=3.0),
+                              "commanded pose is rejected (the first chunk after arming is approached instead)",
+                              lo=0.01, hi=3.0),
+        "approach_velocity": Key(0.5, float, "rad/s: after arming, each joint moves to the pose the policy starts "
+                                 "from (the manifest's start_pose, else the first chunk's current action) at most "
+                                 "this fast (and never above max_velocity)", lo=0.01, hi=10.0),
+        "approach_tolerance": Key(0.1, float, "rad: the approach is done once the commanded pose is at the start "
+                                  "pose and every measured joint it moves is within this of it", lo=0.005, hi=1.0),
+        "approach_timeout_s": Key(10.0, float, "an approach not done within this long stops the robot (allow the "
+                                  "farthest joint's distance / approach_velocity, and more)", lo=0.5, hi=120.0),
         "max_rejections": Key(3, int, "this many rejected chunks in a row stop the robot", lo=1, hi=1000),
         "state_timeout_s": Key(0.1, float, "robot state older than this stops the robot at once (never command "
                                "on stale state)", lo=0.005, hi=5.0),

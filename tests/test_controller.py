@@ -18,7 +18,7 @@ from runtime.config import load_config
 from runtime.controller.controller import Controller
 from runtime.controller.limits import JointLimiter
 from runtime.controller.record import SIZE, STATE_CODES, CommandRecord
-from runtime.controller.safety import ARMING, ESTOP, HOLDING, IDLE, RUNNING, STOPPED, STOPPING
+from runtime.controller.safety import APPROACHING, ARMING, ESTOP, HOLDING, IDLE, RUNNING, STOPPED, STOPPING
 from runtime.controller.schedule import ChunkSchedule
 from runtime.protocol import ActionChunk, Heartbeat, decode, encode_chunk, encode_heartbeat
 from runtime.robot import g1
@@ -261,12 +261,17 @@ def test_chunk_running_out_holds_its_last_action(rig):
     (lambda r, now: b"\x80" * (2 << 20), None),  # over MAXMSGSIZE: ZeroMQ drops it
 ])
 def test_bad_chunks_are_never_applied(rig, make, reason):
+    """Mid-run: a chunk holding the pose runs, then the bad one (first_step_too_far: max_first_step guards every
+    chunk once one was applied; the first one after arming is approached instead, test_approach.py)."""
     r = rig()
     r.arm()
+    r.send(np.repeat(r.controller.q_cmd[ARM_IDX][None], 50, 0).astype(np.float32), 0.05, seq=0)
+    r.run(0.05)
+    assert r.controller.chunks_applied == 1
     before = r.controller.q_cmd.copy()
     r.push.send(make(r, time.monotonic()))
     r.run(0.1)
-    assert r.controller.chunks_applied == 0
+    assert r.controller.chunks_applied == 1 and r.controller.sm.state == RUNNING
     assert np.array_equal(r.controller.q_cmd, before)
     if reason:
         assert r.controller.rejects.counts == {reason: 1}
@@ -633,7 +638,7 @@ def _drive(c, seconds, until=None):
     return out
 
 
-@pytest.mark.parametrize("when", ["running", "arming"])
+@pytest.mark.parametrize("when", ["running", "arming", "approaching"])
 def test_arm_sdk_restart_after_a_crash_ramps_out_from_the_recorded_command(rig, tmp_path, caplog, when):
     r = rig(*(["controller.arm_ramp_s=0.2"] if when == "arming" else []))
     if when == "running":
@@ -641,15 +646,19 @@ def test_arm_sdk_restart_after_a_crash_ramps_out_from_the_recorded_command(rig, 
         for i in range(3):
             r.send(r.toward(0.3, 8), step_s=0.05, seq=i)
             r.run(0.1)
-    else:
+    elif when == "arming":
         r.controller._operator("arm", time.monotonic(), "test")
         _drive(r.controller, 0.1)
-    assert r.controller.sm.state == (RUNNING if when == "running" else ARMING)
+    else:  # the first chunk is far: the controller approaches it
+        r.arm()
+        r.send(np.repeat(_arm_target(0.45)[None], 8, 0), step_s=0.05)
+        r.run(0.1)
+    assert r.controller.sm.state == {"running": RUNNING, "arming": ARMING, "approaching": APPROACHING}[when]
     r.crash()
     prev = _recorded(tmp_path, "arm_sdk")
     assert prev is not None and prev.state == when
     assert np.array_equal(prev.q, r.controller.q_cmd) and prev.weight == r.sim.command.weight
-    assert (prev.weight == 1.0) if when == "running" else (0.2 < prev.weight < 0.9)
+    assert (prev.weight == 1.0) if when != "arming" else (0.2 < prev.weight < 0.9)
     r2 = Rig(tmp_path, *FAST, "controller.stop_ramp_s=0.3", sim=r.sim)  # a new controller on the same robot
     try:
         c = r2.controller

@@ -5,11 +5,13 @@ import pytest
 from runtime.config import BUTTONS, load_config
 from runtime.controller.remote import RemoteControls, button_mask, decode_buttons, pressed
 from runtime.controller.safety import (
+    APPROACHING,
     ARMING,
     ESTOP,
     HOLDING,
     IDLE,
     RUNNING,
+    STATES,
     STOPPED,
     STOPPING,
     SafetyStateMachine,
@@ -65,14 +67,17 @@ def test_immediate_stop_is_short_and_escalates_a_gentle_one():
     assert m.update(t + 0.3) == STOPPED
 
 
-@pytest.mark.parametrize("state_after", [IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED])
+@pytest.mark.parametrize("state_after", [IDLE, ARMING, APPROACHING, RUNNING, HOLDING, STOPPING, STOPPED])
 def test_estop_from_anywhere_is_latched_until_a_person_clears_it(state_after):
     m = sm()
-    path = {IDLE: [], ARMING: ["arm"], RUNNING: ["arm", "run"], HOLDING: ["arm", "run", "hold"],
-            STOPPING: ["arm", "run", "stop"], STOPPED: ["arm", "run", "stop", "done"]}[state_after]
+    path = {IDLE: [], ARMING: ["arm"], APPROACHING: ["arm", "run", "approach"], RUNNING: ["arm", "run"],
+            HOLDING: ["arm", "run", "hold"], STOPPING: ["arm", "run", "stop"],
+            STOPPED: ["arm", "run", "stop", "done"]}[state_after]
     t = 0.0
     for step in path:
-        if step == "arm":
+        if step == "approach":
+            assert m.approach(t, "far")
+        elif step == "arm":
             m.arm(t, "x")
         elif step == "run":
             t += 1.0
@@ -233,3 +238,76 @@ def test_an_estop_cleared_before_it_let_go_goes_through_stopping():
     m2 = sm(estop_latched=True)
     m2.resume_stop(0.0, "restarted")  # the robot is on the predecessor's command: not let go before an update
     assert not m2.released and m2.clear_estop(0.0, "bob") is None and m2.state == STOPPING
+
+
+# -- approaching the start pose (issue 11, defect 3) ----------------------------------------------------------------
+
+def test_a_known_start_pose_makes_arming_end_in_approaching_and_reaching_it_runs():
+    m = sm(approach_after_arming=True, approach_s=5.0)
+    assert m.arm(0.0, "alice") is None
+    assert m.update(0.99) == ARMING
+    assert m.update(1.0) == APPROACHING and not m.safe and m.approach_since == 1.0
+    m.chunk_arrived(1.1)  # chunks do not end an approach: reaching the pose does
+    assert m.update(5.99) == APPROACHING
+    m.approached(6.0, "start pose reached")
+    assert m.state == RUNNING
+    assert [t["to"] for t in m.transitions()] == [ARMING, APPROACHING, RUNNING]
+    assert m.transitions()[-1]["reason"] == "start pose reached"
+    assert m.update(100.0) == RUNNING  # the approach's timeout is over with it
+
+
+def test_an_approach_begins_only_from_running_or_holding():
+    m = sm()
+    assert not m.approach(0.0, "far") and m.state == IDLE
+    m.arm(0.0, "x")
+    assert not m.approach(0.5, "far") and m.state == ARMING  # arming first ramps the authority in
+    m.update(1.0)
+    assert m.approach(1.0, "far") and m.state == APPROACHING and m.describe() == "far"
+    assert not m.approach(1.1, "again") and m.approach_since == 1.0
+    m.stop(1.2, "operator")
+    assert not m.approach(1.3, "far") and m.state == STOPPING
+    m2 = sm()
+    t = run_to_running(m2)
+    m2.hold(t, "no chunk yet")
+    assert m2.approach(t + 0.1, "far") and m2.state == APPROACHING
+
+
+def test_an_approach_holds_like_running_resumes_to_approaching_and_times_out_holds_included():
+    m = sm(approach_s=2.0)
+    t = run_to_running(m)
+    assert m.approach(t, "far")
+    m.hold(t + 0.5, "no chunk for 0.5 s")
+    assert m.state == HOLDING and m.describe() == "no chunk for 0.5 s"
+    m.chunk_arrived(t + 0.6)
+    assert m.state == APPROACHING and m.approach_since == t  # the approach's clock runs on
+    m.hold(t + 1.0, "policy heartbeat says fault")
+    assert m.update(t + 1.49) == HOLDING
+    assert m.update(t + 1.5) == STOPPING and "did not resume" in m.reason  # hold_s, as in running
+    m2 = sm(approach_s=2.0)
+    t = run_to_running(m2)
+    m2.approach(t, "far")
+    m2.hold(t + 0.5, "h")
+    m2.chunk_arrived(t + 0.9)
+    assert m2.update(t + 1.99) == APPROACHING
+    assert m2.update(t + 2.0) == STOPPING and not m2.immediate  # a gentle stop: the robot is not falling
+    assert m2.reason == "the start pose was not reached within 2.0 s" and m2.cause == m2.reason
+    assert m2.update(t + 4.0) == STOPPED
+    m2.chunk_arrived(t + 4.1)
+    assert m2.state == STOPPED and m2.arm(t + 4.2, "x") is None  # a person arms again
+
+
+def test_stale_state_and_stop_during_an_approach_stop_as_in_running():
+    m = sm()
+    t = run_to_running(m)
+    m.approach(t, "far")
+    m.stop(t + 0.1, "robot state is 120 ms old", immediate=True)
+    assert m.state == STOPPING and m.immediate
+    assert m.update(t + 0.41) == STOPPED
+    assert m.arm(t + 0.5, "x") is None and m.update(t + 1.5) == RUNNING  # re-armed: no approach is left over
+
+
+def test_record_codes_of_the_states_before_approaching_keep_their_meaning():
+    """The command record stores a state's index in STATES: approaching is appended, so a record written by an
+    earlier controller (an e-stop at 6) still reads the same."""
+    assert STATES[:7] == (IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP)
+    assert STATES[7] == APPROACHING

@@ -19,11 +19,13 @@ import numpy as np
 import zmq
 
 from runtime.config import Config
+from runtime.controller.approach import Approach, load_start_pose
 from runtime.controller.limits import JointLimiter
 from runtime.controller.record import STATE_CODES, CommandRecord, Snapshot
 from runtime.controller.remote import RemoteControls
 from runtime.controller.safety import (
     ACCEPTS_CHUNKS,
+    APPROACHING,
     ARMED_STATES,
     ARMING,
     ESTOP,
@@ -97,11 +99,15 @@ class Controller:
         now = time.monotonic()
         self.record: Optional[CommandRecord] = None
         relatched = self._open_state(c["command_record"])  # PathError: refuse to start
+        self.approach = Approach(self.rate_hz, c["approach_velocity"], c["max_velocity"], c["approach_tolerance"],
+                                 self.limiter.lo, self.limiter.hi,
+                                 load_start_pose(cfg.resolve(cfg["model"]["path"]), arm_sdk))
         self.sm = SafetyStateMachine(
             arm_s=c["arm_ramp_s"], hold_s=c["hold_s"],
             stop_s=c["stop_ramp_s"] if arm_sdk else c["hold_before_damp_s"],
             immediate_stop_s=c["estop_ramp_s"] if arm_sdk else 0.0,
-            estop_latched=relatched is not None or os.path.exists(self.latch_file), now=now)
+            estop_latched=relatched is not None or os.path.exists(self.latch_file), now=now,
+            approach_s=c["approach_timeout_s"], approach_after_arming=self.approach.start_pose is not None)
         if relatched is not None:
             self.sm.reason = self.sm.cause = relatched
 
@@ -301,6 +307,7 @@ class Controller:
                 if problem is None:
                     np.copyto(self.q_cmd, self.driver.reading.q)  # arm from where the robot is
                     np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
+                    self.approach.arm(self.q_cmd)
                     self.session = None
                     self.schedule.reset()
                     self._ring_n = 0  # seam traces start from this arming
@@ -392,13 +399,39 @@ class Controller:
             valid += 1
         if newest is not None:
             try:
-                self._apply(newest, valid, now)
+                if not self._approach_with(newest, valid, now):
+                    self._apply(newest, valid, now)
             except Exception as exc:  # noqa: BLE001 - a bug applying a chunk: counted, and the robot stops
                 self.rejects.count("handler_error", sockets.describe_error(exc))
                 self.sm.stop(now, f"internal error applying a chunk: {sockets.describe_error(exc)}")
         if self._rejections_in_a_row >= self.c["max_rejections"]:
             self.sm.stop(now, f"{self._rejections_in_a_row} chunks rejected in a row")
             self._rejections_in_a_row = 0
+
+    def _approach_with(self, chunk: ActionChunk, valid: int, now: float) -> bool:
+        """Until the first chunk after arming is applied: a chunk taken in by the approach instead (True). The
+        first one farther than max_first_step from the commanded pose starts an approach to its current action;
+        during an approach, chunks only show the policy is alive (and move the target when it follows them)."""
+        ap = self.approach
+        if not ap.open:
+            return False
+        joints = self.schedule.joint_indices(chunk.joints)
+        current = chunk.actions[start_index(chunk.obs_stamp, chunk.step_s, now, chunk.actions.shape[0])]
+        if not ap.active:
+            far = float(np.abs(current - self.q_cmd[joints]).max())
+            if far <= self.c["max_first_step"]:
+                ap.open = False  # near enough: executed as any chunk; from here max_first_step guards
+                return False
+            ap.begin(joints, current, self.q_cmd, "the first chunk's current action", from_chunks=True)
+            self.sm.approach(now, f"the first chunk's current action is {far:.2f} rad from the commanded pose "
+                             f"(max_first_step {self.c['max_first_step']}): approaching it")
+        elif ap.from_chunks:
+            ap.retarget(joints, current, self.q_cmd)
+        ap.chunks += 1
+        self.chunks_dropped += valid - 1
+        self.last_chunk_at = now
+        self.sm.chunk_arrived(now)  # holding during the approach resumes it
+        return True
 
     def _apply(self, newest: ActionChunk, valid: int, now: float) -> None:
         """The newest valid chunk of this tick takes over (the seam counters watch the hand-over)."""
@@ -448,7 +481,7 @@ class Controller:
             raise DecodeError("outside_limits", "an action lies outside the joint position limits")
         i = start_index(chunk.obs_stamp, chunk.step_s, now, chunk.actions.shape[0])
         first = float(np.abs(chunk.actions[i] - self.q_cmd[joints]).max())
-        if first > c["max_first_step"]:
+        if first > c["max_first_step"] and not self.approach.open:  # until then, an approach goes there first
             raise DecodeError("first_step_too_far", f"the current action is {first:.3f} rad from the commanded "
                               f"pose (limit {c['max_first_step']})")
         if self.session is None:
@@ -501,8 +534,15 @@ class Controller:
             self.rejects.reject(err)
             return encode_reply(Reply(False, self.sm.state, str(err)))
         reply = self._operator(cmd.cmd, now, cmd.who) if cmd.cmd != "status" else \
-            Reply(True, self.sm.state, "; ".join(filter(None, (self.sm.describe(), self.driver.status_note()))))
+            Reply(True, self.sm.state, self._status(now))
         return encode_reply(reply)
+
+    def _status(self, now: float) -> str:
+        """`wam-edge status`: the state's reason (and cause); while approaching, how far is left and for how long."""
+        detail = self.sm.describe()
+        if self.sm.state == APPROACHING:
+            detail += f" ({self.approach.progress(now, self.q_cmd, self.c['approach_timeout_s'])})"
+        return "; ".join(filter(None, (detail, self.driver.status_note())))
 
     def _refuse_command(self, reason: str) -> bytes:
         return encode_reply(Reply(False, self.sm.state, reason))
@@ -534,7 +574,7 @@ class Controller:
             sm.stop(now, f"{g1.JOINT_NAMES[j]} at {r.temperature[j]:.0f} C (limit {c['max_temperature']})")
         if self._late_in_a_row >= c["max_missed_ticks"]:
             sm.stop(now, f"{self._late_in_a_row} control ticks late in a row")
-        if sm.state == RUNNING:
+        if sm.state in (RUNNING, APPROACHING):
             since = max(self.last_chunk_at, sm.since)
             if now + self.period - since > c["chunk_timeout_s"]:
                 sm.hold(now, f"no chunk for {c['chunk_timeout_s']} s")
@@ -560,6 +600,8 @@ class Controller:
             if not self.schedule.target_at(now, target):
                 self._starved = True
                 self.sm.hold(now, "chunk ran out")
+        elif state == APPROACHING:
+            self.approach.target(now, self.q_cmd, target)
         if self._starved:
             if state in (RUNNING, HOLDING):
                 self.stalls += 1  # driven by the policy, no fresh action: a stall
@@ -594,7 +636,7 @@ class Controller:
             np.copyto(cmd.kd, g1.DEFAULT_KD)
             if state == ARMING:
                 cmd.weight = self.sm.progress(now, c["arm_ramp_s"])
-            elif state in (RUNNING, HOLDING):
+            elif state in (APPROACHING, RUNNING, HOLDING):
                 cmd.weight = 1.0
             else:  # stopping, stopped, e-stop: release the upper body to Unitree's controller, never abruptly
                 ramp = c["estop_ramp_s"] if (state == ESTOP or self.sm.immediate) else c["stop_ramp_s"]
@@ -708,6 +750,8 @@ class Controller:
         if self._signal is not None:
             self.sm.stop(now, self._signal)
         self._monitor(now, r)
+        if self.approach.active:
+            self._approach_tick(now, r)
         state = self.sm.update(now, self._let_go)  # update: a stop is complete once what was written let go
         send = self._shape(now, state, r)
         if self.record is not None:
@@ -720,6 +764,16 @@ class Controller:
             sockets.try_send(self._state_pub, encode_state(RobotState(
                 self.state_seq, now, state, r.q, r.dq, self.tasks[self.task_index])))
         self.ticks += 1
+
+    def _approach_tick(self, now: float, r: RobotReading) -> None:
+        """An approach under way: done once at the target (then running), or over when something stopped it."""
+        ap, state = self.approach, self.sm.state
+        if state == APPROACHING and ap.done(self.q_cmd, r.q):
+            took = 0.0 if ap.started_at is None else now - ap.started_at
+            self.sm.approached(now, f"start pose reached ({ap.source}, {ap.distance:.2f} rad in {took:.1f} s)")
+            ap.finish(now, "reached")
+        elif state not in (ARMING, APPROACHING, HOLDING):  # stopped by a trigger, the operator, or its timeout
+            ap.finish(now, f"{state}: {self.sm.reason}")
 
     def run(self, should_continue=lambda: True, notifier: Optional[Notifier] = None,
             on_ready: Optional[Callable[[], None]] = None) -> None:
@@ -801,6 +855,7 @@ class Controller:
                 "seam_traces": self.seam_traces(),
             },
             "robot_link": self.driver.report(),
+            "approach": self.approach.report(),
             "task": self.tasks[self.task_index],
             "final_q": [round(float(v), 5) for v in self.q_cmd],
             "command_record": self._record_path,

@@ -14,7 +14,7 @@ Layout (little-endian, 1600 bytes): a 64-byte header, then two 768-byte slots wr
     slot    0  begin       u64      write number n, stored first
             8  pid         i64      the writer
            16  stamp       f64      the writer's time.monotonic() at that tick
-           24  state       u32      index in safety.STATES
+           24  state       u32      index in safety.STATES (approaching, added later, is appended: 7)
            28  mode        u32      0 arm_sdk, 1 lowcmd
            32  flags       u32      bit 0: the stop under way is immediate
            40  weight      f64      arm_sdk blend weight sent (0 in lowcmd)

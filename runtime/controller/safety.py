@@ -1,6 +1,9 @@
 """The safety state machine: the one place that owns every transition of the controller (docs/safety.md).
 
     idle -> arming -> running <-> holding -> stopping -> stopped -> (arm) -> arming ...
+    arming -> approaching -> running        (the manifest declares a start pose: move there first)
+    running -> approaching -> running       (no chunk applied since arming, the first one is far: move to it first)
+    approaching <-> holding; approaching -> stopping (not there within approach_s)
     (start, predecessor died driving) -> stopping
     any state -> estop (latched: only a person clears it, and only to stopped; through stopping while its
                         weight ramp is still under way)
@@ -18,15 +21,18 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP = (
-    "idle", "arming", "running", "holding", "stopping", "stopped", "estop")
-STATES = (IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP)
+IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP, APPROACHING = (
+    "idle", "arming", "running", "holding", "stopping", "stopped", "estop", "approaching")
+#: Every state; the index is a state's code in the command record (record.py): approaching came later and is
+#: appended, so records written before it keep their meaning.
+STATES = (IDLE, ARMING, RUNNING, HOLDING, STOPPING, STOPPED, ESTOP, APPROACHING)
 #: States in which the policy does not drive the robot: where a run may end.
 SAFE_STATES = (IDLE, STOPPED, ESTOP)
-#: States in which chunks are executed (holding resumes on a fresh chunk).
-ACCEPTS_CHUNKS = (RUNNING, HOLDING)
+#: States in which chunks are checked: executed in running (holding resumes on a fresh chunk), taken as the
+#: approach's target in approaching.
+ACCEPTS_CHUNKS = (APPROACHING, RUNNING, HOLDING)
 #: States entered by arming: the controller follows the one runtime session it first hears from in them.
-ARMED_STATES = (ARMING, RUNNING, HOLDING)
+ARMED_STATES = (ARMING, APPROACHING, RUNNING, HOLDING)
 
 
 class Transition:
@@ -44,9 +50,14 @@ class SafetyStateMachine:
     stop done)."""
 
     def __init__(self, arm_s: float, hold_s: float, stop_s: float, immediate_stop_s: float = 0.0,
-                 estop_latched: bool = False, now: float = 0.0, max_log: int = 1000) -> None:
+                 estop_latched: bool = False, now: float = 0.0, max_log: int = 1000,
+                 approach_s: float = float("inf"), approach_after_arming: bool = False) -> None:
         self.arm_s = arm_s
         self.hold_s = hold_s
+        self.approach_s = approach_s  # an approach that takes longer stops the robot
+        self.approach_after_arming = approach_after_arming  # a start pose is known: arming ends in approaching
+        self.approach_since = now  # when the current approach began (holding in between counts)
+        self._held_from = RUNNING  # where a fresh chunk resumes holding to
         self.stop_s = stop_s  # a gentle stop: arm_sdk weight ramp, or lowcmd hold before damping
         self.immediate_stop_s = immediate_stop_s  # no holding: stale state, tilt
         self.state = ESTOP if estop_latched else IDLE
@@ -71,7 +82,7 @@ class SafetyStateMachine:
 
     def describe(self) -> str:
         """The state's reason, and what held or stopped the robot when that is something else (for `status`)."""
-        if self.cause and self.cause != self.reason and self.state not in (ARMING, RUNNING):
+        if self.cause and self.cause != self.reason and self.state not in (ARMING, APPROACHING, RUNNING):
             return f"{self.reason} (cause: {self.cause})"
         return self.reason
 
@@ -86,24 +97,41 @@ class SafetyStateMachine:
         if self.state not in (IDLE, STOPPED):
             return f"cannot arm while {self.state}"
         self.immediate = False
+        self._held_from = RUNNING
         self._go(ARMING, now, f"armed by {who}")
         self.cause = None
         return None
 
     def chunk_arrived(self, now: float) -> None:
-        """A valid chunk: holding resumes running (arming, stopped and the rest ignore it)."""
+        """A valid chunk: holding resumes what it held (running, or an approach); arming, stopped and the rest
+        ignore it."""
         if self.state == HOLDING:
-            self._go(RUNNING, now, "chunks resumed")
+            self._go(self._held_from, now, "chunks resumed")
 
     def hold(self, now: float, reason: str) -> None:
-        """Pause the policy, keep the last targets; stops by itself if nothing resumes within hold_s."""
-        if self.state == RUNNING:
+        """Pause the policy (or the approach), keep the last targets; stops by itself if nothing resumes within
+        hold_s."""
+        if self.state in (RUNNING, APPROACHING):
+            self._held_from = self.state
             self._go(HOLDING, now, reason)
             self.cause = reason
 
+    def approach(self, now: float, reason: str) -> bool:
+        """Running (or holding) before any chunk was applied since arming, the first chunk is far: move to it first.
+        Returns whether it entered approaching."""
+        if self.state not in (RUNNING, HOLDING):
+            return False
+        self.approach_since = now
+        return self._go(APPROACHING, now, reason)
+
+    def approached(self, now: float, reason: str = "start pose reached") -> None:
+        """The approach is done: the policy's chunks are executed from here."""
+        if self.state == APPROACHING:
+            self._go(RUNNING, now, reason)
+
     def stop(self, now: float, reason: str, immediate: bool = False) -> None:
         """Bring the robot to a safe state; ``immediate`` skips holding (nothing to hold on: stale state)."""
-        if self.state in (ARMING, RUNNING, HOLDING):
+        if self.state in (ARMING, APPROACHING, RUNNING, HOLDING):
             self.immediate = immediate
             self._go(STOPPING, now, reason)
             self.cause = reason
@@ -146,7 +174,13 @@ class SafetyStateMachine:
         self.released = released
         elapsed = now - self.since
         if self.state == ARMING and elapsed >= self.arm_s:
-            self._go(RUNNING, now, "armed")
+            if self.approach_after_arming:
+                self.approach_since = now
+                self._go(APPROACHING, now, "armed: approaching the start pose")
+            else:
+                self._go(RUNNING, now, "armed")
+        elif self.state == APPROACHING and now - self.approach_since >= self.approach_s:
+            self.stop(now, f"the start pose was not reached within {self.approach_s} s")
         elif self.state == HOLDING and elapsed >= self.hold_s:
             self._go(STOPPING, now, f"chunks did not resume within {self.hold_s} s")
         elif self.state == STOPPING and released and \

@@ -24,7 +24,7 @@ G1_JOINTS = 29
 #: runtime/faults.py
 FAULTS = ("none", "nan", "outside_limits", "jump", "slow", "freeze_camera")
 #: runtime/robot/dds/sim.py and runtime/robot/remote.py
-SIM_KEYS = ("press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine", "summary", "stop")
+SIM_KEYS = ("press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine", "pose", "summary", "stop")
 BUTTONS = ("R1", "L1", "start", "select", "R2", "L2", "F1", "F2", "A", "B", "X", "Y", "up", "right", "down", "left")
 STICKS = ("lx", "rx", "ry", "l2", "ly")
 
@@ -171,6 +171,16 @@ def _finite_list(v: Any, n: int) -> bool:
     return type(v) is list and len(v) == n and all(_num(x, -math.inf) for x in v)
 
 
+def _pose(v: Any) -> bool:
+    """{G1 joint name: rad within its limits, ...}, 1 to 29 entries (the joint table is a fact, not the simulator)."""
+    from runtime.robot import g1
+
+    return type(v) is dict and 0 < len(v) <= G1_JOINTS and all(
+        type(k) is str and k in g1.JOINT_INDEX
+        and _num(x, float(g1.POSITION_MIN[g1.JOINT_INDEX[k]]), float(g1.POSITION_MAX[g1.JOINT_INDEX[k]]))
+        for k, x in v.items())
+
+
 def valid_sim_request(raw: bytes) -> bool:
     """runtime/robot/dds/sim.py's control socket: a map of known keys, each with a value of its documented type."""
     if len(raw) > 4096:
@@ -187,6 +197,7 @@ def valid_sim_request(raw: bytes) -> bool:
         "temperature": lambda v: _num(v, -math.inf) or _finite_list(v, G1_JOINTS),
         "freeze": lambda v: type(v) is bool,
         "mode_machine": lambda v: _int(v, 0, 255),
+        "pose": _pose,
         "summary": lambda v: type(v) is bool or (type(v) is dict and set(v) <= {"since"}
                                                  and all(_num(x, -math.inf) for x in v.values())),
         "stop": lambda v: type(v) is bool,

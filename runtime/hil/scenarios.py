@@ -14,8 +14,11 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from runtime.config import Config
 from runtime.hil.rig import HilRig, RigError
+from runtime.robot import g1
 
 #: Allowance for one message hop on this host (ZeroMQ ipc, DDS loopback) and its receiver's next loop turn.
 DELIVERY_S = 0.01
@@ -218,6 +221,67 @@ def _stop_after_running(rig: HilRig, ctx: Dict[str, Any]) -> None:
     rig.operator("stop")
 
 
+#: Arms hanging (as in zero torque): about 1 rad from where the reference policy starts (its nominal pose).
+HANGING_ARMS = {"left_shoulder_pitch": 0.3, "left_shoulder_roll": 0.0, "left_elbow": 1.31,
+                "right_shoulder_pitch": 0.3, "right_shoulder_roll": 0.0, "right_elbow": 1.31}
+
+
+def _start_far(rig: HilRig, ctx: Dict[str, Any]) -> float:
+    """Stop the run the trial armed, put the simulated G1's arms where they hang, arm again: the controller must
+    approach the policy's start pose (no first chunk may be refused as too far), then run the policy's chunks.
+    The fault is the operator's stop that ends the run; the harness judges every command from the trial's start,
+    the approach's included (no step beyond the velocity limit)."""
+    c = rig.cfg["controller"]
+    rig.operator("stop")
+    if rig.wait_state(("stopped",), c["hold_s"] + max(c["stop_ramp_s"], c["hold_before_damp_s"]) + 3.0) is None:
+        raise RigError(f"not stopped before posing the robot: {rig.state().detail}")
+    reply = rig.sim({"pose": HANGING_ARMS})
+    if not reply.get("ok"):
+        raise RigError(f"the simulated G1 refused the pose: {reply.get('error')}")
+    try:
+        return _approach_and_run(rig, ctx)
+    except BaseException:  # the next trials must not start far away: stop, then pose the robot back
+        rig.operator("stop")
+        if rig.wait_state(("stopped", "idle", "estop"), c["hold_s"] + max(c["stop_ramp_s"], c["hold_before_damp_s"])
+                          + c["approach_timeout_s"] + 3.0) is not None:
+            _pose_back(rig, ctx)
+        raise
+
+
+def _approach_and_run(rig: HilRig, ctx: Dict[str, Any]) -> float:
+    c = rig.cfg["controller"]
+    time.sleep(0.1)  # robot states at the new pose reach the controller
+    reply = rig.operator("arm")
+    if not reply.ok:
+        raise RigError(f"arming refused: {reply.detail}")
+    if rig.wait_state(("approaching",), c["arm_ramp_s"] + 2.0) is None:
+        raise RigError(f"no approach after arming far from the start pose: {rig.state().detail}")
+    running = rig.wait_state(("running",), c["approach_timeout_s"] + 1.0)
+    if running is None:
+        raise RigError(f"the approach did not end in running: {rig.state().detail}")
+    ctx["approach"] = running.detail
+    t_run = time.monotonic()
+    time.sleep(rig.cfg["hil"]["settle_s"] + c["chunk_timeout_s"])
+    status = rig.state()
+    if status.state != "running":
+        raise RigError(f"left running after the approach: {status.state} ({status.detail})")
+    w = ctx["monitor"].window(t_run)
+    mine = w["crc_ok"] & ~w["before"] & (w["topic"] == (1 if c["mode"] == "arm_sdk" else 0))
+    q = w["q"][mine]
+    if len(q) < 2 or float(np.abs(np.diff(q, axis=0)).max()) <= 1e-4:
+        raise RigError("after the approach, no chunk moved the robot: the policy's chunks were not executed")
+    t = time.monotonic()
+    reply = rig.operator("stop")
+    if not reply.ok:
+        raise RigError(f"stop refused: {reply.detail}")
+    return t
+
+
+def _pose_back(rig: HilRig, ctx: Dict[str, Any]) -> None:
+    """The next trials start where the policy starts again (the robot is stopped: no command moves it there)."""
+    rig.sim({"pose": {name: float(g1.NOMINAL_POSE[g1.JOINT_INDEX[name]]) for name in HANGING_ARMS}})
+
+
 SCENARIOS: List[Scenario] = [
     Scenario("kill_runtime", "kill -9 of the policy runtime: the action stream ends", _kill("runtime"),
              lost_action_stream, recover=_respawn("runtime")),
@@ -257,6 +321,9 @@ SCENARIOS: List[Scenario] = [
     Scenario("restart_runtime", "`systemctl restart` of the policy runtime (SIGTERM, then a new process whose "
              "chunks must not move the robot)", _terminate_and_restart("runtime"), runtime_message,
              after=_wait_ready("runtime")),
+    Scenario("start_far", "arms hanging far from the policy's start pose: armed, the controller approaches it "
+             "at controller.approach_velocity, then runs the policy (ended by an operator's stop)", _start_far,
+             message, needs_sim=True, recover=_pose_back),
     Scenario("kill_sim", "kill -9 of the simulated G1, restarted at once (the robot's state stream ends, then a "
              "fresh one starts)", _kill_and_restart("sim"), lost_robot_state, needs_sim=True,
              after=_wait_ready("sim")),

@@ -146,6 +146,9 @@ class Manifest:
     stages: Tuple[StageSpec, ...]
     path: str  # where it was loaded from, for error messages
     rtc: Optional[RtcSpec] = None  # absent: the model does no real-time chunking itself
+    #: where the policy starts, (joint, rad) for every action joint in action order; absent: the controller
+    #: approaches the first chunk's current action instead (docs/safety.md, "Approaching the start pose")
+    start_pose: Optional[Tuple[Tuple[str, float], ...]] = None
 
     @property
     def supports_rtc(self) -> bool:
@@ -349,6 +352,26 @@ def _rtc(ctx: _Ctx, value: Any, path: str) -> RtcSpec:
         raise ctx.error(path + ".version", "unsupported rtc version %d (this runtime reads %d)"
                         % (version, RTC_VERSION))
     return RtcSpec(version, ctx.bool_(d["prefix"], path + ".prefix"))
+
+
+def _start_pose(ctx: _Ctx, value: Any, path: str, joints: Tuple[str, ...]) -> Tuple[Tuple[str, float], ...]:
+    """{"<action joint>": rad, ...}: every action joint, no other, each a G1 joint within its position limits.
+    The controller moves the robot there after arming, before it executes the first chunk."""
+    from runtime.robot import g1  # the joint table; numpy, which the rest of this module does without
+
+    d = ctx.obj(value, path, joints)
+    out = []
+    for joint in joints:
+        where = _join(path, joint)
+        rad = ctx.float_(d[joint], where)
+        i = g1.JOINT_INDEX.get(joint)
+        if i is None:
+            raise ctx.error(where, "%r is not a G1 joint: the controller cannot move it" % joint)
+        lo, hi = float(g1.POSITION_MIN[i]), float(g1.POSITION_MAX[i])
+        if not lo <= rad <= hi:
+            raise ctx.error(where, "%r rad lies outside the joint's limits [%g, %g]" % (rad, lo, hi))
+        out.append((joint, rad))
+    return tuple(out)
 
 
 def _dims(ctx: _Ctx, value: Any, path: str, length: Optional[int] = None) -> Tuple[int, ...]:
@@ -601,7 +624,7 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
     """Validate an already-decoded manifest; `where` prefixes every error."""
     ctx = _Ctx(where)
     d = ctx.obj(data, "", ("format", "version", "name", "cameras", "state", "action",
-                           "sampler", "stages"), ("description", "rtc"))
+                           "sampler", "stages"), ("description", "rtc", "start_pose"))
     if d["format"] != FORMAT:
         raise ctx.error("format", "expected %r, got %r" % (FORMAT, d["format"]))
     version = ctx.int_(d["version"], "version")
@@ -617,16 +640,18 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
                    for i, v in enumerate(ctx.list_(d["stages"], "stages")))
     _check_unique(ctx, tuple(s.name for s in stages), "stages", "stage name")
     _check_unique(ctx, tuple(s.file for s in stages), "stages", "stage file")
+    action = _action(ctx, d["action"], "action")
     m = Manifest(
         name=ctx.name(d["name"], "name"),
         description=description,
         cameras=cameras,
         state=_state(ctx, d["state"], "state"),
-        action=_action(ctx, d["action"], "action"),
+        action=action,
         sampler=_sampler(ctx, d["sampler"], "sampler"),
         stages=stages,
         path=where,
         rtc=_rtc(ctx, d["rtc"], "rtc") if "rtc" in d else None,
+        start_pose=_start_pose(ctx, d["start_pose"], "start_pose", action.joints) if "start_pose" in d else None,
     )
     _check_graph(ctx, m)
     return m
@@ -674,6 +699,14 @@ def verify_files(manifest: Manifest, model_dir: str, check_hashes: bool = True) 
 
 def load_manifest(model_dir: str, verify_hashes: bool = True) -> Manifest:
     """Read <model_dir>/manifest.json, validate it, check the stage files."""
+    manifest = read_manifest(model_dir)
+    verify_files(manifest, model_dir, check_hashes=verify_hashes)
+    return manifest
+
+
+def read_manifest(model_dir: str) -> Manifest:
+    """Read and validate <model_dir>/manifest.json alone, without its stage files (the controller reads the start
+    pose this way)."""
     path = os.path.join(model_dir, "manifest.json")
     try:
         with open(path, "r", encoding="utf-8") as f:
@@ -683,6 +716,4 @@ def load_manifest(model_dir: str, verify_hashes: bool = True) -> Manifest:
         raise ManifestError("%s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     except ValueError as exc:  # JSONDecodeError included
         raise ManifestError("%s: invalid JSON: %s" % (path, exc)) from exc
-    manifest = parse_manifest(data, path)
-    verify_files(manifest, model_dir, check_hashes=verify_hashes)
-    return manifest
+    return parse_manifest(data, path)

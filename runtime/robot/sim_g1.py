@@ -62,6 +62,15 @@ class G1Physics:
         np.copyto(self.kd, kd)
         np.copyto(self.on, enabled)
 
+    def place(self, q: np.ndarray) -> None:
+        """Put the robot at rest at ``q`` (clipped to the joint limits), and make that Unitree's hold pose: arms
+        hanging in zero torque, or posed by a person. Tests and `wam-edge sim`'s "pose" request start a run far
+        from where a policy starts this way; not a command, so no step on the wire."""
+        np.clip(q, g1.POSITION_MIN, g1.POSITION_MAX, out=self.q)
+        np.copyto(self.hold, self.q)
+        np.copyto(self.target, self.q)
+        self.dq[:] = 0.0
+
     def advance(self, dt: float) -> None:
         """Stiff joints follow their target with a first-order response; kp 0 with kd > 0 damps (velocity decays at
         kd over an assumed 0.1 kg m^2, about an arm); disabled joints coast to rest (no gravity here)."""

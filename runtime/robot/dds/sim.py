@@ -26,6 +26,9 @@ applied in this order:
   "temperature": t or [29 t]     winding temperature, deg C (casing follows 10 degrees lower)
   "freeze": bool                 stop / resume publishing rt/lowstate (lost robot state)
   "mode_machine": n              the mode_machine it publishes and expects
+  "pose": {joint: rad, ...}      put these joints at rest there (G1 joint names, within the joint limits; the
+                                 others stay), and make it Unitree's hold pose: a robot far from where a policy
+                                 starts (arms hanging in zero torque). Not a command: nothing on the wire steps
   "summary": true or {"since": t}  answer includes "summary" (see summary())
   "stop": true                   end the run
 Every reply carries "t", the time.monotonic() at which the request took effect (a harness's fault time).
@@ -64,7 +67,8 @@ _UPPER = g1.UPPER_BODY_MASK
 _LOWCMD, _ARM_SDK = 0, 1
 _TOPIC_NAMES = ("lowcmd", "arm_sdk")
 
-CONTROL_KEYS = ("press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine", "summary", "stop")
+CONTROL_KEYS = ("press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine", "pose", "summary",
+                "stop")
 
 
 class ControlError(ValueError):
@@ -94,6 +98,21 @@ def _flag(value: Any, what: str) -> bool:
     if type(value) is not bool:
         raise ControlError(f"{what}: expected true or false, got {_short(value)}")
     return value
+
+
+def _pose(value: Any) -> Dict[str, float]:
+    if not isinstance(value, dict) or not value or len(value) > _N:
+        raise ControlError(f"pose: expected a map of 1 to {_N} G1 joint names to rad, got {_short(value)}")
+    out: Dict[str, float] = {}
+    for name, rad in value.items():
+        if not isinstance(name, str) or name not in g1.JOINT_INDEX:
+            raise ControlError(f"pose: {_short(name)} is not a G1 joint name")
+        i = g1.JOINT_INDEX[name]
+        out[name] = _finite(rad, f"pose.{name}")
+        if not g1.POSITION_MIN[i] <= out[name] <= g1.POSITION_MAX[i]:
+            raise ControlError(f"pose.{name}: {out[name]:g} rad lies outside the joint's limits "
+                               f"[{g1.POSITION_MIN[i]:g}, {g1.POSITION_MAX[i]:g}]")
+    return out
 
 
 def check_control(request: Any) -> Dict[str, Any]:
@@ -129,6 +148,8 @@ def check_control(request: Any) -> Dict[str, Any]:
         if type(m) is not int or not 0 <= m <= 255:
             raise ControlError(f"mode_machine: expected an integer in [0, 255], got {_short(m)}")
         out["mode_machine"] = m
+    if "pose" in request:
+        out["pose"] = _pose(request["pose"])
     if "summary" in request:
         summary = request["summary"]
         if isinstance(summary, dict):
@@ -323,6 +344,7 @@ class SimulatedG1Dds:
         self._tilt = np.zeros(3)
         self._gyro = np.zeros(3)
         self._temperature = np.full(_N, 40.0)
+        self._place: Optional[Dict[str, float]] = None  # a pose to put the robot at, at the next step
         self.tick = 0
         self.published = 0
         self._stop = threading.Event()
@@ -359,6 +381,12 @@ class SimulatedG1Dds:
     def freeze(self, frozen: bool = True) -> None:
         """Stop (or resume) publishing rt/lowstate: the controller sees its robot state go stale."""
         self.frozen = bool(frozen)
+
+    def place(self, pose: Dict[str, float]) -> None:
+        """Put these joints at rest at ``pose`` (joint name -> rad), the others where they are (see "pose"); taken
+        at the next step, in the simulation's own thread."""
+        with self._lock:
+            self._place = dict(pose)
 
     def set_mode_machine(self, value: int) -> None:
         self.mode_machine = int(value) & 0xFF
@@ -418,6 +446,13 @@ class SimulatedG1Dds:
 
     def step(self, now: float, dt: float) -> None:
         """One tick: take commands, advance the joints by ``dt``, publish rt/lowstate (unless frozen)."""
+        if self._place is not None:
+            with self._lock:
+                place, self._place = self._place, None
+            q = self.physics.q.copy()
+            for name, rad in place.items():
+                q[g1.JOINT_INDEX[name]] = rad
+            self.physics.place(q)
         for topic, rd in enumerate(self._readers):
             for data in transport.take_raw(rd, 64):
                 self._receive(now, topic, data)
@@ -512,6 +547,8 @@ class SimulatedG1Dds:
             self.freeze(request["freeze"])
         if "mode_machine" in request:
             self.set_mode_machine(request["mode_machine"])
+        if "pose" in request:
+            self.place(request["pose"])
         reply: Dict[str, Any] = {"ok": True, "tick": self.tick, "t": time.monotonic()}
         summary = request.get("summary")
         if summary:
