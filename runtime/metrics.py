@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -70,3 +70,49 @@ def write_json(path: str, report: Dict[str, Any]) -> None:
         json.dump(report, f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+class GapLog:
+    """When a loop was late, and by how much: (time, gap) pairs above ``floor_s`` in a preallocated ring, so that a
+    rig can ask afterwards whether one of its own processes was starved during a window (docs/hil.md, "When the rig
+    itself starves"). ``turn(now)`` once per loop turn records the time since the previous turn; ``note(t, gap_s)``
+    records a lateness measured otherwise. Times are time.monotonic(); nothing is allocated per call."""
+
+    def __init__(self, floor_s: float, capacity: int = 4096) -> None:
+        self.floor_s = floor_s
+        self._t = np.zeros(capacity)
+        self._gap = np.zeros(capacity)
+        self._n = 0
+        self._last: Optional[float] = None
+        self.max_s = 0.0
+
+    def turn(self, now: float) -> None:
+        last, self._last = self._last, now
+        if last is not None:
+            self.note(now, now - last)
+
+    def note(self, t: float, gap_s: float) -> None:
+        if gap_s > self.max_s:
+            self.max_s = gap_s
+        if gap_s > self.floor_s:
+            i = self._n % self._t.shape[0]
+            self._t[i] = t
+            self._gap[i] = gap_s
+            self._n += 1
+
+    def since(self, since: float) -> List[List[float]]:
+        """[[t, gap_s], ...] of the recorded gaps that ended at or after ``since``, oldest first (JSON-safe)."""
+        m = min(self._n, self._t.shape[0])
+        order = np.arange(self._n - m, self._n) % self._t.shape[0]
+        keep = order[self._t[order] >= since]
+        return [[float(self._t[i]), float(self._gap[i])] for i in keep]
+
+
+def worst_gap(gaps: Sequence[Sequence[float]], since: float, until: Optional[float] = None) -> Tuple[float, float]:
+    """The longest of ``gaps`` ([[t_end, gap_s], ...], GapLog.since()) that overlaps [since, until]: (gap_s, t_end),
+    or (0.0, since) when none does."""
+    best = (0.0, since)
+    for t, gap in gaps:
+        if t >= since and (until is None or t - gap <= until) and gap > best[0]:
+            best = (float(gap), float(t))
+    return best
