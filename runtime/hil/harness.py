@@ -22,10 +22,12 @@ from runtime.hil.judge import judge
 from runtime.hil.rig import HilRig, RigError
 from runtime.hil.scenarios import BY_NAME, DELIVERY_S, SCENARIOS, Scenario
 from runtime.metrics import worst_gap, write_json
+from runtime.service import scheduling
 
 
 def _prepare(rig: HilRig) -> None:
-    """Every process up, the simulated robot neutral, no runtime fault, the controller safe and not latched."""
+    """Every process up, the simulated robot neutral, no runtime fault, the controller safe (stopped if a broken-off
+    trial left it driving: chunks that resume would otherwise keep it out of a safe state) and not latched."""
     for role in ("sim", "controller", "runtime"):
         if role == "sim" and not rig.with_sim:
             continue
@@ -39,6 +41,8 @@ def _prepare(rig: HilRig) -> None:
     if not reply.get("ok"):
         raise RigError(f"the runtime's fault socket did not answer: {reply.get('error')}")
     c = rig.cfg["controller"]
+    if rig.state().state not in SAFE_STATES:  # a trial that broke off left it driving: stopped, as a person would
+        rig.operator("stop")
     settle = c["chunk_timeout_s"] + c["hold_s"] + max(c["stop_ramp_s"], c["hold_before_damp_s"]) + 3.0
     status = rig.wait_state(SAFE_STATES, settle)
     if status is None:
@@ -230,6 +234,8 @@ def run_hil(cfg: Config, overrides: Sequence[str], trials: int, names: Optional[
         rig = HilRig(cfg, overrides, tmp, with_sim, log_dir)
         d = cfg["dds"]
         monitor = WireMonitor(d["domain_id"], "lo" if with_sim else (d["interface"] or None)).start()
+        stamping = monitor.threads()  # the rig's instrument: real-time below the units' processes, so it stamps on time
+        rig.placements[scheduling.MONITOR].threads(stamping)
         codes: Dict[str, Optional[int]] = {}
         try:
             for sc in scenarios:
@@ -245,6 +251,7 @@ def run_hil(cfg: Config, overrides: Sequence[str], trials: int, names: Optional[
             codes = rig.close()
             wire = monitor.summary()
             monitor.close()
+            rig.placements[scheduling.MONITOR].undo(stamping)
     injected = sum(r.get("wire", {}).get("bad_crc", 0) for r in rows if r["scenario"] == "bad_crc")
     for key in ("non_finite", "out_of_limits"):
         if wire.get(key):

@@ -12,9 +12,10 @@ written (both the host's wall clock), and per loop turn, the time beyond the wai
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from cyclonedds._clayer import ddspy_take
@@ -30,6 +31,8 @@ from runtime.robot.dds.wire import LowCmdBuffer
 _TOPICS = (transport.LOWCMD_TOPIC, transport.ARM_SDK_TOPIC)  # CommandLog topic 0 = lowcmd, 1 = arm_sdk
 #: the longest the monitor's loop waits for a command; a turn longer than this, it was starved
 WAIT_S = 0.05
+#: the threads cyclonedds delivers received samples with (by name, /proc/self/task/*/comm)
+_DDS_DELIVERY_THREADS = ("recv", "recvUC", "recvMC", "dq.user", "dq.builtins", "tev")
 #: lateness over this is recorded (``WireMonitor.late``); a harness judges it against the bound it threatens
 LATE_FLOOR_S = 0.002
 
@@ -61,6 +64,19 @@ class WireMonitor:
     def start(self) -> "WireMonitor":
         self._thread.start()
         return self
+
+    def threads(self) -> List[int]:
+        """The threads that stamp commands: the monitor's own and the DDS threads that deliver to it (the rig gives
+        them real-time priority: runtime/service/scheduling.py, MONITOR)."""
+        tids = [self._thread.native_id] if self._thread.native_id else []
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/comm", "r", encoding="utf-8") as f:
+                    if f.read().strip() in _DDS_DELIVERY_THREADS:
+                        tids.append(int(tid))
+        except OSError:  # not Linux
+            pass
+        return tids
 
     def _run(self) -> None:
         timeout = duration(seconds=WAIT_S)

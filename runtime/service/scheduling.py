@@ -22,6 +22,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 #: A 2 ms loop alone in its own process (runtime/bench/reference_loop.py), scheduled like the controller but on the
 #: other cores, so a report can tell the machine's jitter from the controller's.
 REFERENCE = "reference"
+#: The HIL harness's wire monitor (runtime/hil/wire.py): threads of the harness's own process.
+MONITOR = "monitor"
 
 
 class UnitScheduling:
@@ -39,6 +41,9 @@ UNITS: Dict[str, UnitScheduling] = {
     "sim": UnitScheduling("fifo", 70, None, "others", False),
     "runtime": UnitScheduling("other", 0, -5, "others", False),
     REFERENCE: UnitScheduling("fifo", 80, -10, "others", False),
+    # not a unit: the HIL harness's wire monitor (the thread that stamps each command, and the DDS threads that
+    # deliver them), the rig's own instrument: real-time so that it stamps on time, below everything the units run
+    MONITOR: UnitScheduling("fifo", 60, None, "others", False),
 }
 
 
@@ -116,10 +121,33 @@ class Placement:
         self._nice_and_cores()
         return proc
 
-    def _nice_and_cores(self) -> None:
+    def threads(self, tids: Sequence[int]) -> Dict[str, Any]:
+        """The role's whole scheduling for these threads of this process, now (``undo()`` gives them back)."""
+        self.refused, self.pid = [], os.getpid()
+        if self.enabled:
+            self._nice_and_cores(tids)
+            for tid in tids:
+                self._fifo(tid)
+        self.got = self.record(tids[0] if tids else None)
+        return self.got
+
+    def undo(self, tids: Sequence[int]) -> None:
+        """Normal scheduling on every core again for threads given real-time by ``threads()``."""
+        if not self.enabled:
+            return
+        for tid in tids:
+            self._try(lambda t=tid: os.sched_setscheduler(t, os.SCHED_OTHER, os.sched_param(0)), "SCHED_OTHER")
+            self._try(lambda t=tid: os.sched_setaffinity(t, _affinity() or [0]), "cores")
+
+    def _fifo(self, tid: int) -> None:
+        if self.unit.policy == "fifo":
+            self._try(lambda: os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(self.unit.priority)),
+                      "SCHED_FIFO")
+
+    def _nice_and_cores(self, tids: Optional[Sequence[int]] = None) -> None:
         if not self.enabled or self.pid is None:
             return
-        for tid in _tasks(self.pid):
+        for tid in _tasks(self.pid) if tids is None else tids:
             if self.cpus:
                 self._try(lambda t=tid: os.sched_setaffinity(t, self.cpus), "cores")
             if self.unit.nice is not None:
@@ -130,10 +158,8 @@ class Placement:
         the threads started since). Returns ``record()``."""
         if self.enabled and self.pid is not None:
             self._nice_and_cores()
-            if self.unit.policy == "fifo":
-                for tid in _tasks(self.pid):
-                    self._try(lambda t=tid: os.sched_setscheduler(t, os.SCHED_FIFO,
-                                                                  os.sched_param(self.unit.priority)), "SCHED_FIFO")
+            for tid in _tasks(self.pid):
+                self._fifo(tid)
         self.got = self.record()
         return self.got
 
@@ -147,8 +173,9 @@ class Placement:
             if reason not in self.refused:
                 self.refused.append(reason)
 
-    def record(self) -> Dict[str, Any]:
-        """What the process got (its main thread, read back), what its unit asks for, and what was refused."""
+    def record(self, tid: Optional[int] = None) -> Dict[str, Any]:
+        """What the process got (its main thread, or thread ``tid``, read back), what its unit asks for, and what was
+        refused."""
         u = self.unit
         want = (f"SCHED_FIFO {u.priority}" if u.policy == "fifo" else "SCHED_OTHER") + \
             ("" if u.nice is None else f", nice {u.nice}") + f", {u.cores} cores" + (", memory locked" if u.memlock
@@ -157,7 +184,8 @@ class Placement:
         if not self.enabled:
             out["got"] = "as started (demo.scheduling: none)"
             return out
-        got = read_scheduling(self.pid) if self.pid is not None else {}
+        which = tid if tid is not None else self.pid
+        got = read_scheduling(which) if which is not None else {}
         out.update(got)
         out["got"] = describe(got, u.memlock)
         return out
