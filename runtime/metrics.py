@@ -20,22 +20,29 @@ HISTOGRAM_EDGES_MS = log_edges()
 
 
 class LatencyRecorder:
-    """The last ``capacity`` samples (milliseconds) in a ring; ``summary()`` gives p50/p99/max over them."""
+    """The last ``capacity`` samples (milliseconds) in a ring; ``summary()`` gives p50/p99/max over them. With
+    ``keyed``, each sample also keeps an integer key (a chunk's seq): two processes' samples of the same chunk can then
+    be paired afterwards (``summary(keyed=True)``)."""
 
-    def __init__(self, capacity: int = 100000) -> None:
+    def __init__(self, capacity: int = 100000, keyed: bool = False) -> None:
         self._buf = np.zeros(capacity, dtype=np.float64)
+        self._keys = np.zeros(capacity, dtype=np.int64) if keyed else None
         self._n = 0
 
-    def add(self, value_ms: float) -> None:
-        self._buf[self._n % self._buf.shape[0]] = value_ms
+    def add(self, value_ms: float, key: int = 0) -> None:
+        i = self._n % self._buf.shape[0]
+        self._buf[i] = value_ms
+        if self._keys is not None:
+            self._keys[i] = key
         self._n += 1
 
     @property
     def count(self) -> int:
         return self._n
 
-    def summary(self, histogram: bool = False) -> Dict[str, Any]:
-        """count/p50/p99/max; with ``histogram``, also ``histogram`` (see ``histogram()``)."""
+    def summary(self, histogram: bool = False, keyed: bool = False) -> Dict[str, Any]:
+        """count/p50/p99/max; with ``histogram``, also ``histogram`` (see ``histogram()``); with ``keyed`` (a keyed
+        recorder), also ``keyed``: {"key": [...], "ms": [...]}, the stored samples oldest first."""
         n = min(self._n, self._buf.shape[0])
         if n == 0:
             out: Dict[str, Any] = {"count": 0, "p50": None, "p99": None, "max": None}
@@ -46,6 +53,10 @@ class LatencyRecorder:
                    "max": round(float(data.max()), 4)}
         if histogram:
             out["histogram"] = self.histogram()
+        if keyed and self._keys is not None:
+            order = np.arange(self._n - n, self._n) % self._buf.shape[0]
+            out["keyed"] = {"key": [int(k) for k in self._keys[order]],
+                            "ms": [round(float(v), 4) for v in self._buf[order]]}
         return out
 
     def histogram(self, edges: Optional[Sequence[float]] = None) -> Dict[str, Any]:
@@ -59,6 +70,17 @@ class LatencyRecorder:
         return {"edges_ms": [float(v) for v in e], "counts": [int(c) for c in counts],
                 "below": int(np.count_nonzero(data < e[0])), "above": int(np.count_nonzero(data > e[-1])),
                 "samples": int(n)}
+
+
+def paired_difference(a: Dict[str, Any], b: Dict[str, Any]) -> LatencyRecorder:
+    """Per key present in both ``keyed`` samples (LatencyRecorder.summary(keyed=True)["keyed"]), a's value minus
+    b's: the samples of one chunk measured in two processes, subtracted chunk by chunk."""
+    theirs = dict(zip(b.get("key", []), b.get("ms", [])))
+    out = LatencyRecorder(max(len(a.get("key", [])), 1))
+    for key, ms in zip(a.get("key", []), a.get("ms", [])):
+        if key in theirs:
+            out.add(ms - theirs[key])
+    return out
 
 
 def write_json(path: str, report: Dict[str, Any]) -> None:

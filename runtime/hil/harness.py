@@ -132,7 +132,7 @@ def run_trial(rig: HilRig, monitor, sc: Scenario, trial: int) -> Dict[str, Any]:
     row["t_fault"] = t_fault
     t_end = time.monotonic()
     row["seconds"] = round(t_end - t_start, 3)
-    gaps = ctx.get("sim_gaps", []) + _sim_gaps(rig, t_start if t_fault is None else t_fault)
+    gaps = ctx.get("sim_gaps", []) + _sim_gaps(rig, t_start)  # (the same gap twice does not matter)
     row["rig"] = rig_lateness(cfg, sc, gaps, monitor.lateness(t_start), ctx.get("harness_late_s"), t_start,
                               t_fault, row.get("wire", {}).get("first_safe_t"), t_end, bound)
     row["invalid"] = row["rig"]["starved"]
