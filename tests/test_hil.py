@@ -302,3 +302,27 @@ def test_rig_lateness_is_judged_against_the_bound_it_threatens():
     assert "harness sending the fault" in judged(estop, harness=0.011)
     assert "wire monitor" in judged(estop, monitor=[[10.004, 0.011]])
     assert judged(estop, monitor=[[10.2, 0.05]]) is None  # after the first safe command: no reaction depends on it
+
+
+@pytest.mark.slow
+def test_a_trial_that_broke_off_while_driving_does_not_fail_the_next(tmp_path, monkeypatch):
+    """A rig error after arming leaves the controller running with chunks flowing; the next trial's preparation
+    stops it (as a person would) instead of waiting for a safe state that never comes."""
+    _dds()
+    from runtime.hil import scenarios
+    from runtime.hil.rig import RigError
+
+    sc = scenarios.BY_NAME["operator_estop"]
+    inject, calls = sc.inject, []
+
+    def broken_first(rig, ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RigError("the rig broke off before the fault")
+        return inject(rig, ctx)
+
+    monkeypatch.setattr(sc, "inject", broken_first)
+    report = _run_hil(tmp_path, FAST, ["operator_estop"], trials=2)
+    assert report["failed"] == ["operator_estop#0"], _explain(report)
+    assert report["rows"][0]["errors"] == ["the rig broke off before the fault"]
+    assert report["rows"][1]["ok"], _explain(report)

@@ -75,9 +75,10 @@ def _cpus_text(cpus: Sequence[int]) -> str:
 
 
 class Placement:
-    """How one process of a rig is scheduled: ``start()`` before and at its spawn (nice, cores, the memory lock limit
-    it inherits), ``realtime()`` once it is ready (the FIFO priority, to every thread). ``record()`` is what it got,
-    read back from the kernel, with what was refused and why."""
+    """How one process of a rig is scheduled: ``spawn()`` starts it with the memory lock limit it inherits, its nice
+    and its cores; ``realtime()``, once it is ready, gives every thread the FIFO priority. ``threads()`` does it all
+    at once for threads of this process (the HIL wire monitor). ``record()`` is what it got, read back from the
+    kernel, with what was refused and why."""
 
     def __init__(self, role: str, enabled: bool = True, plan: Optional[Dict[str, List[int]]] = None) -> None:
         self.role = role
@@ -177,9 +178,9 @@ class Placement:
         """What the process got (its main thread, or thread ``tid``, read back), what its unit asks for, and what was
         refused."""
         u = self.unit
-        want = (f"SCHED_FIFO {u.priority}" if u.policy == "fifo" else "SCHED_OTHER") + \
-            ("" if u.nice is None else f", nice {u.nice}") + f", {u.cores} cores" + (", memory locked" if u.memlock
-                                                                                    else "")
+        want = f"SCHED_FIFO {u.priority}" if u.policy == "fifo" else "SCHED_OTHER"
+        want += ("" if u.nice is None else f", nice {u.nice}") + f", {u.cores} cores"
+        want += ", memory locked" if u.memlock else ""
         out: Dict[str, Any] = {"unit": want, "enabled": self.enabled, "refused": list(self.refused)}
         if not self.enabled:
             out["got"] = "as started (demo.scheduling: none)"
