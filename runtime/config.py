@@ -378,14 +378,20 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                          lo=0.1, hi=60.0),
         "restart_bound_s": Key(10.0, float, "a killed controller restarted by the harness must command the robot "
                                "safe within this long of the kill", lo=0.5, hi=120.0),
-        "realtime_priority": Key(80, int, "the controller runs SCHED_FIFO at this priority once it is up, as its "
-                                 "systemd unit runs it, where the host permits; 0 = normal scheduling", lo=0, hi=99),
+        "rerun_starved": Key(3, int, "a trial during which the rig itself starved (the simulated G1 or the harness's "
+                             "wire monitor late by more than the bound it threatens, docs/hil.md) is reported invalid "
+                             "and rerun, at most this many times; then the run fails as a rig fault", lo=0, hi=100),
         "stall_s": Key(0.5, float, "stall_controller: how long the controller is paused (SIGSTOP .. SIGCONT); "
                        "longer than controller.max_tick_gap_s", lo=0.05, hi=30.0),
     },
     "demo": {
         "seconds": Key(10.0, float, "how long `wam-edge demo` runs the loop", lo=1.0, hi=3600.0),
         "startup_timeout_s": Key(60.0, float, "how long to wait for both processes to be ready", lo=1.0, hi=600.0),
+        "scheduling": Key("units", str, "`wam-edge demo`, `bench` and `hil` start the controller, the simulated G1 and "
+                          "the runtime with the scheduling of their systemd units where the OS permits (units: "
+                          "controller SCHED_FIFO 80 on its own core, memory locked; simulated G1 SCHED_FIFO 70; "
+                          "runtime nice -5) and report what each got | none: as started",
+                          choices=("units", "none")),
     },
 }
 

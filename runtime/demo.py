@@ -20,6 +20,7 @@ from runtime.config import Config
 from runtime.controller import operator
 from runtime.controller.safety import SAFE_STATES
 from runtime.metrics import write_json
+from runtime.service import scheduling
 
 
 def config_args(config_path: Optional[str], overrides: Sequence[str]) -> List[str]:
@@ -29,10 +30,13 @@ def config_args(config_path: Optional[str], overrides: Sequence[str]) -> List[st
     return args
 
 
-def _spawn(role: str, config_path: Optional[str], overrides: Sequence[str], report: str,
-           ready: str) -> subprocess.Popen:
+def _spawn(role: str, config_path: Optional[str], overrides: Sequence[str], report: str, ready: str,
+           placement: Optional[scheduling.Placement] = None) -> subprocess.Popen:
+    """`wam-edge <role>` (controller or run); with ``placement``, scheduled as its systemd unit (its real-time
+    priority comes once it is ready: placement.realtime())."""
     cmd = [sys.executable, "-m", "runtime.cli", role, "--report", report, "--ready-file", ready]
-    return subprocess.Popen(cmd + config_args(config_path, overrides))
+    cmd += config_args(config_path, overrides)
+    return subprocess.Popen(cmd) if placement is None else placement.spawn(cmd)
 
 
 def _wait_files(paths: List[str], procs: List[subprocess.Popen], timeout: float) -> Optional[str]:
@@ -68,6 +72,13 @@ def _load(path: str) -> Dict[str, Any]:
         return {}
 
 
+def controller_timing(ct: Dict[str, Any]) -> Dict[str, Any]:
+    """The controller report's loop timing as runtime/bench/reference_loop.timing() gives the reference loop's."""
+    from runtime.bench.reference_loop import timing_from
+
+    return timing_from(ct.get("control_ticks", 0), ct.get("overruns", 0), ct.get("period_error_ms", {}))
+
+
 def loop_overrides(tmp: str, dds: bool) -> List[str]:
     """The loop's private endpoints and files in the directory ``tmp`` (the demo, the bench, `wam-edge hil`)."""
     own = [f"transport.chunks=ipc://{tmp}/chunks", f"transport.state=ipc://{tmp}/state",
@@ -87,19 +98,28 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         dds = cfg["controller"]["driver"] == "dds"
         all_overrides = list(overrides) + loop_overrides(tmp, dds)
         files = {k: os.path.join(tmp, k) for k in ("controller.json", "runtime.json", "controller.ready",
-                                                       "runtime.ready", "sim.json")}
+                                                       "runtime.ready", "sim.json", "reference.json")}
         t_start = time.monotonic()
+        places = scheduling.Placements(cfg["demo"]["scheduling"])
         sim = None
         if dds:
-            sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "sim", "--summary", files["sim.json"]]
-                                   + config_args(cfg.path, all_overrides), stdout=subprocess.DEVNULL)
-        controller = _spawn("controller", cfg.path, all_overrides, files["controller.json"], files["controller.ready"])
-        runtime = _spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"])
-        procs = [controller, runtime] + ([sim] if sim else [])
+            sim = places["sim"].spawn([sys.executable, "-m", "runtime.cli", "sim", "--summary", files["sim.json"]]
+                                      + config_args(cfg.path, all_overrides), stdout=subprocess.DEVNULL)
+        controller = _spawn("controller", cfg.path, all_overrides, files["controller.json"], files["controller.ready"],
+                            places["controller"])
+        runtime = _spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"],
+                         places["runtime"])
+        # the machine's floor, beside the controller for the whole run (runtime/bench/reference_loop.py)
+        reference = places[scheduling.REFERENCE].spawn([sys.executable, "-m", "runtime.bench.reference_loop",
+                                                        "--report", files["reference.json"]])
+        procs = [controller, runtime, reference] + ([sim] if sim else [])
         try:
             problem = _wait_files([files["controller.ready"], files["runtime.ready"]], procs,
                                   cfg["demo"]["startup_timeout_s"])
             startup_s = time.monotonic() - t_start
+            if not problem:  # the controller is ready once it has fresh robot state: the simulated G1 is up too
+                for placement in places.by_role.values():
+                    placement.realtime()
             if not problem:  # the demo stands in for the person who arms the robot
                 reply = operator.send(f"ipc://{tmp}/control", "arm", "wam-edge demo", timeout_s=5.0)
                 if not reply.ok:
@@ -126,6 +146,7 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
                     break
                 time.sleep(0.1)
             rc_controller = _stop(controller, 10.0)
+            _stop(reference, 5.0)
             if sim is not None:
                 _stop(sim, 10.0)
         finally:
@@ -136,6 +157,7 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         rt = _load(files["runtime.json"])
         ct = _load(files["controller.json"])
         wire = _load(files["sim.json"]) if dds else {}
+        ref = _load(files["reference.json"])
 
     if rc_runtime != 0:
         errors.append(f"runtime exited with code {rc_runtime}")
@@ -145,6 +167,12 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         errors.append("a process wrote no report")
     if ct.get("chunks_received", 0) == 0 and not errors:
         errors.append("the controller received no chunks")
+    if ct:  # a loop that never drove the robot did not run, whatever else went right
+        applied = ct.get("chunks_applied", 0)
+        if not applied and not any(t.get("to") == "running" for t in ct.get("transitions", [])):
+            errors.append("the controller never reached running")
+        elif not applied:
+            errors.append("the controller applied no chunk")
     if ct.get("rejected"):
         errors.append(f"the controller rejected messages: {ct['rejected']}")
     if rt.get("policy_errors"):
@@ -182,6 +210,9 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
         "chunks_applied": ct.get("chunks_applied", 0),
         "control_ticks": ct.get("control_ticks", 0),
         "controller_overruns": ct.get("overruns", 0),
+        # missed ticks and period error, the controller's beside a plain 2 ms loop's in the same run (the machine's)
+        "timing": {"controller": controller_timing(ct), "reference_loop": ref or None},
+        "scheduling": places.records(),
         "latency_ms": {
             "frame_to_chunk": lat.get("frame_to_chunk", {}),
             "inference": lat.get("inference", {}),
@@ -200,6 +231,23 @@ def run_demo(cfg: Config, overrides: Sequence[str], seconds: float, report_path:
     if report_path:
         write_json(report_path, summary)
     return summary
+
+
+def timing_lines(timing: Dict[str, Any], places: Dict[str, Any]) -> List[str]:
+    """The controller's missed ticks and period error beside the reference loop's, and what each process got."""
+    def one(t: Optional[Dict[str, Any]]) -> str:
+        if not t or not t.get("ticks"):
+            return "n/a"
+        pe = t["period_error_ms"]
+        return (f"missed {t['missed']} of {t['ticks']} ticks ({t['missed_pct']:.3f} %), period error p50 "
+                f"{pe['p50']:.3f} ms, p99 {pe['p99']:.3f} ms, max {pe['max']:.3f} ms")
+
+    lines = [f"  controller loop:     {one(timing.get('controller'))}",
+             f"  reference 2 ms loop: {one(timing.get('reference_loop'))} (the machine's floor)"]
+    for role, how in places.items():
+        refused = f" (refused: {'; '.join(how['refused'])})" if how.get("refused") else ""
+        lines.append(f"  scheduling {role}: {how.get('got')}{refused}")
+    return lines
 
 
 def print_summary(s: Dict[str, Any], out=sys.stdout) -> None:
@@ -221,6 +269,7 @@ def print_summary(s: Dict[str, Any], out=sys.stdout) -> None:
     for name, d in lat.get("stages", {}).items():
         lines.append(f"    stage {name}: {pct(d)}")
     lines.append(f"  controller period error: {pct(lat['controller_period_error'])}")
+    lines += timing_lines(s["timing"], s["scheduling"])
     lines.append(f"  largest step {s['limiter'].get('max_step_rad')} rad/tick "
                  f"(allowed {s['limiter'].get('max_step_allowed_rad')})")
     for stop in s["stops"]:

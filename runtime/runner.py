@@ -154,6 +154,9 @@ class PolicyRuntime:
         # camera's thread before the frame's stamp and is not in it
         self.lat_overhead = LatencyRecorder()
         self.lat_frame_age = LatencyRecorder()  # per chunk: the frame's age when its inference started
+        # per chunk sent, keyed by seq: the model's time in it (stages + injected latency, as slept or held), for
+        # `wam-edge bench`'s frame to decode less the model (the controller's frame_to_decode_ms, same seqs)
+        self.lat_model = LatencyRecorder(1024, keyed=True)
         self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
         self.lat_starts_left = LatencyRecorder()  # time left in the executing chunk when an inference started
         self.lat_injected: Optional[LatencyRecorder] = None
@@ -360,6 +363,7 @@ class PolicyRuntime:
         sent = time.monotonic()
         if delivered:
             self.last_sent_at = sent
+            self.lat_model.add(self._stages_ms() + self._injected_ms(), self.chunk_seq)
         self.lat_frame_to_chunk.add((sent - frame.stamp) * 1000.0)
         self.lat_inference.add((t1 - t0) * 1000.0)
         own = (t1 - t0) * 1000.0 - self._stages_ms() - self._injected_ms()
@@ -376,7 +380,8 @@ class PolicyRuntime:
         return total
 
     def _injected_ms(self) -> float:
-        return self._injecting.last_injected_s * 1000.0 if self._injecting is not None else 0.0
+        # as slept, not as drawn: an oversleep is the stand-in's, not the runtime's own time
+        return self._injecting.last_slept_s * 1000.0 if self._injecting is not None else 0.0
 
     def _set_rtc(self, new_start: float) -> None:
         """RTC inside the model: the executing (last sent) chunk on the new chunk's timeline, and the delay."""
@@ -459,6 +464,7 @@ class PolicyRuntime:
                     self._rtc_last_start = self.chunk_start
                 self.last_sent_at = sent
                 self._newest_start = t0
+                self.lat_model.add((self._r_release[slot] - t0) * 1000.0 - self._r_own_ms[slot], self.chunk_seq)
             else:
                 c["chunks_dropped"] += 1
             frame_stamp = self._r_frame_stamp[slot]
@@ -504,6 +510,7 @@ class PolicyRuntime:
                 "preprocess": self.lat_preprocess.summary(),
                 "overhead": self.lat_overhead.summary(),
                 "frame_age": self.lat_frame_age.summary(),
+                "model": self.lat_model.summary(keyed=True),
                 "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
                 # counts over fixed log-spaced bins (metrics.HISTOGRAM_EDGES_MS), computed here, at report time
                 "histograms": {"inference": self.lat_inference.histogram(),

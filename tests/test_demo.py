@@ -29,6 +29,11 @@ def test_demo_runs_the_loop_and_ends_safe(tmp_path):
     assert "stopping" in s["stops"][0]["reason"]  # the runtime said it was going; the controller held
     assert s["limiter"]["max_step_rad"] <= s["limiter"]["max_step_allowed_rad"] + 1e-9
     assert "OK" in r.stdout and "frame -> chunk" in r.stdout
+    # the controller's missed ticks beside a plain 2 ms loop's, and the scheduling each process got (issue 11)
+    ctl, ref = s["timing"]["controller"], s["timing"]["reference_loop"]
+    assert ctl["ticks"] == s["control_ticks"] and ctl["missed_pct"] is not None
+    assert ref["ticks"] > 500 and ref["period_error_ms"]["p99"] is not None
+    assert set(s["scheduling"]) == {"controller", "runtime", "reference"} and "reference 2 ms loop" in r.stdout
 
 
 @pytest.mark.slow

@@ -228,3 +228,101 @@ def test_lowcmd_steps_are_weighted_by_the_gains():
     assert j["steps_over_limit"] == 0
     j = judge(window([0.0, 0.0, 0.3], kps=np.array([full, none, full]), topic=LOWCMD), "lowcmd", None, STEP)
     assert j["steps_over_limit"] == 1  # a jump onto the default gains is a full step
+
+
+# -- a rig that starves is a rig fault: reported invalid and rerun, never a pass or a silent fail (issue 11) ----------
+
+def _starving_sim_first(monkeypatch, name, attempts):
+    """Wrap scenario ``name``'s injection: on the first ``attempts`` calls, pause the simulated G1 (SIGSTOP) for
+    longer than the controller's state timeout before the fault, as a busy machine would starve it."""
+    import signal
+    import time
+
+    from runtime.hil import scenarios
+
+    sc = scenarios.BY_NAME[name]
+    inject, calls = sc.inject, []
+
+    def starved(rig, ctx):
+        calls.append(1)
+        if len(calls) <= attempts:
+            rig.signal("sim", signal.SIGSTOP)
+            time.sleep(0.25)
+            rig.signal("sim", signal.SIGCONT)
+            time.sleep(0.05)
+        return inject(rig, ctx)
+
+    monkeypatch.setattr(sc, "inject", starved)
+    return calls
+
+
+@pytest.mark.slow
+def test_a_trial_during_which_the_simulated_g1_starved_is_invalid_and_rerun(tmp_path, monkeypatch):
+    _dds()
+    calls = _starving_sim_first(monkeypatch, "operator_estop", 1)
+    report = _run_hil(tmp_path, FAST, ["operator_estop"])
+    assert report["ok"], _explain(report)
+    assert len(calls) == 2 and report["reruns"] == 1 and report["rig_starved"] == []
+    row = report["rows"][0]
+    assert row["ok"] and row["invalid"] is None and row["reruns"] == 1
+    first = row["invalid_attempts"][0]
+    assert first["invalid"].startswith("rig starved:") and "simulated G1's publishing" in first["invalid"]
+    assert report["invalid"] == [f"operator_estop#0: {first['invalid']}"]
+
+
+@pytest.mark.slow
+def test_a_rig_that_keeps_starving_fails_the_run_as_a_rig_fault(tmp_path, monkeypatch):
+    _dds()
+    calls = _starving_sim_first(monkeypatch, "operator_estop", 99)
+    report = _run_hil(tmp_path, FAST + ["hil.rerun_starved=1"], ["operator_estop"])
+    assert not report["ok"] and len(calls) == 2 and report["reruns"] == 1
+    assert report["rig_starved"] == ["operator_estop#0"] and report["failed"] == []
+    assert any("a rig fault, not a system fault" in e for e in report["errors"])
+    assert report["rows"][0]["invalid"].startswith("rig starved:")
+
+
+def test_rig_lateness_is_judged_against_the_bound_it_threatens():
+    from runtime.config import load_config
+    from runtime.hil.harness import rig_lateness
+    from runtime.hil.scenarios import BY_NAME
+
+    cfg = load_config(None, [])  # state_timeout_s 0.1 at 500 Hz: a publishing gap of 88 ms could stop the robot
+    estop, remote, lost = BY_NAME["operator_estop"], BY_NAME["remote_stop"], BY_NAME["lost_state"]
+
+    def judged(sc, sim=(), monitor=(), harness=None, first_safe=10.005, bound=0.014):
+        return rig_lateness(cfg, sc, list(sim), list(monitor), harness, 0.0, 10.0, first_safe, 12.0, bound)["starved"]
+
+    assert judged(estop) is None
+    assert judged(estop, sim=[[5.0, 0.080]]) is None  # late, but the state stays fresh enough
+    assert "89 ms gap in the simulated G1's publishing" in judged(estop, sim=[[5.0, 0.089]])
+    assert judged(lost, sim=[[11.0, 0.5]]) is None  # after the fault the state's end is the fault itself
+    assert judged(lost, sim=[[9.9, 0.5]]) is not None
+    assert judged(estop, sim=[[10.01, 0.02]]) is None  # the estop does not travel in the robot state
+    assert "after the fault" in judged(remote, sim=[[10.01, 0.02]], bound=0.016)
+    assert "harness sending the fault" in judged(estop, harness=0.011)
+    assert "wire monitor" in judged(estop, monitor=[[10.004, 0.011]])
+    assert judged(estop, monitor=[[10.2, 0.05]]) is None  # after the first safe command: no reaction depends on it
+
+
+@pytest.mark.slow
+def test_a_trial_that_broke_off_while_driving_does_not_fail_the_next(tmp_path, monkeypatch):
+    """A rig error after arming leaves the controller running with chunks flowing; the next trial's preparation
+    stops it (as a person would) instead of waiting for a safe state that never comes."""
+    _dds()
+    from runtime.hil import scenarios
+    from runtime.hil.rig import RigError
+
+    sc = scenarios.BY_NAME["operator_estop"]
+    inject, calls = sc.inject, []
+
+    def broken_first(rig, ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RigError("the rig broke off before the fault")
+        return inject(rig, ctx)
+
+    monkeypatch.setattr(sc, "inject", broken_first)
+    report = _run_hil(tmp_path, FAST, ["operator_estop"], trials=2)
+    assert report["failed"] == ["operator_estop#0"], _explain(report)
+    assert report["rows"][0]["errors"] == ["the rig broke off before the fault"]
+    assert report["rows"][1]["ok"], _explain(report)

@@ -169,6 +169,29 @@ def test_controller_unit_is_real_time_notify_and_watched(units, tmp_path: Path) 
     assert "PYTHONFAULTHANDLER=1" in env
 
 
+def test_rigs_schedule_each_process_as_its_unit_does(units) -> None:
+    """`wam-edge hil`, `bench` and `demo` apply runtime/service/scheduling.UNITS; it must say what the units say:
+    the controller first, the simulated G1 next, the runtime at normal priority (issue 11)."""
+    from runtime.service.scheduling import UNITS
+
+    cores = {"@CPU_CONTROLLER@": "own", "@CPU_RUNTIME@": "others"}
+    template = {n: (REPO / "systemd" / (n + install.TEMPLATE_SUFFIX)).read_text() for n in ALL_UNITS}
+    for role, name in (("controller", "wam-edge-controller.service"), ("runtime", "wam-edge-runtime.service"),
+                       ("sim", install.SIM_UNIT)):
+        u, want = units[name], UNITS[role]
+        policy = u["Service"].get("CPUSchedulingPolicy", ["other"])[0]
+        assert policy == want.policy, (role, policy)
+        if policy == "fifo":
+            assert int(_one(u, "Service", "CPUSchedulingPriority")) == want.priority, role
+            assert _one(u, "Service", "CPUSchedulingResetOnFork") == "yes", role
+        nice = u["Service"].get("Nice")
+        assert (int(nice[0]) if nice else None) == want.nice, role
+        affinity = [ln.split("=", 1)[1] for ln in template[name].splitlines() if ln.startswith("CPUAffinity=")]
+        assert [cores[a] for a in affinity] == [want.cores], role
+        assert (u["Service"].get("LimitMEMLOCK") == ["infinity"]) == want.memlock, role
+    assert UNITS["controller"].priority > UNITS["sim"].priority  # ordered, never one priority for all
+
+
 def test_runtime_follows_the_controller_and_can_never_take_it_down(units) -> None:
     r, c = units["wam-edge-runtime.service"], units["wam-edge-controller.service"]
     ctl, rt = "wam-edge-controller.service", "wam-edge-runtime.service"

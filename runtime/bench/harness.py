@@ -22,9 +22,10 @@ from runtime.bench import OWN_TIME, plot
 from runtime.config import Config, load_config
 from runtime.controller import operator
 from runtime.controller.safety import SAFE_STATES
-from runtime.metrics import write_json
+from runtime.metrics import paired_difference, write_json
 from runtime.policy.latency import in_flight_needed, nominal_max_latency
 from runtime.policy.manifest import load_manifest
+from runtime.service import scheduling
 
 #: the default latencies: a 10 ms and a 100 ms model, and 80 % of the reference model's 0.64 s chunk (0.51 s). One
 #: inference at a time covers a chunk only while the latency stays under half its duration; above that the bench
@@ -123,6 +124,13 @@ def _lat(d: Dict[str, Any]) -> Dict[str, Any]:
     return {"count": d.get("count", 0), "p50_ms": d.get("p50"), "p99_ms": d.get("p99"), "max_ms": d.get("max")}
 
 
+def _loop(t: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    if not t:
+        return None
+    return {"ticks": t.get("ticks", 0), "missed": t.get("missed", 0), "missed_pct": t.get("missed_pct"),
+            "period_error_ms": _lat(t.get("period_error_ms", {}))}
+
+
 def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, Any]) -> Dict[str, Any]:
     """The bench's view of one demo.run_demo summary."""
     ct, rt = s.get("controller", {}), s.get("runtime", {})
@@ -171,6 +179,10 @@ def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, A
             "stages": {k: _lat(v) for k, v in lat.get("stages", {}).items()},
             "frame_to_chunk": _lat(lat.get("frame_to_chunk", {})),
             "overhead_per_chunk": _lat(lat.get("overhead", {})),
+            "frame_to_decode": _lat(ex.get("frame_to_decode_ms", {})),
+            # what a user waits beyond the model: frame to decoded by the controller, less the model's time, per chunk
+            "frame_to_decode_less_model": _lat(paired_difference(ex.get("frame_to_decode_ms", {}).get("keyed", {}),
+                                                                 lat.get("model", {}).get("keyed", {})).summary()),
             "frame_age_at_start": _lat(lat.get("frame_age", {})),
             "inference_starts_left": _lat(rt.get("inference_starts_left_ms", {})),
             "estimate_ms": rt.get("latency_estimate_ms"),
@@ -187,7 +199,11 @@ def summarize_run(latency: str, cfg: Config, s: Dict[str, Any], rss: Dict[str, A
             "control_ticks": ct.get("control_ticks", 0),
             "period_error_ms": _lat(ct.get("period_error_ms", {})),
             "overruns": ct.get("overruns", 0),
+            "missed_pct": s.get("timing", {}).get("controller", {}).get("missed_pct"),
         },
+        # the machine's floor in the same run: a plain 2 ms loop scheduled like the controller, on the other cores
+        "reference_loop": _loop(s.get("timing", {}).get("reference_loop")),
+        "scheduling": s.get("scheduling", {}),
         "startup": {
             "ready_s": s.get("startup_s"),
             "first_action_s": None if first is None or s.get("started_t") is None
@@ -214,13 +230,19 @@ def watchdog_trial(cfg: Config, overrides: Sequence[str], settle_s: float = 1.0)
         files = {k: os.path.join(tmp, k) for k in ("controller.json", "runtime.json", "controller.ready",
                                                        "runtime.ready")}
         control = f"ipc://{tmp}/control"
+        places = scheduling.Placements(cfg["demo"]["scheduling"])
         controller = demo._spawn("controller", cfg.path, all_overrides, files["controller.json"],
-                                 files["controller.ready"])
-        runtime = demo._spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"])
+                                 files["controller.ready"], places["controller"])
+        runtime = demo._spawn("run", cfg.path, all_overrides, files["runtime.json"], files["runtime.ready"],
+                              places["runtime"])
         t_kill = None
         try:
             problem = demo._wait_files([files["controller.ready"], files["runtime.ready"]], [controller, runtime],
                                        cfg["demo"]["startup_timeout_s"])
+            if not problem:
+                for placement in places.by_role.values():
+                    placement.realtime()
+                out["scheduling"] = places.records()
             if not problem:
                 reply = operator.send(control, "arm", "wam-edge bench", timeout_s=5.0)
                 problem = None if reply.ok else f"arming refused: {reply.detail}"
@@ -387,7 +409,7 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
 
 def print_row(r: Dict[str, Any], out=sys.stdout) -> None:
     lat, ex, ctl = r["latency_ms"], r["execution"], r["controller"]
-    pe = ctl["period_error_ms"]
+    pe, fdm = ctl["period_error_ms"], lat["frame_to_decode_less_model"]
     rss = " ".join(f"{k} {v['max_mib']} MiB" for k, v in r["rss"].items())
     out.write(
         f"latency {r['latency']}: {'OK' if r['ok'] else 'FAILED'}\n"
@@ -402,12 +424,27 @@ def print_row(r: Dict[str, Any], out=sys.stdout) -> None:
         f"chunk age p50 {_f(ex['chunk_age_ms']['p50_ms'])} ms\n"
         f"  controller {ctl['rate_hz']:.0f} Hz period error p50/p99/max {_f(pe['p50_ms'], '{:.3f}')}"
         f"/{_f(pe['p99_ms'], '{:.3f}')}/{_f(pe['max_ms'], '{:.3f}')} ms, "
-        f"overruns {ctl['overruns']} of {ctl['control_ticks']} ticks\n"
+        f"missed {ctl['overruns']} of {ctl['control_ticks']} ticks ({_f(ctl['missed_pct'], '{:.3f}')} %)\n"
+        f"  reference 2 ms loop (the machine's floor): {_loop_text(r['reference_loop'])}\n"
+        f"  frame->decoded by the controller p50/p99 {_f(lat['frame_to_decode']['p50_ms'])}/"
+        f"{_f(lat['frame_to_decode']['p99_ms'])} ms, less the model {_f(fdm['p50_ms'])}/{_f(fdm['p99_ms'])} ms\n"
         f"  start-up: ready {_f(r['startup']['ready_s'])} s, first action {_f(r['startup']['first_action_s'])} s; "
         f"RSS {rss}\n")
+    for role, how in r["scheduling"].items():
+        refused = f" (refused: {'; '.join(how['refused'])})" if how.get("refused") else ""
+        out.write(f"  scheduling {role}: {how.get('got')}{refused}\n")
     for e in r["errors"]:
         out.write(f"  error: {e}\n")
     out.flush()
+
+
+def _loop_text(t: Optional[Dict[str, Any]]) -> str:
+    if not t or not t.get("ticks"):
+        return "n/a"
+    pe = t["period_error_ms"]
+    return (f"period error p50/p99/max {_f(pe['p50_ms'], '{:.3f}')}/{_f(pe['p99_ms'], '{:.3f}')}/"
+            f"{_f(pe['max_ms'], '{:.3f}')} ms, missed {t['missed']} of {t['ticks']} "
+            f"({_f(t['missed_pct'], '{:.3f}')} %)")
 
 
 def print_summary(report: Dict[str, Any], out=sys.stdout) -> None:

@@ -167,6 +167,9 @@ class Controller:
         self._seam_max_accel = 0.0
         self._seam_max_jerk = 0.0
         self.chunk_age_ms = LatencyRecorder(10000)
+        # per chunk decoded, from its frame's stamp (the runtime's clock: meaningful on one host, as in `wam-edge
+        # bench`), keyed by seq so a bench can subtract the runtime's model time chunk by chunk
+        self.frame_to_decode_ms = LatencyRecorder(1024, keyed=True)
         self._hist = [np.zeros(g1.NUM_JOINTS) for _ in range(3)]  # commanded positions 1, 2, 3 ticks ago
         self._hist_n = 0
         self._diff = np.zeros(g1.NUM_JOINTS)
@@ -379,6 +382,7 @@ class Controller:
                     self._on_heartbeat(msg, now)
                     continue
                 self.chunks_received += 1
+                self.frame_to_decode_ms.add((time.monotonic() - msg.frame_stamp) * 1000.0, msg.seq)
                 if self.sm.state not in ACCEPTS_CHUNKS:
                     self.chunks_ignored += 1
                     continue
@@ -850,6 +854,7 @@ class Controller:
                 "seam_max_jerk_rad_s3": round(self._seam_max_jerk, 1),
                 "seam_clamped_ticks": self.seam_clamped_ticks,
                 "chunk_age_ms": self.chunk_age_ms.summary(),
+                "frame_to_decode_ms": self.frame_to_decode_ms.summary(keyed=True),
                 "chunks_dropped": self.chunks_dropped,
                 "chunks_evicted": self.schedule.evicted,
                 "seam_traces": self.seam_traces(),

@@ -23,6 +23,7 @@ from runtime import demo
 from runtime.config import Config
 from runtime.controller import operator
 from runtime.protocol import Reply, sockets
+from runtime.service import scheduling
 
 ROLES = ("sim", "controller", "runtime")
 _CLI = {"sim": "sim", "controller": "controller", "runtime": "run"}
@@ -69,7 +70,8 @@ class HilRig:
         self.starts = {r: 0 for r in ROLES}
         self.ctx = zmq.Context.instance()
         self.startup_timeout = cfg["demo"]["startup_timeout_s"]
-        self.realtime: Dict[str, Optional[str]] = {}  # per role: the scheduling it got, or why not
+        # the scheduling each process's systemd unit gives it, where the OS permits (runtime/service/scheduling.py)
+        self.placements = scheduling.Placements(cfg["demo"]["scheduling"])
 
     # -- processes ----------------------------------------------------------------------------------------------
 
@@ -91,8 +93,8 @@ class HilRig:
             cmd += ["--report", self.path(f"{role}.json"), "--ready-file", ready]
         log = open(self.log_path(role), "ab")
         try:
-            proc = subprocess.Popen(cmd + demo.config_args(self.cfg.path, self.overrides), stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = self.placements[role].spawn(cmd + demo.config_args(self.cfg.path, self.overrides), stdout=log,
+                                               stderr=subprocess.STDOUT)
         finally:
             log.close()
         self.procs[role] = proc
@@ -101,19 +103,6 @@ class HilRig:
             self.wait_ready(role)
         return proc
 
-    def _make_realtime(self, pid: int) -> Optional[str]:
-        """SCHED_FIFO for the controller once it is up (hil.realtime_priority, as its systemd unit runs it), so the
-        reactions measured are those of the deployed scheduling. Not during start-up: a CPU-bound import at a
-        real-time priority would starve everything else on its core, the harness's own wire monitor included."""
-        prio = self.cfg["hil"]["realtime_priority"]
-        if prio == 0:
-            return None
-        try:
-            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(prio))
-        except (OSError, AttributeError) as exc:  # not permitted here (no CAP_SYS_NICE): measured as scheduled
-            return f"normal scheduling (SCHED_FIFO refused: {exc})"
-        return f"SCHED_FIFO {prio}"
-
     def wait_ready(self, role: str) -> None:
         proc = self.procs[role]
         deadline = time.monotonic() + self.startup_timeout
@@ -121,12 +110,9 @@ class HilRig:
             if proc is None or proc.poll() is not None:
                 raise RigError(f"{role} exited during start-up (code {proc.returncode if proc else None}); "
                                f"see {self.log_path(role)}:\n{self.log_tail(role)}")
-            if role == "sim":
-                if self.sim({}, timeout_s=0.2).get("ok"):
-                    return
-            elif os.path.exists(self.path(f"{role}.ready")):
-                if role == "controller":
-                    self.realtime[role] = self._make_realtime(proc.pid)
+            if role == "sim" and self.sim({}, timeout_s=0.2).get("ok") or \
+                    role != "sim" and os.path.exists(self.path(f"{role}.ready")):
+                self.placements[role].realtime()  # the unit's priority once up, never during start-up
                 return
             time.sleep(0.05)
         raise RigError(f"{role} not ready within {self.startup_timeout} s; see {self.log_path(role)}")

@@ -33,10 +33,15 @@ class Scenario:
     def __init__(self, name: str, doc: str, inject: Callable[[HilRig, Dict[str, Any]], float],
                  bound: Callable[[Config], Tuple[Optional[float], str]], expect: Sequence[str] = ("stopped",),
                  needs_sim: bool = False, after: Optional[Callable[[HilRig, Dict[str, Any]], None]] = None,
-                 recover: Optional[Callable[[HilRig, Dict[str, Any]], None]] = None) -> None:
+                 recover: Optional[Callable[[HilRig, Dict[str, Any]], None]] = None, via_sim: bool = False,
+                 ends_state: bool = False) -> None:
         self.name, self.doc = name, doc
         self.inject, self.bound, self.expect = inject, bound, tuple(expect)
         self.needs_sim = needs_sim
+        # for judging the rig's own starvation (harness.rig_starved): the fault reaches the controller in the
+        # simulated G1's robot state (its publishing is on the reaction's path), or the fault is the end of that
+        # state stream (gaps after it are the fault, not the rig's)
+        self.via_sim, self.ends_state = via_sim, ends_state
         self.after = after or (lambda rig, ctx: None)
         self.recover = recover or (lambda rig, ctx: None)
 
@@ -132,10 +137,19 @@ def _press(which: str) -> Callable[[HilRig, Dict[str, Any]], float]:
     return inject
 
 
+def _signal(rig: HilRig, ctx: Dict[str, Any], role: str, sig: int) -> float:
+    """Send ``sig`` to ``role``: the fault time, and in ctx["harness_late_s"] how long the harness took to send it
+    after (a starved harness sends late, and the reaction it measures grows by as much)."""
+    t = time.monotonic()
+    rig.signal(role, sig)
+    ctx["harness_late_s"] = time.monotonic() - t
+    return t
+
+
 def _kill(role: str) -> Callable[[HilRig, Dict[str, Any]], float]:
     def inject(rig: HilRig, ctx: Dict[str, Any]) -> float:
-        t = time.monotonic()
-        rig.kill(role)
+        t = _signal(rig, ctx, role, signal.SIGKILL)
+        rig.procs[role].wait()  # reap it
         return t
 
     return inject
@@ -152,8 +166,8 @@ def _respawn(role: str) -> Callable[[HilRig, Dict[str, Any]], None]:
 def _kill_and_restart(role: str) -> Callable[[HilRig, Dict[str, Any]], float]:
     """kill -9, then start it again at once (systemd's Restart=on-failure, without its RestartSec)."""
     def inject(rig: HilRig, ctx: Dict[str, Any]) -> float:
-        t = time.monotonic()
-        rig.kill(role)
+        t = _signal(rig, ctx, role, signal.SIGKILL)
+        rig.procs[role].wait()  # reap it
         rig.spawn(role, wait=False)
         return t
 
@@ -163,8 +177,8 @@ def _kill_and_restart(role: str) -> Callable[[HilRig, Dict[str, Any]], float]:
 def _terminate_and_restart(role: str) -> Callable[[HilRig, Dict[str, Any]], float]:
     """SIGTERM, let the process finish its own shutdown, start it again (`systemctl restart`)."""
     def inject(rig: HilRig, ctx: Dict[str, Any]) -> float:
-        t = time.monotonic()
-        code = rig.terminate(role, timeout_s=15.0)
+        t = _signal(rig, ctx, role, signal.SIGTERM)
+        code = rig.terminate(role, timeout_s=15.0)  # waits for it (a second SIGTERM changes nothing)
         if code != 0:
             ctx.setdefault("errors", []).append(f"{role} exited with code {code} after SIGTERM")
         rig.spawn(role, wait=False)
@@ -179,8 +193,7 @@ def _wait_ready(role: str) -> Callable[[HilRig, Dict[str, Any]], None]:
 
 def _pause(role: str) -> Callable[[HilRig, Dict[str, Any]], float]:
     def inject(rig: HilRig, ctx: Dict[str, Any]) -> float:
-        t = time.monotonic()
-        rig.signal(role, signal.SIGSTOP)
+        t = _signal(rig, ctx, role, signal.SIGSTOP)
         ctx["paused"] = role
         return t
 
@@ -194,8 +207,7 @@ def _resume(rig: HilRig, ctx: Dict[str, Any]) -> None:
 
 
 def _stall_controller(rig: HilRig, ctx: Dict[str, Any]) -> float:
-    t = time.monotonic()
-    rig.signal("controller", signal.SIGSTOP)
+    t = _signal(rig, ctx, "controller", signal.SIGSTOP)
     try:
         time.sleep(rig.cfg["hil"]["stall_s"])
     finally:
@@ -210,10 +222,14 @@ def _bad_crc(rig: HilRig, ctx: Dict[str, Any]) -> float:
     ctx["bad_crc_sent"] = ctx["monitor"].publish_bad_crc(topic, 5)
     if not ctx["bad_crc_sent"]:
         raise RigError("no command seen on the wire to corrupt")
-    if before is not None:
-        time.sleep(0.05)
-        after = rig.sim({"summary": True}).get("summary", {}).get("bad_crc")
-        ctx["robot_bad_crc"] = None if after is None else after - before
+    if before is not None:  # what the robot counted: asked until all arrived (how fast is not the point), 1 s at most
+        deadline = time.monotonic() + 1.0
+        while True:
+            time.sleep(0.05)
+            after = rig.sim({"summary": True}).get("summary", {}).get("bad_crc")
+            ctx["robot_bad_crc"] = None if after is None else after - before
+            if ctx["robot_bad_crc"] == ctx["bad_crc_sent"] or time.monotonic() >= deadline:
+                break
     return t
 
 
@@ -299,17 +315,19 @@ SCENARIOS: List[Scenario] = [
     Scenario("inference_overrun", "inference takes longer than policy.max_inference_s", _runtime_fault("slow"),
              lost_action_stream, recover=_clear_runtime_fault),
     Scenario("lost_state", "rt/lowstate stops (the simulated G1 freezes its state stream)", _sim({"freeze": True}),
-             lost_robot_state, needs_sim=True, recover=lambda rig, ctx: rig.sim({"freeze": False})),
+             lost_robot_state, needs_sim=True, ends_state=True, recover=lambda rig, ctx: rig.sim({"freeze": False})),
     Scenario("bad_crc", "5 commands with a bad CRC on the control topic: the robot must ignore them and the loop "
              "carries on", _bad_crc, no_reaction, expect=("running",), recover=_stop_after_running),
     Scenario("remote_estop", "the remote's e-stop combination", _press("estop"), robot_state_message,
-             expect=("estop",), needs_sim=True),
-    Scenario("remote_stop", "the remote's stop combination", _press("stop"), robot_state_message, needs_sim=True),
+             expect=("estop",), needs_sim=True, via_sim=True),
+    Scenario("remote_stop", "the remote's stop combination", _press("stop"), robot_state_message, needs_sim=True,
+             via_sim=True),
     Scenario("operator_estop", "`wam-edge estop` from the operator's terminal",
              lambda rig, ctx: _operator_estop(rig), message, expect=("estop",)),
     Scenario("tilt", "the IMU reports a tilt beyond controller.max_tilt (the robot is falling)",
              lambda rig, ctx: _sim({"tilt": [rig.cfg["controller"]["max_tilt"] + 0.2, 0.0, 0.0]})(rig, ctx),
-             robot_state_message, needs_sim=True, recover=lambda rig, ctx: rig.sim({"tilt": [0.0, 0.0, 0.0]})),
+             robot_state_message, needs_sim=True, via_sim=True,
+             recover=lambda rig, ctx: rig.sim({"tilt": [0.0, 0.0, 0.0]})),
     Scenario("stall_controller", "the control loop pauses for hil.stall_s (SIGSTOP .. SIGCONT)", _stall_controller,
              stall),
     Scenario("kill_controller", "kill -9 of the controller, restarted at once: the new process must take the robot "
@@ -325,7 +343,7 @@ SCENARIOS: List[Scenario] = [
              "at controller.approach_velocity, then runs the policy (ended by an operator's stop)", _start_far,
              message, needs_sim=True, recover=_pose_back),
     Scenario("kill_sim", "kill -9 of the simulated G1, restarted at once (the robot's state stream ends, then a "
-             "fresh one starts)", _kill_and_restart("sim"), lost_robot_state, needs_sim=True,
+             "fresh one starts)", _kill_and_restart("sim"), lost_robot_state, needs_sim=True, ends_state=True,
              after=_wait_ready("sim")),
 ]
 

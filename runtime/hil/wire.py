@@ -4,24 +4,37 @@ A DDS reader on rt/lowcmd and rt/arm_sdk in the harness's own process, on the ro
 the same bytes the robot (or `wam-edge sim`) sees, from the same commands, with or without a simulator. A thread
 blocks in a DDS WaitSet and stamps each command with time.monotonic() on receipt (the clock every process on this
 host shares), checks its CRC and records it in a CommandLog (the simulator's own record of what it received).
+
+A starved harness stamps late, and every reaction it measures grows by as much. So the monitor also measures its own
+lateness (``late``): per command, its receipt against the DDS source timestamp the writer's library set when it was
+written (both the host's wall clock), and per loop turn, the time beyond the wait it asked for.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
-from cyclonedds.core import InstanceState, ReadCondition, SampleState, ViewState, WaitSet
+from cyclonedds._clayer import ddspy_take
+from cyclonedds.core import DDSException, InstanceState, ReadCondition, SampleState, ViewState, WaitSet
 from cyclonedds.util import duration
 
+from runtime.metrics import GapLog
 from runtime.robot.dds import transport
 from runtime.robot.dds.sim import CommandLog
 from runtime.robot.dds.unitree_hg import LowCmd_
 from runtime.robot.dds.wire import LowCmdBuffer
 
 _TOPICS = (transport.LOWCMD_TOPIC, transport.ARM_SDK_TOPIC)  # CommandLog topic 0 = lowcmd, 1 = arm_sdk
+#: the longest the monitor's loop waits for a command; a turn longer than this, it was starved
+WAIT_S = 0.05
+#: the threads cyclonedds delivers received samples with (by name, /proc/self/task/*/comm)
+_DDS_DELIVERY_THREADS = ("recv", "recvUC", "recvMC", "dq.user", "dq.builtins", "tev")
+#: lateness over this is recorded (``WireMonitor.late``); a harness judges it against the bound it threatens
+LATE_FLOOR_S = 0.002
 
 
 class WireMonitor:
@@ -46,19 +59,43 @@ class WireMonitor:
         self._writers: Dict[int, Any] = {i: transport.writer(self.participant, name, LowCmd_)
                                          for i, name in enumerate(_TOPICS)}
         self._last_valid = [None, None]  # raw bytes of the newest valid command per topic
+        self.late = GapLog(LATE_FLOOR_S)  # how late it stamped commands (or woke): its own starvation
 
     def start(self) -> "WireMonitor":
         self._thread.start()
         return self
 
+    def threads(self) -> List[int]:
+        """The threads that stamp commands: the monitor's own and the DDS threads that deliver to it (the rig gives
+        them real-time priority: runtime/service/scheduling.py, MONITOR)."""
+        tids = [self._thread.native_id] if self._thread.native_id else []
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/comm", "r", encoding="utf-8") as f:
+                    if f.read().strip() in _DDS_DELIVERY_THREADS:
+                        tids.append(int(tid))
+        except OSError:  # not Linux
+            pass
+        return tids
+
     def _run(self) -> None:
-        timeout = duration(milliseconds=50)
+        timeout = duration(seconds=WAIT_S)
+        last = time.monotonic()
         while not self._stop.is_set():
             self._waitset.wait(timeout)
-            now = time.monotonic()
+            now, wall_ns = time.monotonic(), time.time_ns()
+            late = max(now - last - WAIT_S, 0.0)  # a turn past its wait: starved, commands or not
+            last = now
             for topic, rd in enumerate(self._readers):
-                for data in transport.take_raw(rd, 256):
-                    self._record(now, topic, data)
+                got = ddspy_take(rd._ref, 256)  # transport.take_raw, with the sample infos
+                if isinstance(got, int):
+                    raise DDSException(got, f"taking raw samples on {_TOPICS[topic]}")
+                for data, info in got:
+                    if info.valid_data:
+                        late = max(late, (wall_ns - info.source_timestamp) * 1e-9)
+                        self._record(now, topic, data)
+            with self._lock:
+                self.late.note(now, late)
 
     def _record(self, now: float, topic: int, data: bytes) -> None:
         cmd = self._cmd
@@ -77,7 +114,14 @@ class WireMonitor:
 
     def summary(self, since: Optional[float] = None) -> Dict[str, Any]:
         with self._lock:
-            return self.log.summary(since)
+            out = self.log.summary(since)
+            out["max_late_ms"] = round(self.late.max_s * 1e3, 3)
+            return out
+
+    def lateness(self, since: float):
+        """[[t, late_s], ...]: when the monitor stamped commands (or woke) late by more than LATE_FLOOR_S."""
+        with self._lock:
+            return self.late.since(since)
 
     def wait_for_commands(self, since: float, count: int, timeout_s: float) -> bool:
         """True once ``count`` commands arrived at or after ``since``."""

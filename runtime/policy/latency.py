@@ -227,11 +227,16 @@ class LatencyInjectingPolicy(PolicyWrapper):
         self.sampler = sampler
         #: the latency injected by the last ``infer`` (seconds)
         self.last_injected_s = 0.0
+        #: how long the last ``infer`` really slept for it (seconds): the OS may wake it later than asked
+        self.last_slept_s = 0.0
 
     def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray) -> np.ndarray:
         actions, delay = self.infer_deferred(images, state)
+        self.last_slept_s = 0.0
         if delay > 0.0:
+            t0 = time.perf_counter()
             time.sleep(delay)
+            self.last_slept_s = time.perf_counter() - t0
         return actions
 
     def infer_deferred(self, images: Mapping[str, np.ndarray], state: np.ndarray) -> Tuple[np.ndarray, float]:

@@ -29,7 +29,8 @@ applied in this order:
   "pose": {joint: rad, ...}      put these joints at rest there (G1 joint names, within the joint limits; the
                                  others stay), and make it Unitree's hold pose: a robot far from where a policy
                                  starts (arms hanging in zero torque). Not a command: nothing on the wire steps
-  "summary": true or {"since": t}  answer includes "summary" (see summary())
+  "summary": true or {"since": t}  answer includes "summary" (see summary(); with "since", the publishing gaps over
+                                 GAP_FLOOR_S since then: how long the simulator itself was starved)
   "stop": true                   end the run
 Every reply carries "t", the time.monotonic() at which the request took effect (a harness's fault time).
 A request is checked whole before any of it is applied (``parse_control``): a malformed one (not msgpack, not a map,
@@ -51,6 +52,7 @@ import msgpack
 import numpy as np
 
 from runtime.hil.judge import authority
+from runtime.metrics import GapLog
 from runtime.protocol.wire import RejectCounter
 from runtime.robot import g1
 from runtime.robot.dds import transport
@@ -66,6 +68,9 @@ _N = g1.NUM_JOINTS
 _UPPER = g1.UPPER_BODY_MASK
 _LOWCMD, _ARM_SDK = 0, 1
 _TOPIC_NAMES = ("lowcmd", "arm_sdk")
+
+#: publishing gaps longer than this are recorded (GapLog): a rig asks whether its simulated robot starved (docs/hil.md)
+GAP_FLOOR_S = 0.005
 
 CONTROL_KEYS = ("press", "sticks", "tilt", "gyro", "temperature", "freeze", "mode_machine", "pose", "summary",
                 "stop")
@@ -347,6 +352,7 @@ class SimulatedG1Dds:
         self._place: Optional[Dict[str, float]] = None  # a pose to put the robot at, at the next step
         self.tick = 0
         self.published = 0
+        self.gaps = GapLog(GAP_FLOOR_S)  # its own loop's gaps: when it could not publish, however it was scheduled
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -396,7 +402,9 @@ class SimulatedG1Dds:
             out = self.log.summary(since)
         out.update(published=self.published, tick=self.tick, debug_mode=self.debug_mode,
                    mode_machine=self.mode_machine, q=[float(x) for x in self.q],
-                   control_rejected=self.control_rejects.snapshot()[1])
+                   control_rejected=self.control_rejects.snapshot()[1], max_gap_ms=round(self.gaps.max_s * 1e3, 3))
+        if since is not None:
+            out["gaps"] = self.gaps.since(since)  # [[t, gap_s], ...] over GAP_FLOOR_S: when it was late
         return out
 
     def last(self, k: int = 1) -> List[Dict[str, Any]]:
@@ -433,6 +441,7 @@ class SimulatedG1Dds:
             now = time.monotonic()
             if seconds is not None and now - start >= seconds:
                 break
+            self.gaps.turn(now)
             self.step(now, now - last)
             last = now
             if self._control is not None:
