@@ -2,8 +2,8 @@
 and the chunk length. Short loop runs (the same as the latency runs) at one small injected latency, one factor
 varied at a time; per point the overhead per chunk and the preprocessing time (p50, p99).
 
-Chunk length and camera count need model variants: the policy refuses frames from cameras the model does not have,
-as well as a layout missing one of its cameras, so extra cameras need a model that takes them. The variants are
+Chunk length and camera count need model variants: the policy never preprocesses views the model does not take (a
+layout may name more), so a camera that costs preprocessing and inference needs a model that takes it. The variants are
 built once, by ``tools.make_reference --horizon H --cameras N`` in a subprocess (torch is needed there, never
 here), into a cache directory.
 """
@@ -187,8 +187,8 @@ def run_sweep(cfg: Config, overrides: Sequence[str], factors: Sequence[str], lat
             "model's inputs) is part of it, also reported apart",
             f"image: per-camera height x width of the camera frame ({len(model_cams)} cameras); the model's input "
             "size is unchanged, preprocessing resizes",
-            f"cameras: the layout's camera count, from the model's {len(model_cams)}; the policy refuses frames of "
-            "cameras it does not know as well as a missing one, so each point runs a reference-model variant with "
+            f"cameras: the layout's camera count, from the model's {len(model_cams)}; the policy skips views the "
+            "model does not take, so each point runs a reference-model variant with "
             "that many cameras (extra_1, ... after the model's; tools.make_reference --cameras): the model uses "
             "them all, so inference and preprocess grow with them too; the overhead is measured apart from both",
             "horizon: reference-model variants with that action horizon (tools.make_reference --horizon); the "
