@@ -482,7 +482,7 @@ class PolicyRuntime:
             if self._pending:
                 wake = min(wake, self._pending_releases[0])
             delay = wake - time.monotonic()
-            if delay > 0:
+            if delay > 0 and should_continue():  # a SIGTERM seen during the step (an inference) stops at once
                 # wake early for robot state, which arrives often (and fault requests); bounded by the next due time
                 self._poller.poll(timeout=max(1, int(delay * 1000)))
 

@@ -308,6 +308,24 @@ def test_fault_heartbeat_holds(rig):
     assert r.controller.sm.state == HOLDING and "camera frozen" in r.controller.report()["stops"][0]["reason"]
 
 
+@pytest.mark.parametrize("health", ["stopping", "fault"])
+def test_a_chunk_before_a_stopping_heartbeat_in_the_same_tick_does_not_resume_the_hold(rig, health):
+    """The runtime's last chunk and its stopping heartbeat arrive together (SIGTERM during an inference): the hold
+    stands; the chunk, older than the heartbeat, must not resume the run (found by `wam-edge hil`, restart_runtime)."""
+    r = rig()
+    r.arm()
+    r.send(r.toward(0.0))
+    r.run(0.05)
+    r.send(r.toward(0.0))
+    r.heartbeat(health=health, detail="runtime shutting down")
+    time.sleep(0.1)  # both queued before the next tick reads them, in the order sent
+    r.controller.tick(time.monotonic())
+    assert r.controller.sm.state == HOLDING, r.controller.sm.describe()
+    assert r.controller.report()["chunks_superseded_by_hold"] == 1
+    r.run(0.05)
+    assert r.controller.sm.state == HOLDING
+
+
 def test_lost_robot_state_stops_at_once(rig):
     r = rig("controller.state_timeout_s=0.05")
     r.arm()

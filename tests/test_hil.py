@@ -326,3 +326,35 @@ def test_a_trial_that_broke_off_while_driving_does_not_fail_the_next(tmp_path, m
     assert report["failed"] == ["operator_estop#0"], _explain(report)
     assert report["rows"][0]["errors"] == ["the rig broke off before the fault"]
     assert report["rows"][1]["ok"], _explain(report)
+
+
+# -- restart_runtime: a SIGTERM during an inference is seen when the inference ends ---------------------------------
+
+def test_restart_runtime_bound_grows_by_the_longest_inference_the_runtime_made(tmp_path):
+    from runtime.config import load_config
+    from runtime.hil.scenarios import _inference_in_progress
+
+    class RigPaths:  # the two things _inference_in_progress reads from a HilRig
+        cfg = load_config(None, ["policy.max_inference_s=0.3"])
+
+        def path(self, name):
+            return str(tmp_path / name)
+
+    s, text = _inference_in_progress(RigPaths())
+    assert s == 0.3 and "policy.max_inference_s" in text  # no report: the longest the runtime allows
+    (tmp_path / "runtime.json").write_text(json.dumps({"latency_ms": {"inference": {"max": 152.5}}}))
+    s, text = _inference_in_progress(RigPaths())
+    assert s == pytest.approx(0.1525) and "longest inference" in text
+    (tmp_path / "runtime.json").write_text(json.dumps({"latency_ms": {"inference": {"max": None}}}))
+    assert _inference_in_progress(RigPaths())[0] == 0.3
+
+
+@pytest.mark.slow
+def test_restart_runtime_with_a_slow_model_meets_the_bound_of_its_inference(tmp_path):
+    """A 150 ms model: a SIGTERM mid-inference is answered when it ends, within the bound that says so."""
+    _dds()
+    report = _run_hil(tmp_path, FAST + ["policy.inject_latency=0.15"], ["restart_runtime"], trials=2)
+    assert report["ok"], _explain(report)
+    for r in report["rows"]:
+        assert r["bound_s"] >= 0.15 + 0.014 and "longest inference" in r["bound"], r
+        assert 0.0 <= r["reaction_s"] <= r["bound_s"], r

@@ -150,6 +150,7 @@ class Controller:
         self._applied_last = ("", -1)  # (session, seq) of the last chunk applied
         self.first_chunk_applied_at: Optional[float] = None  # time.monotonic() of the first chunk applied
         self.chunks_ignored = 0  # valid, but arrived while the controller does not accept chunks
+        self.chunks_superseded_by_hold = 0  # valid, but a fault or stopping heartbeat came after them in the same tick
         self.heartbeats = 0
         self.commands = 0
         self.period_error = LatencyRecorder()
@@ -379,7 +380,10 @@ class Controller:
                     raise DecodeError("multipart", f"a message of {1 + sockets.discard_rest(inbox)} parts")
                 msg = decode(raw, ("chunk", "heartbeat"), self._max_bytes)
                 if isinstance(msg, Heartbeat):
-                    self._on_heartbeat(msg, now)
+                    if self._on_heartbeat(msg, now) and newest is not None:
+                        # the runtime said fault or stopping after these chunks: never resume the hold with them
+                        self.chunks_superseded_by_hold += valid
+                        newest, valid = None, 0
                     continue
                 self.chunks_received += 1
                 self.frame_to_decode_ms.add((time.monotonic() - msg.frame_stamp) * 1000.0, msg.seq)
@@ -502,12 +506,13 @@ class Controller:
             return self.c["crossfade_s"]
         return 2.0 * chunk.step_s
 
-    def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
+    def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """From arming on, the controller follows one runtime session: the first one it hears from, by heartbeat
         (here) or by accepted chunk. Until the run's stop is complete, another session's heartbeat is rejected and
         counted (foreign_session): it neither refreshes the heartbeat timer nor sets policy_health, and its fault
         does not hold. The driving runtime's silence holds, another session's chunk stops (new_session). In idle,
-        stopped and estop any heartbeat is taken, for the record: it moves nothing."""
+        stopped and estop any heartbeat is taken, for the record: it moves nothing. True when it says fault or
+        stopping (the followed session's): chunks received before it in the same tick are then not applied."""
         state = self.sm.state
         if self.session is None:
             if state in ARMED_STATES:
@@ -515,12 +520,14 @@ class Controller:
         elif hb.session != self.session and state not in SAFE_STATES:
             self.rejects.count("foreign_session", f"a heartbeat from session {hb.session!r}, not from "
                                f"{self.session!r}, the one armed with")
-            return
+            return False
         self.heartbeats += 1
         self.last_heartbeat_at = now
         self.policy_health = hb.health
         if hb.health in ("fault", "stopping"):
             self.sm.hold(now, f"policy heartbeat says {hb.health}: {hb.detail}")
+            return True
+        return False
 
     def _take_commands(self, now: float) -> None:
         """At most one operator request per tick, received whole and answered exactly once (sockets.RequestServer:
@@ -833,6 +840,7 @@ class Controller:
             "first_chunk_applied_t": (None if self.first_chunk_applied_at is None
                                       else round(self.first_chunk_applied_at, 4)),
             "chunks_ignored": self.chunks_ignored,
+            "chunks_superseded_by_hold": self.chunks_superseded_by_hold,
             "heartbeats": self.heartbeats,
             "commands": self.commands,
             "policy_health": self.policy_health,

@@ -87,6 +87,9 @@ def run_trial(rig: HilRig, monitor, sc: Scenario, trial: int) -> Dict[str, Any]:
             raise RigError("no command reached the wire while running")
         ctx["sim_gaps"] = _sim_gaps(rig, t_start)  # before the fault: kill_sim replaces the process that knows them
         t_fault = sc.inject(rig, ctx)
+        if "bound_extra" in ctx and bound is not None:  # what the bound depends on, known once injected
+            bound, formula = bound + ctx["bound_extra"][0], formula + ctx["bound_extra"][1]
+            row["bound_s"], row["bound"] = round(bound, 4), formula
         if "running" in sc.expect:
             time.sleep(h["observe_s"])
         else:

@@ -10,6 +10,7 @@ that carries the fault (a heartbeat, a remote state, an operator command) to rea
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -181,10 +182,28 @@ def _terminate_and_restart(role: str) -> Callable[[HilRig, Dict[str, Any]], floa
         code = rig.terminate(role, timeout_s=15.0)  # waits for it (a second SIGTERM changes nothing)
         if code != 0:
             ctx.setdefault("errors", []).append(f"{role} exited with code {code} after SIGTERM")
+        if role == "runtime":
+            ctx["bound_extra"] = _inference_in_progress(rig)
         rig.spawn(role, wait=False)
         return t
 
     return inject
+
+
+def _inference_in_progress(rig: HilRig) -> Tuple[float, str]:
+    """A SIGTERM that lands during an inference is seen when the inference ends: the bound grows by the longest
+    inference the terminated runtime made (its report, written as it exits, holds it; the reference model's take a
+    few ms, a real model's hundreds). Without the report, policy.max_inference_s, the longest the runtime allows."""
+    try:
+        with open(rig.path("runtime.json")) as f:
+            ms = json.load(f)["latency_ms"]["inference"]["max"]
+        s = float(ms) / 1000.0
+        if not 0.0 <= s < float("inf"):
+            raise ValueError(ms)
+        return s, f" + the longest inference this runtime made, {s:.4f} s (a SIGTERM during one waits for its end)"
+    except (OSError, ValueError, KeyError, TypeError):
+        m = rig.cfg["policy"]["max_inference_s"]
+        return m, f" + policy.max_inference_s {m} (an inference in progress; the runtime left no report)"
 
 
 def _wait_ready(role: str) -> Callable[[HilRig, Dict[str, Any]], None]:
