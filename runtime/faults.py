@@ -2,7 +2,7 @@
 
 Only with ``faults.enabled``. The runtime then wraps its policy and camera in the ``FaultInjecting...`` stand-ins
 below and binds a REP socket on ``faults.endpoint``. Each fault makes the runtime's own, real code path fire (the
-executor's non-finite check, the overrun check, the stale-frame check) or sends what a broken policy would send
+Policy's non-finite check, the overrun check, the stale-frame check) or sends what a broken policy would send
 (actions outside the joint limits, a jump), so the harness sees what the controller does about it.
 
 Socket: REP, one msgpack map per request (at most 4096 bytes), answered with one msgpack map:
@@ -15,7 +15,7 @@ Socket: REP, one msgpack map per request (at most 4096 bytes), answered with one
 NAME is one of FAULTS:
   none            no fault (healthy chunks again)
   nan             the stage that feeds the sampler's velocity writes NaN into its host output buffers after each
-                  run: the executor's own finite check raises PolicyError -> heartbeat "fault", no chunk
+                  run: the policy's own finite check raises PolicyError -> heartbeat "fault", no chunk
   outside_limits  every action lies 0.5 rad beyond its joint's upper position limit (the controller must reject it)
   jump            actions + 0.5 rad, kept inside the joint limits (the controller rejects it: first_step_too_far)
   slow            each inference sleeps longer than policy.max_inference_s first -> overrun fault, no chunk

@@ -44,7 +44,6 @@ from runtime.config import Config
 from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
 from runtime.metrics import LatencyRecorder, write_json
 from runtime.policy import PolicyError, load_policy
-from runtime.policy.executor import Policy, rtc_delay, rtc_offset
 from runtime.policy.latency import (
     LatencyEstimate,
     LatencyInjectingPolicy,
@@ -52,6 +51,7 @@ from runtime.policy.latency import (
     next_trigger_time_in_flight,
     parse_latency,
 )
+from runtime.policy.policy import Policy, rtc_delay, rtc_offset
 from runtime.protocol import (
     ActionChunk,
     DecodeError,

@@ -15,8 +15,8 @@ import pytest
 
 from runtime.policy import load_manifest
 from runtime.policy.backends import BACKENDS, create_backend, engine_path
-from runtime.policy.executor import Policy
 from runtime.policy.manifest import is_host_source
+from runtime.policy.policy import Policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "exported", "reference")
@@ -146,7 +146,7 @@ def test_run_fills_outputs_deterministically(backend, manifest):
 
 
 def test_run_group_equals_running_the_stages_one_by_one(backend, manifest):
-    """The first denoising step as the executor runs it (context stages, then per-step stages) in one run_group, and
+    """The first denoising step as the policy runs it (context stages, then per-step stages) in one run_group, and
     a later step (per-step stages): the same outputs as run() stage by stage, fused or not."""
     outs = [backend.host_output(stage, t.name) for stage, t in host_outputs(manifest)]
     for group in manifest.step_groups:

@@ -18,9 +18,9 @@ import zmq
 from runtime.cameras import (
     DEFAULT_LAYOUT,
     CameraFrame,
+    FrameLayout,
     ImageServerCamera,
     ImageServerSim,
-    Layout,
     RawZmqCamera,
     ReplayCamera,
     SyntheticCamera,
@@ -31,7 +31,7 @@ from runtime.cameras import (
 from runtime.cameras.image_server import HEADER
 from runtime.protocol import ActionChunk, Frame, encode_chunk, encode_frame
 
-SMALL = Layout([("head", 96), ("left_wrist", 64), ("right_wrist", 64)], 48)
+SMALL = FrameLayout([("head", 96), ("left_wrist", 64), ("right_wrist", 64)], 48)
 
 
 def free_port() -> int:
@@ -97,7 +97,7 @@ def jpeg_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-def check_frame_shapes(frame: CameraFrame, layout: Layout) -> None:
+def check_frame_shapes(frame: CameraFrame, layout: FrameLayout) -> None:
     assert tuple(frame.images) == layout.names
     for (name, width), img in zip(layout.cameras, frame.images.values()):
         assert img.shape == (layout.height, width, 3), name
@@ -111,21 +111,21 @@ def check_frame_shapes(frame: CameraFrame, layout: Layout) -> None:
 def test_layout_validation_and_views() -> None:
     assert DEFAULT_LAYOUT.names == ("head", "left_wrist", "right_wrist")
     assert DEFAULT_LAYOUT.shape == (480, 1920, 3)
-    assert Layout.from_config(DEFAULT_LAYOUT.to_config(), 480) == DEFAULT_LAYOUT
+    assert FrameLayout.from_config(DEFAULT_LAYOUT.to_config(), 480) == DEFAULT_LAYOUT
     canvas = np.arange(np.prod(SMALL.shape), dtype=np.int64).reshape(SMALL.shape).astype(np.uint8)
     views = SMALL.views(canvas)
     assert np.shares_memory(views["left_wrist"], canvas)
     assert np.array_equal(views["left_wrist"], canvas[:, 96:160])
     with pytest.raises(ValueError, match="repeat"):
-        Layout([("a", 4), ("a", 4)], 4)
+        FrameLayout([("a", 4), ("a", 4)], 4)
     with pytest.raises(ValueError, match="width"):
-        Layout([("a", 0)], 4)
+        FrameLayout([("a", 0)], 4)
     with pytest.raises(ValueError, match="height"):
-        Layout([("a", 4)], 0)
+        FrameLayout([("a", 4)], 0)
     with pytest.raises(ValueError, match="empty"):
-        Layout([], 4)
+        FrameLayout([], 4)
     with pytest.raises(ValueError, match="name and width"):
-        Layout.from_config([{"name": "a"}], 4)
+        FrameLayout.from_config([{"name": "a"}], 4)
 
 
 def test_synthetic_scene_is_deterministic_and_moves() -> None:
@@ -428,7 +428,7 @@ def test_auto_header_needs_a_jpeg_at_offset_12() -> None:
 def test_image_server_wrong_layout_drops_everything(closing) -> None:
     sim = closing(ImageServerSim(tcp(), SMALL, fps=100))
     sim.start()
-    other = Layout([("head", 96), ("left_wrist", 64)], 48)
+    other = FrameLayout([("head", 96), ("left_wrist", 64)], 48)
     cam = closing(ImageServerCamera(sim.endpoint, other, header="auto"))
     cam.start()
     assert wait_until(lambda: cam.stats()["reasons"].get("wrong_size", 0) >= 3)
@@ -486,7 +486,7 @@ def test_image_server_rejects_bad_settings() -> None:
 # raw zmq
 
 
-def raw_images(layout: Layout, value: int) -> dict:
+def raw_images(layout: FrameLayout, value: int) -> dict:
     rng = np.random.default_rng(value)
     return {n: rng.integers(0, 256, size=(layout.height, w, 3), dtype=np.uint8) for n, w in layout.cameras}
 

@@ -16,7 +16,7 @@ import pytest
 from test_policy import copy_reference, nan_model
 
 from runtime.cameras import ImageServerCamera
-from runtime.cameras.layout import Layout
+from runtime.cameras.frame_layout import FrameLayout
 from runtime.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_the_readme_image_server_sim_command_serves_frames_and_stops_cleanly():
     argv[3] = endpoint
     cfg = load_config(os.path.join(ROOT, "config.yaml"))
     assert cfg["camera"]["header"] == "auto"
-    layout = Layout.from_config(cfg["camera"]["layout"], cfg["camera"]["height"])
+    layout = FrameLayout.from_config(cfg["camera"]["layout"], cfg["camera"]["height"])
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", *argv[1:]], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

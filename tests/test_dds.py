@@ -29,7 +29,8 @@ from runtime.robot import (
     remote,  # noqa: E402
 )
 from runtime.robot.dds import crc as crcmod  # noqa: E402
-from runtime.robot.dds import layout, transport  # noqa: E402
+from runtime.robot.dds import idl_layout, transport  # noqa: E402
+from runtime.robot.dds.cdr_buffers import LowCmdBuffer, LowStateBuffer  # noqa: E402
 from runtime.robot.dds.driver import DdsG1Driver, release_motion_control  # noqa: E402
 from runtime.robot.dds.link import G1Link  # noqa: E402
 from runtime.robot.dds.sim import SimulatedG1Dds  # noqa: E402
@@ -42,7 +43,6 @@ from runtime.robot.dds.unitree_hg import (  # noqa: E402
     MotorCmd_,
     MotorState_,
 )
-from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer  # noqa: E402
 from runtime.robot.driver import ARM_SDK, LOWCMD  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def mpeg2_bytewise(data: bytes) -> int:
 
 
 def test_crc_test_vector_all_zero_lowcmd():
-    zero = bytes(layout.LOWCMD.c_size)
+    zero = bytes(idl_layout.LOWCMD_LAYOUT.c_size)
     assert crcmod.crc32_reference(zero[:1000]) == crcmod.ZERO_LOWCMD_CRC == 0xFE172F9F
     assert crcmod.crc32_words(zero[:1000]) == 0xFE172F9F
     assert crcmod.lowcmd_crc(zero) == 0xFE172F9F
@@ -149,16 +149,17 @@ def test_crc_speed_is_fit_for_500_hz():
 def test_type_names_and_sizes():
     for cls in (MotorCmd_, LowCmd_, MotorState_, IMUState_, LowState_, HandCmd_, HandState_):
         assert cls.__idl_typename__ == "unitree_hg.msg.dds_." + cls.__name__
-    assert layout.LOWCMD_DTYPE.itemsize == 1004 and layout.LOWSTATE_DTYPE.itemsize == 2092
-    assert layout.LOWCMD_DTYPE.fields["motor_cmd"][1] == 4 and layout.LOWCMD_DTYPE.fields["crc"][1] == 1000
-    assert layout.LOWSTATE_DTYPE.fields["motor_state"][1] == 72 and layout.LOWSTATE_DTYPE.fields["crc"][1] == 2088
+    assert idl_layout.LOWCMD_DTYPE.itemsize == 1004 and idl_layout.LOWSTATE_DTYPE.itemsize == 2092
+    assert idl_layout.LOWCMD_DTYPE.fields["motor_cmd"][1] == 4 and idl_layout.LOWCMD_DTYPE.fields["crc"][1] == 1000
+    assert idl_layout.LOWSTATE_DTYPE.fields["motor_state"][1] == 72
+    assert idl_layout.LOWSTATE_DTYPE.fields["crc"][1] == 2088
     # XCDR1: a 4-byte encapsulation header (little-endian plain CDR) + payload. CDR aligns each primitive but does
     # not pad struct ends, so its payload is 4 bytes shorter than the C struct; with the header, the same size.
     low_cmd = LowCmd_().serialize()
     low_state = LowState_().serialize()
     assert low_cmd[:4] == b"\x00\x01\x00\x00" and low_state[:4] == b"\x00\x01\x00\x00"
-    assert len(low_cmd) == 4 + layout.LOWCMD.cdr_size == 1004
-    assert len(low_state) == 4 + layout.LOWSTATE.cdr_size == 2092
+    assert len(low_cmd) == 4 + idl_layout.LOWCMD_LAYOUT.cdr_size == 1004
+    assert len(low_state) == 4 + idl_layout.LOWSTATE_LAYOUT.cdr_size == 2092
 
 
 def fill_lowcmd(buf: LowCmdBuffer, rng) -> None:
@@ -220,7 +221,8 @@ def test_lowstate_bytes_equal_cyclonedds_serialization():
         assert np.array_equal(back.c, buf.c)
     # whatever a sender leaves in CDR padding, the C image (and so the crc) has zero padding
     noisy = bytearray(msg.serialize())
-    pad = np.flatnonzero(layout.LOWSTATE.c_padding[layout.LOWSTATE.cdr_from_c]) + 4  # CDR padding, header skipped
+    state = idl_layout.LOWSTATE_LAYOUT
+    pad = np.flatnonzero(state.c_padding[state.cdr_from_c]) + 4  # CDR padding, header skipped
     assert len(pad) > 0
     for i in pad:
         noisy[i] = 0xAA

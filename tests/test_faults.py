@@ -14,7 +14,7 @@ from conftest import publish_state
 
 from runtime.cameras.base import CameraSource
 from runtime.faults import FAULTS, FaultInjectingBackend, FaultInjectingCamera, FaultInjectingPolicy, FaultInjector
-from runtime.policy.executor import Policy
+from runtime.policy.policy import Policy
 from runtime.protocol import decode, sockets
 from runtime.robot import g1
 

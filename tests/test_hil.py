@@ -11,14 +11,14 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.hil.judge import ARM_SDK, LOWCMD, judge
+from runtime.hil.judge import ARM_SDK_TOPIC_ID, LOWCMD_TOPIC_ID, judge
 from runtime.robot import g1
 
 N = g1.NUM_JOINTS
 STEP = 2.0 / 500.0  # controller.max_velocity / rate_hz
 
 
-def window(qs, weights=None, kps=None, topic=ARM_SDK, t0=0.0, dt=0.002, crc_ok=None, before=1):
+def window(qs, weights=None, kps=None, topic=ARM_SDK_TOPIC_ID, t0=0.0, dt=0.002, crc_ok=None, before=1):
     """A CommandLog.window()-shaped dict: commands at t0, t0+dt, ...; the first ``before`` flagged as earlier."""
     n = len(qs)
     q = np.asarray(qs, dtype=np.float32)
@@ -92,21 +92,21 @@ def test_bad_crc_and_the_wrong_topic_are_reported_not_judged():
     w = window(driving(5), crc_ok=[True, True, False, True, True])
     j = judge(w, "arm_sdk", None, STEP)
     assert j["bad_crc"] == 1 and j["commands"] == 3
-    w = window(driving(5), topic=LOWCMD)
+    w = window(driving(5), topic=LOWCMD_TOPIC_ID)
     assert judge(w, "arm_sdk", None, STEP)["other_topic"] == 4
 
 
 def test_lowcmd_damping_is_safe_even_while_targets_track_the_robot():
     qs = driving(5) + [0.5, 0.3, 0.1, 0.2]  # damping: q follows the measured pose, kp 0
     kps = [60.0] * 5 + [0.0] * 4
-    j = judge(window(qs, kps=kps, topic=LOWCMD), "lowcmd", t_fault=0.0, max_step=STEP)
+    j = judge(window(qs, kps=kps, topic=LOWCMD_TOPIC_ID), "lowcmd", t_fault=0.0, max_step=STEP)
     assert j["reaction_s"] == pytest.approx(0.010)
     assert j["steps_over_limit"] == 0 and j["released_at_end"]
 
 
 def test_command_log_window_keeps_the_newest_earlier_command_per_topic():
+    from runtime.robot.dds.cdr_buffers import LowCmdBuffer
     from runtime.robot.dds.sim import CommandLog
-    from runtime.robot.dds.wire import LowCmdBuffer
 
     log = CommandLog(size=8)
     cmd = LowCmdBuffer()
@@ -224,9 +224,9 @@ def test_lowcmd_steps_are_weighted_by_the_gains():
     full, none = g1.DEFAULT_KP, np.zeros(N)
     rearm = [0.0, 0.0, 0.3, 0.3, 0.3]  # damping with stale targets, then arming from kp 0 where the robot is
     kps = np.array([full, none, none, 0.01 * full, 0.02 * full])
-    j = judge(window(rearm, kps=kps, topic=LOWCMD), "lowcmd", None, STEP)
+    j = judge(window(rearm, kps=kps, topic=LOWCMD_TOPIC_ID), "lowcmd", None, STEP)
     assert j["steps_over_limit"] == 0
-    j = judge(window([0.0, 0.0, 0.3], kps=np.array([full, none, full]), topic=LOWCMD), "lowcmd", None, STEP)
+    j = judge(window([0.0, 0.0, 0.3], kps=np.array([full, none, full]), topic=LOWCMD_TOPIC_ID), "lowcmd", None, STEP)
     assert j["steps_over_limit"] == 1  # a jump onto the default gains is a full step
 
 

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_controller import ROOT, Rig, _start_controller
 
-from runtime.cameras import ImageServerCamera, Layout
+from runtime.cameras import FrameLayout, ImageServerCamera
 from runtime.cameras.image_server import HEADER
 from runtime.controller import operator
 from runtime.controller.safety import IDLE, STOPPED, STOPPING
@@ -35,7 +35,7 @@ from runtime.faults import FaultInjector, FaultSocket
 from runtime.protocol import Command, Heartbeat, RobotState, decode, encode_command, encode_heartbeat, encode_state
 from runtime.robot import g1
 
-SMALL = Layout([("head", 32), ("left_wrist", 16)], 16)
+SMALL = FrameLayout([("head", 32), ("left_wrist", 16)], 16)
 MULTIPART = [b"a" * 10, b"b" * 100, b"c"]
 
 
@@ -413,8 +413,8 @@ def test_a_bug_in_a_cameras_handler_is_counted_and_the_capture_goes_on(tmp_path)
 
 _CAMERA_CHILD = """
 import json, sys
-from runtime.cameras import ImageServerCamera, Layout
-cam = ImageServerCamera(sys.argv[1], Layout([("head", 32), ("left_wrist", 16)], 16), header="timestamp_id")
+from runtime.cameras import ImageServerCamera, FrameLayout
+cam = ImageServerCamera(sys.argv[1], FrameLayout([("head", 32), ("left_wrist", 16)], 16), header="timestamp_id")
 cam.start()
 print("ready", flush=True)
 sys.stdin.readline()

@@ -147,11 +147,11 @@ except ImportError:
 needs_dds = pytest.mark.skipif(cyclonedds is None, reason="cyclonedds (tools/install_dds.sh) is needed for DDS")
 if cyclonedds is not None:
     from runtime.robot.dds import transport
+    from runtime.robot.dds.cdr_buffers import LowStateBuffer
     from runtime.robot.dds.driver import DdsG1Driver
     from runtime.robot.dds.link import G1Link
     from runtime.robot.dds.sim import SimulatedG1Dds
     from runtime.robot.dds.unitree_hg import LowState_
-    from runtime.robot.dds.wire import LowStateBuffer
 
 
 class LowStateSource:

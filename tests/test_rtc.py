@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.policy import ManifestError, PolicyError, load_policy
-from runtime.policy.executor import rtc_delay, rtc_offset, write_rtc_prefix
 from runtime.policy.manifest import parse_manifest, sha256_file
+from runtime.policy.policy import rtc_delay, rtc_offset, write_rtc_prefix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "exported", "reference")

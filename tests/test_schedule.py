@@ -17,7 +17,7 @@ from runtime.controller.schedule import (
     start_index,
 )
 from runtime.protocol import ActionChunk
-from runtime.protocol.wire import MAX_HORIZON
+from runtime.protocol.codec import MAX_HORIZON
 from runtime.robot import g1
 
 JOINTS = ("left_shoulder_pitch", "left_elbow", "right_wrist_roll")

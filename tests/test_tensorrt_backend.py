@@ -31,8 +31,8 @@ from runtime.policy.backends.engine_meta import (
     write_meta,
 )
 from runtime.policy.backends.tensorrt_backend import CU_STREAM_NON_BLOCKING, TensorRTBackend, check_engines
-from runtime.policy.executor import Policy
 from runtime.policy.manifest import is_host_source
+from runtime.policy.policy import Policy
 
 REFERENCE = conformance.REFERENCE
 WARMUP = 2
@@ -321,7 +321,7 @@ def test_run_group_without_graphs_or_for_another_group_runs_stage_by_stage(backe
     world, expert = gpu.exec_contexts
     before = world.executed, expert.executed
     backend.run_group(("world", "action_expert"))
-    backend.run_group(("action_expert", "world"))  # not a step the executor runs: still correct, just not fused
+    backend.run_group(("action_expert", "world"))  # not a step the policy runs: still correct, just not fused
     assert (world.executed, expert.executed) == (before[0] + 2, before[1] + 2)
     with pytest.raises(KeyError, match="no stage 'nope'"):
         backend.run_group(("nope",))

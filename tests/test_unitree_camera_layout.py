@@ -7,7 +7,7 @@ import time
 import numpy as np
 from conftest import publish_state, read_chunks
 
-from runtime.cameras import ImageServerSim, Layout
+from runtime.cameras import FrameLayout, ImageServerSim
 
 #: xr_teleoperate's real-robot image server: head 480x1280 (the stereo pair), then wrists 480x640 each.
 G1_VIEWS = [{"name": "head", "width": 640}, {"name": "head_right", "width": 640},
@@ -16,7 +16,7 @@ G1_VIEWS = [{"name": "head", "width": 640}, {"name": "head_right", "width": 640}
 
 def test_real_g1_layout_runs_the_reference_model_end_to_end(runtime_rig, caplog):
     caplog.set_level(logging.INFO, logger="wam_edge.runtime")
-    layout = Layout.from_config(G1_VIEWS, 480)
+    layout = FrameLayout.from_config(G1_VIEWS, 480)
     assert layout.shape == (480, 2560, 3)
     sim = ImageServerSim("tcp://127.0.0.1:*", layout, fps=15, header="timestamp_id", quality=80)
     sim.start()

@@ -309,32 +309,32 @@ def test_decode_array_rejects_shapes_numpy_cannot_make(shape, nbytes, reason):
 
 def test_any_other_failure_in_a_decoder_is_an_internal_rejection(monkeypatch):
     """Belt and braces: a check that is missing one day still ends as a DecodeError, not a dead process."""
-    from runtime.protocol import wire
+    from runtime.protocol import codec
 
     def broken(m):
         raise KeyError("a bug")
 
-    monkeypatch.setitem(wire._DECODERS, "chunk", broken)
+    monkeypatch.setitem(codec._DECODERS, "chunk", broken)
     with pytest.raises(DecodeError) as info:
         decode(_pack(VALID[0][0]), ("chunk",))
     assert info.value.reason == "internal" and "KeyError" in str(info.value)
 
 
 def test_any_other_failure_in_decode_array_is_an_internal_rejection(monkeypatch):
-    from runtime.protocol import wire
+    from runtime.protocol import codec
 
     def broken(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(wire.np, "frombuffer", broken)
+    monkeypatch.setattr(codec.np, "frombuffer", broken)
     with pytest.raises(DecodeError) as info:
         decode_array({"dtype": "<f4", "shape": [3], "data": b"\0" * 12}, "x")
     assert info.value.reason == "internal"
 
 
 def test_a_number_beyond_a_double_is_out_of_range():
-    from runtime.protocol import wire
+    from runtime.protocol import codec
 
     with pytest.raises(DecodeError) as info:  # was OverflowError from float()
-        wire._number({"x": 10**400}, "x", "t")
+        codec._number({"x": 10**400}, "x", "t")
     assert info.value.reason == "out_of_range"

@@ -224,7 +224,7 @@ def run_runtime_backend(name: str, manifest: Manifest, model_dir: str, reference
                         bars: Thresholds, precision: str, options: Optional[Dict[str, Any]] = None,
                         label: Optional[str] = None) -> List[Comparison]:
     """The runtime's own backend, as `wam-edge run` loads it, end to end: the reference's host inputs into its
-    buffers, the first denoising step as the executor runs it (run_group: the context stages, then the per-step
+    buffers, the first denoising step as the policy runs it (run_group: the context stages, then the per-step
     ones; one CUDA graph launch for tensorrt with cuda_graph) with stage-to-stage tensors kept inside the backend
     (on the GPU for tensorrt), then each sink compared with the reference. Errors compound along the chain here,
     unlike the per-stage checks above: this is the number that reaches the robot."""

@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from runtime.cameras.base import CameraFrame, CameraSource, ThreadedCameraSource
+from runtime.cameras.frame_layout import DEFAULT_LAYOUT, FrameLayout, ImageSet
 from runtime.cameras.image_server import ImageServerCamera, decode_jpeg_into
 from runtime.cameras.image_server_sim import ImageServerSim, serve
-from runtime.cameras.layout import DEFAULT_LAYOUT, ImageSet, Layout
 from runtime.cameras.raw_zmq import RawZmqCamera
 from runtime.cameras.replay import ReplayCamera, write_recording
 from runtime.cameras.synthetic import SyntheticCamera, SyntheticScene
@@ -48,7 +48,7 @@ def open_camera(section: Dict[str, Any]) -> CameraSource:
         raise ValueError(f"camera.source must be one of {list(SOURCES)}, got {source!r}")
     cfg = dict(DEFAULTS)
     cfg.update(section)
-    layout = Layout.from_config(cfg["layout"], cfg["height"])
+    layout = FrameLayout.from_config(cfg["layout"], cfg["height"])
     if source == "synthetic":
         return SyntheticCamera(layout, fps=cfg["fps"], seed=int(cfg["seed"]))
     if source == "replay":
@@ -73,7 +73,7 @@ __all__ = [
     "ImageServerCamera",
     "ImageServerSim",
     "ImageSet",
-    "Layout",
+    "FrameLayout",
     "RawZmqCamera",
     "ReplayCamera",
     "SyntheticCamera",

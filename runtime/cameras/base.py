@@ -1,6 +1,6 @@
 """The camera interface: every source captures on its own thread and hands out only the newest frame.
 
-Triple buffering: a source owns three preallocated :class:`~runtime.cameras.layout.ImageSet` (one side-by-side
+Triple buffering: a source owns three preallocated :class:`~runtime.cameras.frame_layout.ImageSet` (one side-by-side
 canvas each, with per-camera views). The capture thread writes into the *back* set, then, under a lock, swaps it
 with the *ready* set. ``latest()`` swaps *ready* with the *handed out* set when a newer frame is ready and returns a
 :class:`CameraFrame` whose arrays the producer never writes until the consumer's next ``latest()`` or
@@ -18,8 +18,8 @@ from typing import Any, Dict, Optional, Tuple, TypeVar
 
 import numpy as np
 
-from runtime.cameras.layout import ImageSet, Layout
-from runtime.protocol.wire import RejectCounter
+from runtime.cameras.frame_layout import FrameLayout, ImageSet
+from runtime.protocol.codec import RejectCounter
 
 log = logging.getLogger("wam_edge.cameras")
 
@@ -103,7 +103,7 @@ class ThreadedCameraSource(CameraSource):
     #: How long the capture thread may take to notice the stop flag (seconds); the join waits a little longer.
     POLL_S = 0.05
 
-    def __init__(self, layout: Layout, kind: str) -> None:
+    def __init__(self, layout: FrameLayout, kind: str) -> None:
         self._layout = layout
         self._kind = kind
         self._sets = [ImageSet(layout) for _ in range(3)]
@@ -132,7 +132,7 @@ class ThreadedCameraSource(CameraSource):
         return self._layout.names
 
     @property
-    def layout(self) -> Layout:
+    def layout(self) -> FrameLayout:
         return self._layout
 
     def start(self) -> None:

@@ -3,7 +3,7 @@
 Unitree's image server (xr_teleoperate, unitree_IL_lerobot) binds a PUB socket (tcp port 5555 on the robot) and
 sends each capture as one JPEG: head camera(s) first, then the wrist cameras to the right. In its test mode it
 prepends 12 bytes: a native-endian float64 timestamp (its ``time.time()``) and a uint32 frame id (struct "dI"). The
-client must know each camera's width to split the image: that is the :class:`~runtime.cameras.layout.Layout`.
+client must know each camera's width to split the image: that is the :class:`~runtime.cameras.frame_layout.FrameLayout`.
 ``header: auto`` tells the two apart by where a JPEG starts (offset 0 or 12), not by the first bytes alone: a
 timestamp's low bytes are FF D8, the JPEG SOI marker, about once in 65,536 frames.
 
@@ -25,7 +25,7 @@ import simplejpeg
 import zmq
 
 from runtime.cameras.base import ThreadedCameraSource
-from runtime.cameras.layout import Layout
+from runtime.cameras.frame_layout import FrameLayout
 from runtime.protocol.sockets import describe_error
 from runtime.protocol.subscriber import NewestSubscriber
 
@@ -100,7 +100,7 @@ class ZmqSubCamera(ThreadedCameraSource):
     #: Messages queued on the socket at most (frames are large): the newest is taken, the rest skipped.
     QUEUE = 2
 
-    def __init__(self, layout: Layout, kind: str, endpoint: str, max_bytes: int,
+    def __init__(self, layout: FrameLayout, kind: str, endpoint: str, max_bytes: int,
                  context: Optional[zmq.Context] = None) -> None:
         super().__init__(layout, kind)
         if not isinstance(endpoint, str) or "://" not in endpoint:
@@ -162,7 +162,7 @@ class ImageServerCamera(ZmqSubCamera):
     not there or hold a non-finite timestamp), "not_jpeg", "bad_jpeg", "wrong_size" (not height x sum of widths).
     """
 
-    def __init__(self, endpoint: str, layout: Layout, header: str = "auto",
+    def __init__(self, endpoint: str, layout: FrameLayout, header: str = "auto",
                  context: Optional[zmq.Context] = None) -> None:
         # a JPEG larger than twice the raw image is not a camera frame
         super().__init__(layout, "image_server", endpoint, 2 * int(np.prod(layout.shape)) + (1 << 20), context)

@@ -20,8 +20,8 @@ import numpy as np
 import simplejpeg
 import zmq
 
+from runtime.cameras.frame_layout import DEFAULT_LAYOUT, FrameLayout
 from runtime.cameras.image_server import HEADER
-from runtime.cameras.layout import DEFAULT_LAYOUT, Layout
 from runtime.cameras.synthetic import Pacer, SyntheticScene, check_fps
 from runtime.config import _loopback_endpoint
 
@@ -65,7 +65,7 @@ class ImageServerSim:
     ``sent`` counts messages, ``last_id`` is the newest frame id sent.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, layout: Layout = DEFAULT_LAYOUT, fps: float = 30.0,
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, layout: FrameLayout = DEFAULT_LAYOUT, fps: float = 30.0,
                  header: str = "none", quality: int = 80, seed: int = 0,
                  context: Optional[zmq.Context] = None) -> None:
         if header not in SIM_HEADER_MODES:
@@ -156,21 +156,21 @@ class ImageServerSim:
         self.close()
 
 
-LayoutSpec = Union[Layout, Sequence[Dict[str, Any]], Sequence[Tuple[str, int]]]
+LayoutSpec = Union[FrameLayout, Sequence[Dict[str, Any]], Sequence[Tuple[str, int]]]
 
 
-def _as_layout(layout: Optional[LayoutSpec], height: Optional[int]) -> Layout:
+def _as_layout(layout: Optional[LayoutSpec], height: Optional[int]) -> FrameLayout:
     if layout is None:
-        return DEFAULT_LAYOUT if height is None else Layout(DEFAULT_LAYOUT.cameras, int(height))
-    if isinstance(layout, Layout):
+        return DEFAULT_LAYOUT if height is None else FrameLayout(DEFAULT_LAYOUT.cameras, int(height))
+    if isinstance(layout, FrameLayout):
         if height is not None and int(height) != layout.height:
-            return Layout(layout.cameras, int(height))
+            return FrameLayout(layout.cameras, int(height))
         return layout
     items: Iterable[Any] = list(layout)
     h = DEFAULT_LAYOUT.height if height is None else int(height)
     if all(isinstance(e, dict) for e in items):
-        return Layout.from_config(items, h)
-    return Layout([tuple(e) for e in items], h)
+        return FrameLayout.from_config(items, h)
+    return FrameLayout([tuple(e) for e in items], h)
 
 
 def serve(endpoint: str = DEFAULT_ENDPOINT, layout: Optional[LayoutSpec] = None, height: Optional[int] = None,
@@ -178,7 +178,7 @@ def serve(endpoint: str = DEFAULT_ENDPOINT, layout: Optional[LayoutSpec] = None,
           seed: int = 0) -> int:
     """Run the simulated image server in the foreground (``wam-edge image-server-sim``); returns an exit code.
 
-    layout: a Layout, the config's [{name, width}, ...] list or (name, width) pairs (default: head, left_wrist,
+    layout: a FrameLayout, the config's [{name, width}, ...] list or (name, width) pairs (default: head, left_wrist,
     right_wrist at 640 each); height defaults to the layout's (480); header: camera.header's modes (see
     sim_header). Runs for ``seconds`` (None or <= 0: until interrupted with Ctrl-C, or SIGTERM). A bad setting
     (endpoint, header) raises ValueError before anything is bound.

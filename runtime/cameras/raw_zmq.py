@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 import zmq
 
+from runtime.cameras.frame_layout import FrameLayout
 from runtime.cameras.image_server import ZmqSubCamera
-from runtime.cameras.layout import Layout
 from runtime.protocol import MAX_FRAME_BYTES, DecodeError, decode
 
 
@@ -26,7 +26,7 @@ class RawZmqCamera(ZmqSubCamera):
     the socket (ZmqSubCamera), "multipart", "link_reset" (a message over MAX_FRAME_BYTES) and "handler_error".
     """
 
-    def __init__(self, endpoint: str, layout: Layout, context: Optional[zmq.Context] = None) -> None:
+    def __init__(self, endpoint: str, layout: FrameLayout, context: Optional[zmq.Context] = None) -> None:
         super().__init__(layout, "raw_zmq", endpoint, MAX_FRAME_BYTES, context)
 
     def _handle(self, buf: memoryview, stamp: float) -> None:

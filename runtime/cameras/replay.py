@@ -17,8 +17,8 @@ import numpy as np
 import simplejpeg
 
 from runtime.cameras.base import CameraFrame, ThreadedCameraSource
+from runtime.cameras.frame_layout import FrameLayout
 from runtime.cameras.image_server import JpegError, decode_jpeg_into
-from runtime.cameras.layout import Layout
 from runtime.cameras.synthetic import check_fps
 
 STAMPS_FILE = "stamps.txt"
@@ -72,7 +72,7 @@ class ReplayCamera(ThreadedCameraSource):
     #: rather than bursting frames to catch up.
     MAX_LAG_S = 0.25
 
-    def __init__(self, path: str, layout: Layout, fps: float = 30.0, loop: bool = True) -> None:
+    def __init__(self, path: str, layout: FrameLayout, fps: float = 30.0, loop: bool = True) -> None:
         super().__init__(layout, "replay")
         self.path = str(path)
         self.fps = check_fps(fps, "replay camera")
@@ -129,7 +129,7 @@ class ReplayCamera(ThreadedCameraSource):
         return s
 
 
-def _side_by_side(item: FrameLike, layout: Optional[Layout]) -> np.ndarray:
+def _side_by_side(item: FrameLike, layout: Optional[FrameLayout]) -> np.ndarray:
     if isinstance(item, CameraFrame):
         if item.canvas is not None and (layout is None or item.canvas.shape == layout.shape):
             return item.canvas
@@ -149,7 +149,7 @@ def _side_by_side(item: FrameLike, layout: Optional[Layout]) -> np.ndarray:
     return np.ascontiguousarray(canvas)
 
 
-def write_recording(path: str, frames: Iterable[FrameLike], quality: int = 90, layout: Optional[Layout] = None,
+def write_recording(path: str, frames: Iterable[FrameLike], quality: int = 90, layout: Optional[FrameLayout] = None,
                     stamps: Optional[Sequence[float]] = None) -> int:
     """Write frames as a recording directory that ReplayCamera plays; returns the number of frames written.
 

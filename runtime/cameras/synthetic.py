@@ -15,7 +15,7 @@ from typing import List, Tuple
 import numpy as np
 
 from runtime.cameras.base import ThreadedCameraSource
-from runtime.cameras.layout import Layout
+from runtime.cameras.frame_layout import FrameLayout
 
 
 class _CameraScene:
@@ -63,7 +63,7 @@ class _CameraScene:
 class SyntheticScene:
     """Renders frame ``index`` of the scene for ``layout`` and ``seed`` into a canvas, in place."""
 
-    def __init__(self, layout: Layout, seed: int = 0) -> None:
+    def __init__(self, layout: FrameLayout, seed: int = 0) -> None:
         self.layout = layout
         self.seed = int(seed)
         self._cams: List[_CameraScene] = [
@@ -115,7 +115,7 @@ class SyntheticCamera(ThreadedCameraSource):
     1)`` reproduces it exactly.
     """
 
-    def __init__(self, layout: Layout, fps: float = 30.0, seed: int = 0) -> None:
+    def __init__(self, layout: FrameLayout, fps: float = 30.0, seed: int = 0) -> None:
         super().__init__(layout, "synthetic")
         self.fps = check_fps(fps, "synthetic camera")
         self.scene = SyntheticScene(layout, seed)

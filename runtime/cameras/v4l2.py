@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 
 from runtime.cameras.base import ThreadedCameraSource
-from runtime.cameras.layout import Layout
+from runtime.cameras.frame_layout import FrameLayout
 from runtime.cameras.synthetic import check_fps
 
 MISSING_OPENCV = "the v4l2 camera needs OpenCV: pip install wam-edge[camera]"
@@ -41,7 +41,7 @@ def parse_devices(spec: Union[str, Sequence[str]]) -> List[str]:
 class V4L2Camera(ThreadedCameraSource):
     """One or more V4L2 devices read together on the capture thread (grab all, then retrieve all)."""
 
-    def __init__(self, devices: Union[str, Sequence[str]], layout: Layout, fps: float = 30.0) -> None:
+    def __init__(self, devices: Union[str, Sequence[str]], layout: FrameLayout, fps: float = 30.0) -> None:
         devs = parse_devices(devices)
         if len(devs) > len(layout.names):
             raise ValueError(f"v4l2 camera: {len(devs)} devices for {len(layout.names)} layout cameras")

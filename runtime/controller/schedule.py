@@ -37,7 +37,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from runtime.protocol import ActionChunk
-from runtime.protocol.wire import MAX_HORIZON
+from runtime.protocol.codec import MAX_HORIZON
 from runtime.robot import g1
 
 SEAMS = ("replace", "crossfade", "ensemble")

@@ -2,7 +2,7 @@
 
 The fuzzer's oracle: a mutated message (a flipped bit, a cut) may still be a valid one, and a receiver that acts on
 a valid message is right to. So every mutation is checked here and only messages this module calls invalid are
-sent as malformed. Written apart from runtime/protocol/wire.py on purpose: a decoder bug that accepts garbage must
+sent as malformed. Written apart from runtime/protocol/codec.py on purpose: a decoder bug that accepts garbage must
 not make the oracle accept it too. Where in doubt it says valid (a message called valid is never counted against a
 receiver).
 """

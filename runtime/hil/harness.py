@@ -225,7 +225,7 @@ def select(names: Optional[Sequence[str]]) -> List[Scenario]:
 def run_hil(cfg: Config, overrides: Sequence[str], trials: int, names: Optional[Sequence[str]] = None,
             report_path: Optional[str] = None, progress: Optional[Callable[[Dict[str, Any]], None]] = None,
             log_dir: Optional[str] = None) -> Dict[str, Any]:
-    from runtime.hil.wire import WireMonitor  # needs cyclonedds
+    from runtime.hil.wire_monitor import WireMonitor  # needs cyclonedds
 
     scenarios = select(names)
     with_sim = cfg["hil"]["robot"] == "sim"

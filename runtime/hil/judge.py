@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.robot import g1
 
-LOWCMD, ARM_SDK = 0, 1  # CommandLog topic codes
+LOWCMD_TOPIC_ID, ARM_SDK_TOPIC_ID = 0, 1  # CommandLog topic codes (runtime.robot.dds.sim)
 _HOLD_EPS = 1e-6  # rad: float32 targets that did not change
 _STEP_EPS = 1e-5  # rad: float32 rounding on top of the allowed step
 
@@ -46,8 +46,8 @@ def authority(kp: np.ndarray, weight: Any, arm_sdk: bool, out: Optional[np.ndarr
 
 def judge(w: Dict[str, np.ndarray], mode: str, t_fault: Optional[float], max_step: float) -> Dict[str, Any]:
     """``w``: CommandLog.window() (oldest first, the newest earlier command per topic flagged ``before``)."""
-    topic = ARM_SDK if mode == "arm_sdk" else LOWCMD
-    joints = g1.UPPER_BODY_MASK if topic == ARM_SDK else np.ones(g1.NUM_JOINTS, dtype=bool)
+    topic = ARM_SDK_TOPIC_ID if mode == "arm_sdk" else LOWCMD_TOPIC_ID
+    joints = g1.UPPER_BODY_MASK if topic == ARM_SDK_TOPIC_ID else np.ones(g1.NUM_JOINTS, dtype=bool)
     out: Dict[str, Any] = {"commands": 0, "bad_crc": 0, "other_topic": 0, "non_finite": 0, "out_of_limits": 0,
                            "steps_over_limit": 0, "max_step_rad": 0.0, "reaction_s": None, "first_safe_t": None,
                            "released_at_end": False, "safe_at_end": False}
@@ -58,7 +58,7 @@ def judge(w: Dict[str, np.ndarray], mode: str, t_fault: Optional[float], max_ste
     q, kp, weight, t = w["q"][mine], w["kp"][mine], w["weight"][mine], w["t"][mine]
     new = inside[mine]
     finite = np.isfinite(q).all(axis=1) & np.isfinite(kp).all(axis=1) & np.isfinite(w["kd"][mine]).all(axis=1)
-    if topic == ARM_SDK:
+    if topic == ARM_SDK_TOPIC_ID:
         finite &= np.isfinite(weight)
     out["commands"] = int(np.count_nonzero(new))
     out["non_finite"] = int(np.count_nonzero(new & ~finite))
@@ -69,7 +69,7 @@ def judge(w: Dict[str, np.ndarray], mode: str, t_fault: Optional[float], max_ste
     out["out_of_limits"] = int(np.count_nonzero(new & finite & outside))
 
     # steps between consecutive commands, weighted by the authority of the one making it (the module's docstring)
-    auth = authority(np.where(finite[:, None], kp, 0.0), np.where(finite, weight, 0.0), topic == ARM_SDK)
+    auth = authority(np.where(finite[:, None], kp, 0.0), np.where(finite, weight, 0.0), topic == ARM_SDK_TOPIC_ID)
     step = np.where(joints, np.abs(np.diff(qf, axis=0)) * auth[1:], 0.0)
     per_cmd = step.max(axis=1) if step.size else np.zeros(0)
     counted = new[1:] & finite[1:] & finite[:-1]
@@ -80,7 +80,7 @@ def judge(w: Dict[str, np.ndarray], mode: str, t_fault: Optional[float], max_ste
     # safe commands (the first one has no predecessor: judged on weight / kp alone)
     held = np.zeros(len(t), dtype=bool)
     held[1:] = (np.abs(np.diff(qf, axis=0))[:, joints].max(axis=1) <= _HOLD_EPS)
-    if topic == ARM_SDK:
+    if topic == ARM_SDK_TOPIC_ID:
         falling = np.zeros(len(t), dtype=bool)
         falling[1:] = weight[1:] < weight[:-1]
         not_rising = np.ones(len(t), dtype=bool)

@@ -9,8 +9,8 @@ Never imports torch; backends (onnxruntime, ...) are imported only when used.
 from __future__ import annotations
 
 from .errors import PolicyError, PolicyInputError
-from .executor import Policy, load_policy
 from .manifest import Manifest, ManifestError, load_manifest, parse_manifest
+from .policy import Policy, load_policy
 
 __all__ = [
     "Manifest",

@@ -188,7 +188,7 @@ class Manifest:
     def step_groups(self) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
         """(first, later): the stages a denoising step runs, in order. The first step runs the context ("once")
         stages, then the per-step ones (validation keeps every "once" stage before the "per_step" stages that read
-        it); each later step the per-step ones alone. The executor hands each to StageBackend.run_group, and a
+        it); each later step the per-step ones alone. The policy hands each to StageBackend.run_group, and a
         backend that fuses groups captures exactly these."""
         per_step = tuple(s.name for s in self.stages if s.runs == "per_step")
         return tuple(s.name for s in self.stages if s.runs == "once") + per_step, per_step

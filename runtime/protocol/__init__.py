@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.protocol.wire import (  # noqa: F401
+from runtime.protocol.codec import (  # noqa: F401
     COMMANDS,
     HEALTH,
     MAX_ERROR_TEXT,

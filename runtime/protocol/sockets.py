@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import zmq
 
-from runtime.protocol.wire import RejectCounter
+from runtime.protocol.codec import RejectCounter
 from runtime.service import paths
 
 

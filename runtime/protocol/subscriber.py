@@ -24,8 +24,8 @@ from typing import Optional
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from runtime.protocol.codec import RejectCounter
 from runtime.protocol.sockets import discard_rest
-from runtime.protocol.wire import RejectCounter
 
 #: Monitor events that say libzmq is (re)connecting by itself: a disconnect followed by one of them is not ours.
 _RECONNECTING = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CONNECTED

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 #: A 2 ms loop alone in its own process (runtime/bench/reference_loop.py), scheduled like the controller but on the
 #: other cores, so a report can tell the machine's jitter from the controller's.
 REFERENCE = "reference"
-#: The HIL harness's wire monitor (runtime/hil/wire.py): threads of the harness's own process.
+#: The HIL harness's wire monitor (runtime/hil/wire_monitor.py): threads of the harness's own process.
 MONITOR = "monitor"
 
 

@@ -1,4 +1,4 @@
-"""The backend interface: what the executor needs from an inference engine.
+"""The backend interface: what the policy needs from an inference engine.
 
 Deliberately small so ONNX Runtime (CPU or GPU) and TensorRT can serve it. The
 host only touches tensors it produces (camera, state, sampler x/t) or consumes
@@ -65,7 +65,7 @@ class StageBackend(abc.ABC):
     def run(self, stage: str) -> None:
         """Run one stage synchronously. Must not allocate per call."""
 
-    #: True when run_group replays a group as one unit (TensorRT with CUDA graphs): the executor then times the
+    #: True when run_group replays a group as one unit (TensorRT with CUDA graphs): the policy then times the
     #: group as a whole, since the stages in it cannot be timed one by one.
     fuses_groups = False
 

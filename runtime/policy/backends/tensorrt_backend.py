@@ -9,7 +9,7 @@ consumers' input, so the world K/V never visit the host. One CUDA stream, the
 name-based tensor API (TensorRT 8.5 through 10.x).
 
 Optional CUDA graphs (cuda_graph): each stage, and each denoising step the
-executor runs through run_group (the first step with the context stages, and
+Policy runs through run_group (the first step with the context stages, and
 a later step), is captured once after warm-up with its host-to-device copies,
 its engines and its device-to-host copies, and then replayed with one launch:
 a whole step costs one graph launch and one synchronize.
@@ -219,7 +219,7 @@ class TensorRTBackend(StageBackend):
         self._runtime: Any = None
         self._engines: List[Any] = []
         self._plans: Dict[str, _Plan] = {}                # stage -> its plan, for run()
-        self._groups: Dict[Tuple[str, ...], _Plan] = {}   # the executor's steps, for run_group()
+        self._groups: Dict[Tuple[str, ...], _Plan] = {}   # the policy's steps, for run_group()
         self.fuses_groups = cuda_graph
         self._device_buffers: List[Any] = []
         self._pinned_buffers: List[np.ndarray] = []
@@ -329,7 +329,7 @@ class TensorRTBackend(StageBackend):
             self._plans[stage.name] = plan
 
     def _step_groups(self) -> Dict[Tuple[str, ...], _Plan]:
-        """The groups the executor runs (Policy._denoise): the context ('once') stages with the per-step stages for
+        """The groups the policy runs (Policy._denoise): the context ('once') stages with the per-step stages for
         the first denoising step, the per-step stages alone for every later one."""
         groups: Dict[Tuple[str, ...], _Plan] = {}
         for names in self.manifest.step_groups:
@@ -404,7 +404,7 @@ class TensorRTBackend(StageBackend):
         self._run_plan(plan)
 
     def run_group(self, stages: Tuple[str, ...]) -> None:
-        """A step the executor runs: one graph launch with cuda_graph, else (or for a group it does not run) one
+        """A step the policy runs: one graph launch with cuda_graph, else (or for a group it does not run) one
         run() per stage."""
         if self._closed or threading.get_ident() != self._owner:
             self._check_caller("run_group(%r)" % (stages,))

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.robot.dds.layout import LOWCMD
+from runtime.robot.dds.idl_layout import LOWCMD_LAYOUT
 
 POLY = 0x04C11DB7
 #: crc of an all-zero LowCmd (g1-wire.md).
@@ -80,7 +80,7 @@ def crc32_reference(data) -> int:
     return crc
 
 
-_LOWCMD_CRC = WordCrc(LOWCMD.c_size - 4)
+_LOWCMD_CRC = WordCrc(LOWCMD_LAYOUT.c_size - 4)
 
 
 def lowcmd_crc(packed) -> int:
@@ -94,7 +94,7 @@ def pack_lowcmd(mode_pr: int = 0, mode_machine: int = 0, mode=0, q=0.0, dq=0.0, 
 
     ``crc`` None = compute it (what a sender does); an int = put that value (to build a corrupt message).
     """
-    rec = np.zeros(1, dtype=LOWCMD.dtype)
+    rec = np.zeros(1, dtype=LOWCMD_LAYOUT.dtype)
     rec["mode_pr"] = mode_pr
     rec["mode_machine"] = mode_machine
     motors = rec["motor_cmd"][0]
@@ -114,7 +114,7 @@ def pack_lowcmd(mode_pr: int = 0, mode_machine: int = 0, mode=0, q=0.0, dq=0.0, 
 
 def lowcmd_to_packed(msg) -> np.ndarray:
     """A LowCmd_ IdlStruct as a packed C-layout record (shape (1,)); for interop and tests, not the hot path."""
-    rec = np.zeros(1, dtype=LOWCMD.dtype)
+    rec = np.zeros(1, dtype=LOWCMD_LAYOUT.dtype)
     rec["mode_pr"] = msg.mode_pr
     rec["mode_machine"] = msg.mode_machine
     motors = rec["motor_cmd"][0]

@@ -17,8 +17,8 @@ import numpy as np
 
 from runtime.robot import g1
 from runtime.robot.dds import transport
+from runtime.robot.dds.cdr_buffers import LowCmdBuffer, LowStateBuffer
 from runtime.robot.dds.unitree_hg import LowCmd_, LowState_
-from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer
 from runtime.robot.driver import ARM_SDK, LOWCMD, RobotReading
 from runtime.robot.remote import decode_buttons
 

@@ -51,13 +51,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import msgpack
 import numpy as np
 
-from runtime.hil.judge import authority
+from runtime.hil.judge import ARM_SDK_TOPIC_ID, LOWCMD_TOPIC_ID, authority
 from runtime.metrics import GapLog
-from runtime.protocol.wire import RejectCounter
+from runtime.protocol.codec import RejectCounter
 from runtime.robot import g1
 from runtime.robot.dds import transport
+from runtime.robot.dds.cdr_buffers import LowCmdBuffer, LowStateBuffer
 from runtime.robot.dds.unitree_hg import LowCmd_, LowState_
-from runtime.robot.dds.wire import LowCmdBuffer, LowStateBuffer
 from runtime.robot.imu import quaternion_from_rpy
 from runtime.robot.remote import BUTTONS, REMOTE_BYTES, STICKS, encode_remote
 from runtime.robot.sim_g1 import G1Physics
@@ -66,7 +66,6 @@ log = logging.getLogger("wam_edge.sim")
 
 _N = g1.NUM_JOINTS
 _UPPER = g1.UPPER_BODY_MASK
-_LOWCMD, _ARM_SDK = 0, 1
 _TOPIC_NAMES = ("lowcmd", "arm_sdk")
 
 #: publishing gaps longer than this are recorded (GapLog): a rig asks whether its simulated robot starved (docs/hil.md)
@@ -228,7 +227,7 @@ class CommandLog:
         if not finite:
             self.non_finite += 1
             return
-        joints = _UPPER if topic == _ARM_SDK else slice(None)
+        joints = _UPPER if topic == ARM_SDK_TOPIC_ID else slice(None)
         q = cmd.q[:_N]
         if np.any((q < g1.POSITION_MIN)[joints] | (q > g1.POSITION_MAX)[joints]):
             self.out_of_limits += 1
@@ -236,10 +235,10 @@ class CommandLog:
             step = self._step
             np.subtract(q, self._prev_q[topic], out=step)
             np.abs(step, out=step)
-            if topic == _ARM_SDK:
+            if topic == ARM_SDK_TOPIC_ID:
                 step[~_UPPER] = 0.0
             np.maximum(self.max_target_step[topic], step, out=self.max_target_step[topic])
-            step *= authority(cmd.kp[:_N], cmd.q[g1.ARM_SDK_WEIGHT_SLOT], topic == _ARM_SDK, self._auth)
+            step *= authority(cmd.kp[:_N], cmd.q[g1.ARM_SDK_WEIGHT_SLOT], topic == ARM_SDK_TOPIC_ID, self._auth)
             np.maximum(self.max_step[topic], step, out=self.max_step[topic])
         self._prev_q[topic] = q
         self._have_prev[topic] = True
@@ -258,19 +257,19 @@ class CommandLog:
         t = self._ring_times()
         out: Dict[str, Any] = {
             "commands": self.n,
-            "lowcmd": self.counts[_LOWCMD],
-            "arm_sdk": self.counts[_ARM_SDK],
+            "lowcmd": self.counts[LOWCMD_TOPIC_ID],
+            "arm_sdk": self.counts[ARM_SDK_TOPIC_ID],
             "bad_crc": self.bad_crc,
             "wrong_mode_machine": self.wrong_mode_machine,
             "non_finite": self.non_finite,
             "out_of_limits": self.out_of_limits,
             # effective steps: weighted by the authority the blend weight or the gains give (hil/judge.py)
             "max_q_step": [float(x) for x in self.max_step.max(axis=0)],
-            "max_q_step_lowcmd": [float(x) for x in self.max_step[_LOWCMD]],
-            "max_q_step_arm_sdk": [float(x) for x in self.max_step[_ARM_SDK]],
+            "max_q_step_lowcmd": [float(x) for x in self.max_step[LOWCMD_TOPIC_ID]],
+            "max_q_step_arm_sdk": [float(x) for x in self.max_step[ARM_SDK_TOPIC_ID]],
             # the targets alone, whatever the authority (a re-arm at weight 0 jumps to where the robot is)
-            "max_target_step_lowcmd": [float(x) for x in self.max_target_step[_LOWCMD]],
-            "max_target_step_arm_sdk": [float(x) for x in self.max_target_step[_ARM_SDK]],
+            "max_target_step_lowcmd": [float(x) for x in self.max_target_step[LOWCMD_TOPIC_ID]],
+            "max_target_step_arm_sdk": [float(x) for x in self.max_target_step[ARM_SDK_TOPIC_ID]],
             "first_command_t": float(t.min()) if len(t) else None,
             "last_command_t": float(t.max()) if len(t) else None,
             "logged": int(len(t)),
@@ -291,7 +290,7 @@ class CommandLog:
         keep = t >= since
         if until is not None:
             keep &= t <= until
-        for topic in (_LOWCMD, _ARM_SDK):  # the newest valid command before the window, per topic
+        for topic in (LOWCMD_TOPIC_ID, ARM_SDK_TOPIC_ID):  # the newest valid command before the window, per topic
             earlier = np.flatnonzero((t < since) & (self.topic[order] == topic) & self.crc_ok[order])
             if len(earlier):
                 keep[earlier[-1]] = True
@@ -476,7 +475,7 @@ class SimulatedG1Dds:
             return
         crc_ok = cmd.crc_ok()
         finite = bool(np.isfinite(self._floats).all())
-        mode_ok = topic == _ARM_SDK or int(cmd.mode_machine[0]) == self.mode_machine
+        mode_ok = topic == ARM_SDK_TOPIC_ID or int(cmd.mode_machine[0]) == self.mode_machine
         applied = crc_ok and finite and mode_ok
         with self._lock:
             if crc_ok and finite and not mode_ok:
@@ -488,7 +487,7 @@ class SimulatedG1Dds:
         self._kp[topic] = cmd.kp[:_N]
         self._kd[topic] = cmd.kd[:_N]
         self._enabled[topic] = cmd.mode[:_N] == 1
-        if topic == _ARM_SDK:
+        if topic == ARM_SDK_TOPIC_ID:
             w = float(cmd.q[g1.ARM_SDK_WEIGHT_SLOT])
             self._weight = min(max(w, 0.0), 1.0)
         else:
@@ -498,9 +497,10 @@ class SimulatedG1Dds:
     def _advance(self, dt: float) -> None:
         p = self.physics
         if self.debug_mode:
-            p.commanded(self._target[_LOWCMD], self._kp[_LOWCMD], self._kd[_LOWCMD], self._enabled[_LOWCMD])
+            low = LOWCMD_TOPIC_ID
+            p.commanded(self._target[low], self._kp[low], self._kd[low], self._enabled[low])
         else:  # Unitree's controller holds everything; arm_sdk blends the upper body by its weight
-            p.unitree_holds(self._weight if self._have[_ARM_SDK] else 0.0, self._target[_ARM_SDK])
+            p.unitree_holds(self._weight if self._have[ARM_SDK_TOPIC_ID] else 0.0, self._target[ARM_SDK_TOPIC_ID])
         p.advance(dt)
 
     def _publish(self) -> None:

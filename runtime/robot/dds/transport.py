@@ -1,7 +1,7 @@
 """CycloneDDS plumbing shared by the link and the simulator: the XML config, one Domain and one participant per id
 and process (shared with unitree_sdk2py when it created the domain first), raw sample I/O.
 
-Raw I/O: we hand cyclonedds' C writer the XCDR1 bytes we built ourselves (wire.py) and take received samples as
+Raw I/O: we hand cyclonedds' C writer the XCDR1 bytes we built ourselves (cdr_buffers.py) and take received samples as
 bytes, skipping the Python IdlStruct (de)serializer (150-320 us and hundreds of objects per message). This uses
 ``cyclonedds._clayer.ddspy_write`` / ``ddspy_take``, internals of the pinned cyclonedds==0.10.2 that its own
 DataWriter.write / DataReader.take call with exactly these arguments; tests check the bytes against cyclonedds'

@@ -86,7 +86,7 @@ def _walk(fields, c_base: int, cdr_offset: int, pairs: List[Tuple[int, int, int]
     return cdr_offset
 
 
-class Layout:
+class StructLayout:
     """One message type's C dtype, CDR payload size, and the two byte-gather index maps between them."""
 
     def __init__(self, fields) -> None:
@@ -114,7 +114,7 @@ class Layout:
         self.c_padding = ~used_c  # bytes of the C struct that are padding (zero in a sender's struct)
 
 
-LOWCMD = Layout(LOW_CMD)
-LOWSTATE = Layout(LOW_STATE)
-LOWCMD_DTYPE = LOWCMD.dtype
-LOWSTATE_DTYPE = LOWSTATE.dtype
+LOWCMD_LAYOUT = StructLayout(LOW_CMD)
+LOWSTATE_LAYOUT = StructLayout(LOW_STATE)
+LOWCMD_DTYPE = LOWCMD_LAYOUT.dtype
+LOWSTATE_DTYPE = LOWSTATE_LAYOUT.dtype

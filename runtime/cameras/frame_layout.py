@@ -1,7 +1,7 @@
 """Where each camera sits in a side-by-side image, and the preallocated image sets that sources write into.
 
 Unitree's image server sends one JPEG per message holding every camera side by side at one height: the head
-camera(s) first, then the wrist cameras to the right. A :class:`Layout` is that list of (name, width) left to
+camera(s) first, then the wrist cameras to the right. A :class:`FrameLayout` is that list of (name, width) left to
 right plus the height; every source in this package uses it, so all of them deliver the same camera names and
 sizes for the same config.
 """
@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 
 
-class Layout:
+class FrameLayout:
     """Cameras left to right as (name, width) pairs, all ``height`` pixels tall."""
 
     __slots__ = ("cameras", "height", "names", "offsets", "total_width", "widths")
@@ -49,7 +49,7 @@ class Layout:
         self.total_width = x
 
     @classmethod
-    def from_config(cls, layout: Iterable[Dict[str, Any]], height: int) -> Layout:
+    def from_config(cls, layout: Iterable[Dict[str, Any]], height: int) -> FrameLayout:
         """From the config's ``layout: [{name, width}, ...]`` list and ``height``."""
         cams = []
         for entry in layout:
@@ -61,9 +61,9 @@ class Layout:
     def to_config(self) -> List[Dict[str, Any]]:
         return [{"name": n, "width": w} for n, w in self.cameras]
 
-    def prefix(self, count: int) -> Layout:
+    def prefix(self, count: int) -> FrameLayout:
         """The first ``count`` cameras only."""
-        return Layout(self.cameras[:count], self.height)
+        return FrameLayout(self.cameras[:count], self.height)
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -77,18 +77,18 @@ class Layout:
         return {n: canvas[:, x:x + w] for (n, w), x in zip(self.cameras, self.offsets)}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Layout) and other.cameras == self.cameras and other.height == self.height
+        return isinstance(other, FrameLayout) and other.cameras == self.cameras and other.height == self.height
 
     def __hash__(self) -> int:
         return hash((self.cameras, self.height))
 
     def __repr__(self) -> str:
         cams = ", ".join(f"{n}:{w}" for n, w in self.cameras)
-        return f"Layout([{cams}] x {self.height})"
+        return f"FrameLayout([{cams}] x {self.height})"
 
 
 #: The project's default: head 640 + left wrist 640 + right wrist 640, 480 tall.
-DEFAULT_LAYOUT = Layout([("head", 640), ("left_wrist", 640), ("right_wrist", 640)], 480)
+DEFAULT_LAYOUT = FrameLayout([("head", 640), ("left_wrist", 640), ("right_wrist", 640)], 480)
 
 
 class ImageSet:
@@ -100,6 +100,6 @@ class ImageSet:
 
     __slots__ = ("canvas", "images")
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: FrameLayout) -> None:
         self.canvas = np.zeros(layout.shape, dtype=np.uint8)
         self.images = layout.views(self.canvas)

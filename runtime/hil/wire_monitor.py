@@ -24,9 +24,9 @@ from cyclonedds.util import duration
 
 from runtime.metrics import GapLog
 from runtime.robot.dds import transport
+from runtime.robot.dds.cdr_buffers import LowCmdBuffer
 from runtime.robot.dds.sim import CommandLog
 from runtime.robot.dds.unitree_hg import LowCmd_
-from runtime.robot.dds.wire import LowCmdBuffer
 
 _TOPICS = (transport.LOWCMD_TOPIC, transport.ARM_SDK_TOPIC)  # CommandLog topic 0 = lowcmd, 1 = arm_sdk
 #: the longest the monitor's loop waits for a command; a turn longer than this, it was starved

@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.robot.dds.crc import WordCrc
-from runtime.robot.dds.layout import CDR_LE_HEADER, CDR_LE_IDS, LOWCMD, LOWSTATE, Layout
+from runtime.robot.dds.idl_layout import CDR_LE_HEADER, CDR_LE_IDS, LOWCMD_LAYOUT, LOWSTATE_LAYOUT, StructLayout
 
 
 class WireBuffer:
     """One message: ``rec`` (packed C record, shape (1,)), ``c`` (its bytes) and ``cdr`` (header + XCDR1 payload)."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: StructLayout) -> None:
         self.layout = layout
         self.rec = np.zeros(1, dtype=layout.dtype)
         self.c = self.rec.view(np.uint8)
@@ -66,7 +66,7 @@ class LowCmdBuffer(WireBuffer):
     """A LowCmd with views on its per-motor arrays (35 slots each)."""
 
     def __init__(self) -> None:
-        super().__init__(LOWCMD)
+        super().__init__(LOWCMD_LAYOUT)
         motors = self.rec["motor_cmd"][0]
         self.mode = motors["mode"]
         self.q = motors["q"]
@@ -82,7 +82,7 @@ class LowStateBuffer(WireBuffer):
     """A LowState with views on the fields a driver reads and a simulator writes."""
 
     def __init__(self) -> None:
-        super().__init__(LOWSTATE)
+        super().__init__(LOWSTATE_LAYOUT)
         motors = self.rec["motor_state"][0]
         imu = self.rec["imu_state"]
         self.mode = motors["mode"]
