@@ -12,9 +12,9 @@ import logging
 import os
 import sys
 import traceback
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from runtime.config import ConfigError, default_config_path, load_config, render_defaults
+from runtime.config import Config, ConfigError, default_config_path, load_config, render_defaults
 from runtime.service.paths import PathError
 
 
@@ -39,39 +39,57 @@ def _process(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, help="run this long, then stop (default: until SIGTERM/SIGINT)")
 
 
-# The engine path's commands live in tools/ (export needs torch, build TensorRT); they parse their own arguments.
-TOOL_COMMANDS = {
-    "export": ("tools.export", "PyTorch model (module:function factory + checkpoint) -> ONNX stages + manifest "
-               "(workstation; needs the export extra)"),
-    "build": ("tools.build_engine", "ONNX stages -> TensorRT engines with their metadata (on the robot)"),
-    "verify": ("tools.verify", "PyTorch vs ONNX Runtime vs TensorRT engines, stage by stage: errors, cosine"),
-}
+class Command(NamedTuple):
+    """One `wam-edge` command: its one-line help, what adds its arguments, what runs it (returns the exit code).
+
+    ``standalone``: the command reads no config and reports its own errors (install-units and the engine path's
+    tools), so main() runs it as it is, without the logging set-up and the one-line error reports."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    standalone: bool = False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wam-edge", description="On-robot runtime for one-step world action "
-                                     "models on the Unitree G1.", epilog="An error ends a command with one line "
-                                     "saying what is wrong (exit 2: usage or configuration, 1: anything else); "
-                                     "--verbose adds its traceback.")
-    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
-    sub.required = True
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config or default_config_path(), args.overrides)  # ConfigError: exit 2
 
-    p = sub.add_parser("run", help="the policy runtime: camera -> policy -> action chunks")
+
+# -- the processes ------------------------------------------------------------------------------------------------
+
+def _process_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     _process(p)
 
-    p = sub.add_parser("controller", help="receive chunks and drive the robot (simulated G1 by default)")
-    _common(p)
-    _process(p)
 
-    p = sub.add_parser("demo", help="controller + runtime as separate processes on the embedded default")
+def _run(args: argparse.Namespace) -> int:
+    from runtime import runner
+
+    return runner.main(_config(args), args.report, args.ready_file, args.seconds)
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from runtime.controller import controller
+
+    return controller.main(_config(args), args.report, args.ready_file, args.seconds)
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--seconds", type=float, help="how long to run (default: demo.seconds)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
 
-    p = sub.add_parser("bench", help="the loop under injected inference latencies: stalls, seams, latencies, "
-                       "start-up, memory, watchdog; JSON report and PNG plot")
+
+def _demo(args: argparse.Namespace) -> int:
+    from runtime import demo
+
+    cfg = _config(args)
+    summary = demo.run_demo(cfg, args.overrides, args.seconds or cfg["demo"]["seconds"], args.report)
+    demo.print_summary(summary)
+    return 0 if summary["ok"] else 1
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--latency", dest="latencies", action="append", metavar="SPEC",
                    help="an injected inference latency in policy.inject_latency's grammar (repeatable): 0.35 (s), "
@@ -87,44 +105,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-cache", metavar="DIR", help="--sweep horizon: where the model variants are built "
                    "(default ~/.cache/wam-edge/bench-models)")
 
-    for name, cmd, text in (
-            ("arm", "arm", "arm the controller (a person's decision): the robot starts following the policy"),
-            ("stop", "stop", "stop: the robot is brought to a safe state (not latched)"),
-            ("estop", "estop", "e-stop: latched, survives restarts, until a person clears it"),
-            ("clear-estop", "clear_estop", "clear a latched e-stop (the controller goes to stopped; arm again)"),
-            ("status", "status", "the controller's safety state and why"),
-            ("next-task", "next_task", "select the next task instruction"),
-            ("prev-task", "prev_task", "select the previous task instruction")):
-        p = sub.add_parser(name, help=text)
+
+# -- operator commands --------------------------------------------------------------------------------------------
+
+def _operator(cmd: str, text: str) -> Command:
+    def add_arguments(p: argparse.ArgumentParser) -> None:
         _common(p)
         p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the controller's answer")
-        p.set_defaults(operator_cmd=cmd)
 
-    p = sub.add_parser("install-units", help="install the systemd units for this machine (docs/systemd.md)")
+    def run(args: argparse.Namespace) -> int:
+        from runtime.controller import operator
+
+        reply = operator.send(_config(args)["transport"]["control"], cmd, timeout_s=args.timeout)
+        sys.stdout.write(f"{'ok' if reply.ok else 'refused'}: state {reply.state}: {reply.detail}\n")
+        return 0 if reply.ok else 1
+
+    return Command(text, add_arguments, run)
+
+
+# -- the machine, the config, rigs --------------------------------------------------------------------------------
+
+def _install_arguments(p: argparse.ArgumentParser) -> None:
     from runtime.service import install
 
     install.add_arguments(p)
 
-    p = sub.add_parser("doctor", help="what this machine can run and what the configured model will run on: "
-                       "Python, model, ONNX Runtime, TensorRT, engines, backend, DDS, camera, Jetson (exit 1 on a "
-                       "failed check)")
+
+def _install(args: argparse.Namespace) -> int:  # takes its own --config; no --set
+    from runtime.service import install
+
+    return install.run(args)
+
+
+def _doctor_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--json", action="store_true", help='print {"ok": bool, "checks": [{name, status, detail}]}')
     p.add_argument("--load", action="store_true", help="also load the policy as `wam-edge run` does (backend, "
                    "warm-up) and time a few inferences on blank frames: a smoke test, not a benchmark")
 
-    p = sub.add_parser("config", help="print the effective configuration, or the documented defaults")
+
+def _doctor(args: argparse.Namespace) -> int:  # a configuration error is one of its failed checks, not exit 2
+    from runtime import doctor
+
+    return doctor.main(args.config or default_config_path(), args.overrides, args.json, load=args.load)
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--defaults", action="store_true", help="print the schema's defaults as commented YAML")
 
-    p = sub.add_parser("sim", help="a simulated G1 (not the robot) on the G1's DDS topics, for HIL rigs and tests: "
-                       "uses dds.domain_id, dds.interface and sim.*")
+
+def _print_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(render_defaults() if args.defaults else _config(args).to_yaml())
+    return 0
+
+
+def _sim_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--seconds", type=float, help="run this long (default: until SIGTERM)")
     p.add_argument("--summary", metavar="PATH", help="write what it received (counts, unsafe commands) here")
 
-    p = sub.add_parser("hil", help="fault-injection suite: each scenario N times against `wam-edge sim` (or a G1 "
-                       "on a stand), judged on the DDS wire; JSON report (docs/hil.md)")
+
+def _sim(args: argparse.Namespace) -> int:
+    from runtime.robot.dds import sim
+
+    cfg = _config(args)
+    d, s = cfg["dds"], cfg["sim"]
+    sim.main(d["domain_id"], d["interface"] or None, s["rate_hz"], args.seconds, s["mode_machine"], s["control"],
+             None, args.summary)
+    return 0
+
+
+def _hil_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--trials", type=int, default=5, help="trials per scenario (default 5)")
     p.add_argument("--scenario", dest="scenarios", action="append", metavar="NAME",
@@ -137,43 +189,148 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hil.robot: stand only: confirm that a real G1 hangs on a stand, clear of people; the suite "
                    "arms it and injects faults")
 
-    for name, (_, text) in TOOL_COMMANDS.items():
-        sub.add_parser(name, help=text + " (`wam-edge %s --help`)" % name, add_help=False)
 
-    p = sub.add_parser("fuzz", help="rig use: malformed messages of every class to each socket of the running "
-                       "processes (loopback only); sent, crashes, stalls, applied, rejected, RSS (docs/fuzz.md)")
+def _fuzz_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     from runtime.fuzz import command as fuzz_command
 
     fuzz_command.add_arguments(p)
 
-    p = sub.add_parser("image-server-sim", help="a simulation of Unitree's image server: synthetic side-by-side "
-                       "JPEG frames over ZeroMQ, laid out as camera.layout says (camera.header: timestamp_id sends "
-                       "the test-mode header; none and auto, plain JPEG)")
+
+def _fuzz(args: argparse.Namespace) -> int:
+    from runtime.fuzz import command as fuzz_command
+
+    return fuzz_command.run(_config(args), args.overrides, args)
+
+
+def _image_server_sim_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="where to bind the PUB socket: loopback tcp "
                    "or ipc, as for every socket wam-edge binds (default tcp://127.0.0.1:5555)")
     p.add_argument("--seconds", type=float, help="run this long (default: until interrupted)")
-    return parser
+
+
+def _image_server_sim(args: argparse.Namespace) -> int:
+    from runtime.cameras.image_server_sim import check_endpoint, serve
+
+    cfg = _config(args)
+    try:
+        check_endpoint(args.endpoint)
+    except ValueError as exc:
+        sys.stderr.write(f"wam-edge image-server-sim: --endpoint {exc}\n")
+        return 2
+    c = cfg["camera"]
+    return serve(args.endpoint, [(x["name"], x["width"]) for x in c["layout"]], c["height"], c["fps"], c["header"],
+                 args.seconds)
+
+
+# -- the engine path (tools/: export needs torch, build TensorRT; imported only when their command runs) -----------
+
+class ToolMissing(Exception):
+    """A tool's module could not be imported (torch, onnx, ... missing here)."""
+
+
+def _tool_module(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # export needs torch + onnx: a workstation's job
+        raise ToolMissing(exc) from exc
+
+
+def _tool(name: str, module: str, text: str) -> Command:
+    return Command(text + " (`wam-edge %s --help`)" % name,
+                   lambda p: _tool_module(module).add_arguments(p),
+                   lambda args: _tool_module(module).run(args, "wam-edge " + name), standalone=True)
+
+
+#: Every command, in the order `wam-edge --help` lists them.
+COMMANDS: Dict[str, Command] = {
+    "run": Command("the policy runtime: camera -> policy -> action chunks", _process_arguments, _run),
+    "controller": Command("receive chunks and drive the robot (simulated G1 by default)", _process_arguments,
+                          _controller),
+    "demo": Command("controller + runtime as separate processes on the embedded default", _demo_arguments, _demo),
+    "bench": Command("the loop under injected inference latencies: stalls, seams, latencies, start-up, memory, "
+                     "watchdog; JSON report and PNG plot", _bench_arguments, lambda args: _bench(_config(args), args)),
+    "arm": _operator("arm", "arm the controller (a person's decision): the robot starts following the policy"),
+    "stop": _operator("stop", "stop: the robot is brought to a safe state (not latched)"),
+    "estop": _operator("estop", "e-stop: latched, survives restarts, until a person clears it"),
+    "clear-estop": _operator("clear_estop", "clear a latched e-stop (the controller goes to stopped; arm again)"),
+    "status": _operator("status", "the controller's safety state and why"),
+    "next-task": _operator("next_task", "select the next task instruction"),
+    "prev-task": _operator("prev_task", "select the previous task instruction"),
+    "install-units": Command("install the systemd units for this machine (docs/systemd.md)", _install_arguments,
+                             _install, standalone=True),
+    "doctor": Command("what this machine can run and what the configured model will run on: Python, model, ONNX "
+                      "Runtime, TensorRT, engines, backend, DDS, camera, Jetson (exit 1 on a failed check)",
+                      _doctor_arguments, _doctor),
+    "config": Command("print the effective configuration, or the documented defaults", _config_arguments,
+                      _print_config),
+    "sim": Command("a simulated G1 (not the robot) on the G1's DDS topics, for HIL rigs and tests: uses "
+                   "dds.domain_id, dds.interface and sim.*", _sim_arguments, _sim),
+    "hil": Command("fault-injection suite: each scenario N times against `wam-edge sim` (or a G1 on a stand), "
+                   "judged on the DDS wire; JSON report (docs/hil.md)", _hil_arguments,
+                   lambda args: _hil(_config(args), args)),
+    "export": _tool("export", "tools.export", "PyTorch model (module:function factory + checkpoint) -> ONNX stages "
+                    "+ manifest (workstation; needs the export extra)"),
+    "build": _tool("build", "tools.build_engine", "ONNX stages -> TensorRT engines with their metadata (on the "
+                   "robot)"),
+    "verify": _tool("verify", "tools.verify", "PyTorch vs ONNX Runtime vs TensorRT engines, stage by stage: errors, "
+                    "cosine"),
+    "fuzz": Command("rig use: malformed messages of every class to each socket of the running processes (loopback "
+                    "only); sent, crashes, stalls, applied, rejected, RSS (docs/fuzz.md)", _fuzz_arguments, _fuzz),
+    "image-server-sim": Command("a simulation of Unitree's image server: synthetic side-by-side JPEG frames over "
+                                "ZeroMQ, laid out as camera.layout says (camera.header: timestamp_id sends the "
+                                "test-mode header; none and auto, plain JPEG)", _image_server_sim_arguments,
+                                _image_server_sim),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of ``command`` only: the others are listed but not built, so `wam-edge
+    --help` imports no tool (torch, TensorRT) and no command's modules."""
+    return _parsers(command)[0]
+
+
+def _parsers(command: Optional[str]) -> Tuple[argparse.ArgumentParser, Optional[argparse.ArgumentParser]]:
+    """The parser and the sub-parser of ``command`` (None when it names none)."""
+    parser = argparse.ArgumentParser(prog="wam-edge", description="On-robot runtime for one-step world action "
+                                     "models on the Unitree G1.", epilog="An error ends a command with one line "
+                                     "saying what is wrong (exit 2: usage or configuration, 1: anything else); "
+                                     "--verbose adds its traceback.")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    chosen = None
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help)
+        if name == command:
+            cmd.add_arguments(p)
+            chosen = p
+    return parser, chosen
+
+
+def _command_in(argv: List[str]) -> Optional[str]:
+    """The command ``argv`` names: its first word that is not an option (the top level takes only --verbose)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOL_COMMANDS:
-        import importlib
-
-        try:
-            module = importlib.import_module(TOOL_COMMANDS[argv[0]][0])
-        except ImportError as exc:  # export needs torch + onnx: a workstation's job
-            sys.stderr.write(f"wam-edge {argv[0]}: {exc}; install the extra it needs "
-                             f"(pip install 'wam-edge[export]' for export)\n")
-            return 2
-        return module.main(argv[1:], prog="wam-edge " + argv[0])
-    args = build_parser().parse_args(argv)
-    if args.command == "install-units":  # takes its own --config; no --set
-        from runtime.service import install
-
-        return install.run(args)
+    command = _command_in(argv)
+    try:
+        parser, chosen = _parsers(command)
+    except ToolMissing as exc:
+        sys.stderr.write(f"wam-edge {command}: {exc}; install the extra it needs "
+                         f"(pip install 'wam-edge[export]' for export)\n")
+        return 2
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said with the command's own usage line (exit 2)
+        (chosen or parser).error("unrecognized arguments: " + " ".join(unknown))
+    cmd = COMMANDS[args.command]
+    if cmd.standalone:
+        return cmd.run(args)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # the processes this command starts (demo, bench, hil) inherit it
     verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
@@ -182,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import zmq
 
     try:
-        return _command(args)
+        return cmd.run(args)
     except ConfigError as exc:
         return _report(args.command, exc, 2, verbose)
     except EXPECTED_ERRORS + (zmq.ZMQError,) as exc:
@@ -208,68 +365,6 @@ def _report(command: str, exc: BaseException, code: int, verbose: bool) -> int:
     hint = "" if verbose or isinstance(exc, ConfigError) else " (--verbose shows the traceback)"
     sys.stderr.write(f"wam-edge {command}: {text}{hint}\n")
     return code
-
-
-def _command(args: argparse.Namespace) -> int:
-    if args.command == "doctor":  # a configuration error is one of its failed checks, not exit 2
-        from runtime import doctor
-
-        return doctor.main(args.config or default_config_path(), args.overrides, args.json, load=args.load)
-    if args.command == "config" and args.defaults:
-        sys.stdout.write(render_defaults())
-        return 0
-    cfg = load_config(args.config or default_config_path(), args.overrides)  # ConfigError: exit 2
-
-    if args.command == "config":
-        sys.stdout.write(cfg.to_yaml())
-        return 0
-    if getattr(args, "operator_cmd", None):
-        from runtime.controller import operator
-
-        reply = operator.send(cfg["transport"]["control"], args.operator_cmd, timeout_s=args.timeout)
-        sys.stdout.write(f"{'ok' if reply.ok else 'refused'}: state {reply.state}: {reply.detail}\n")
-        return 0 if reply.ok else 1
-    if args.command == "run":
-        from runtime import runner
-
-        return runner.main(cfg, args.report, args.ready_file, args.seconds)
-    if args.command == "controller":
-        from runtime.controller import controller
-
-        return controller.main(cfg, args.report, args.ready_file, args.seconds)
-    if args.command == "demo":
-        from runtime import demo
-
-        summary = demo.run_demo(cfg, args.overrides, args.seconds or cfg["demo"]["seconds"], args.report)
-        demo.print_summary(summary)
-        return 0 if summary["ok"] else 1
-    if args.command == "bench":
-        return _bench(cfg, args)
-    if args.command == "sim":
-        from runtime.robot.dds import sim
-
-        d, s = cfg["dds"], cfg["sim"]
-        sim.main(d["domain_id"], d["interface"] or None, s["rate_hz"], args.seconds, s["mode_machine"],
-                 s["control"], None, args.summary)
-        return 0
-    if args.command == "hil":
-        return _hil(cfg, args)
-    if args.command == "fuzz":
-        from runtime.fuzz import command as fuzz_command
-
-        return fuzz_command.run(cfg, args.overrides, args)
-    if args.command == "image-server-sim":
-        from runtime.cameras.image_server_sim import check_endpoint, serve
-
-        try:
-            check_endpoint(args.endpoint)
-        except ValueError as exc:
-            sys.stderr.write(f"wam-edge image-server-sim: --endpoint {exc}\n")
-            return 2
-        c = cfg["camera"]
-        return serve(args.endpoint, [(x["name"], x["width"]) for x in c["layout"]], c["height"], c["fps"],
-                     c["header"], args.seconds)
-    return 2
 
 
 def _bench(cfg, args) -> int:

@@ -647,9 +647,10 @@ def summary_lines(results: Sequence[StageResult]) -> List[str]:
     return lines
 
 
-def build_parser(prog: str = "wam-edge build") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Build a TensorRT engine for each ONNX stage of a model, "
-                                "with its metadata beside it. Runs on the robot (JetPack ships TensorRT).")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments and description (`wam-edge build` and ``python -m tools.build_engine``)."""
+    p.description = ("Build a TensorRT engine for each ONNX stage of a model, with its metadata beside it. Runs on "
+                     "the robot (JetPack ships TensorRT).")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                    help="model directory with manifest.json (default: %(default)s)")
     p.add_argument("--precision", default=DEFAULT_PRECISION, metavar="SPEC",
@@ -674,6 +675,11 @@ def build_parser(prog: str = "wam-edge build") -> argparse.ArgumentParser:
                    help="build only this stage (repeatable; default: all)")
     p.add_argument("--force", action="store_true", help="rebuild engines that are already up to date")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; needs no TensorRT")
+
+
+def build_parser(prog: str = "wam-edge build") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog)
+    add_arguments(p)
     return p
 
 
@@ -694,14 +700,19 @@ def options_from_args(args: argparse.Namespace, manifest: Manifest) -> BuildOpti
 def main(argv: Optional[Sequence[str]] = None, prog: str = "wam-edge build") -> int:
     """The command line; returns the exit status (0 built or up to date, 1 a build failed, 2 bad arguments,
     model or capability, 3 no TensorRT or GPU here)."""
-    def fail(code: int, message: str) -> int:
-        sys.stderr.write("%s: %s\n" % (prog, message))
-        return code
-
     try:
         args = build_parser(prog).parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    return run(args, prog)
+
+
+def run(args: argparse.Namespace, prog: str = "wam-edge build") -> int:
+    """Build what ``args`` asks for; the exit status as for main()."""
+    def fail(code: int, message: str) -> int:
+        sys.stderr.write("%s: %s\n" % (prog, message))
+        return code
+
     try:
         manifest = load_manifest(args.model)
         options = options_from_args(args, manifest)

@@ -587,11 +587,11 @@ def describe_sampler(sampler: Dict[str, Any]) -> str:
     return "teacher: %s Euler step%s, shift %g" % (steps, "" if steps == 1 else "s", float(sampler.get("shift", 1.0)))
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Export a PyTorch world action model to one ONNX file per stage, manifest.json "
-        "and golden.npz (torch inputs and outputs for verification).",
-        epilog="The factory is FN(checkpoint: Optional[str]) -> tools.export.ExportSpec; see tools/export.py.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's arguments, description and epilog (`wam-edge export` and ``python -m tools.export``)."""
+    parser.description = ("Export a PyTorch world action model to one ONNX file per stage, manifest.json and "
+                          "golden.npz (torch inputs and outputs for verification).")
+    parser.epilog = "The factory is FN(checkpoint: Optional[str]) -> tools.export.ExportSpec; see tools/export.py."
     parser.add_argument("--factory", required=True, metavar="MOD:FN",
                         help="the model factory, e.g. tools.make_reference:student or tools.make_reference:teacher")
     parser.add_argument("--checkpoint", metavar="PATH", help="weights passed to the factory (default: none)")
@@ -612,6 +612,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         "frames recorded through Unitree's image client; ORDER alone sets every camera; repeatable; "
                         "default: what the factory states, else %s"
                         % (" or ".join(CHANNEL_ORDERS), DEFAULT_CHANNEL_ORDER))
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
     return parser
 
 
@@ -627,7 +632,10 @@ def parse_channel_orders(items: Sequence[str]) -> Dict[str, str]:
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "wam-edge export") -> int:
-    args = _parser(prog).parse_args(argv)
+    return run(build_parser(prog).parse_args(argv), prog)
+
+
+def run(args: argparse.Namespace, prog: str = "wam-edge export") -> int:
     # torch's exporter logs a warning per torchvision op it cannot register; nothing here uses torchvision
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     if args.opset < MIN_OPSET:

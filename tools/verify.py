@@ -375,10 +375,11 @@ def _thresholds(args: argparse.Namespace) -> Dict[str, Thresholds]:
     return out
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[1],
-                                epilog="The reference: --factory runs PyTorch now; without it, <model>/golden.npz "
-                                "from `wam-edge export` (what the robot uses: no torch there).")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments, description and epilog (`wam-edge verify` and ``python -m tools.verify``)."""
+    p.description = __doc__.splitlines()[0].split(": ", 1)[1]
+    p.epilog = ("The reference: --factory runs PyTorch now; without it, <model>/golden.npz from `wam-edge export` "
+                "(what the robot uses: no torch there).")
     p.add_argument("--model", default=os.path.join("exported", "reference"), help="the exported model directory "
                    "(manifest.json, ONNX stages, engines; default %(default)s)")
     p.add_argument("--factory", metavar="MODULE:FUNCTION", help="the PyTorch model's factory, as for `wam-edge "
@@ -399,12 +400,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--max-rel", type=float, help="maximum relative error (default: unchecked)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--verbose", action="store_true", help="show polygraphy's log")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog)
+    add_arguments(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "wam-edge verify") -> int:
-    args = build_parser(prog).parse_args(argv)
+    return run(build_parser(prog).parse_args(argv), prog)
 
+
+def run(args: argparse.Namespace, prog: str = "wam-edge verify") -> int:
     def fail(code: int, msg: str) -> int:
         sys.stderr.write("%s: %s\n" % (prog, msg))
         return code
