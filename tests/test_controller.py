@@ -110,6 +110,12 @@ class Rig:
         end = time.monotonic() + seconds
         self.controller.run(lambda: time.monotonic() < end)
 
+    def run_until(self, done, seconds=3.0):
+        """Run the loop until ``done()`` (a message arrived and was handled), at most ``seconds``: on a busy machine
+        a message may take longer than a fixed short run to arrive."""
+        end = time.monotonic() + seconds
+        self.controller.run(lambda: not done() and time.monotonic() < end)
+
     def arm(self):
         self.controller.tick(time.monotonic())  # a fresh robot state, as inside the loop
         reply = self.controller._operator("arm", time.monotonic(), "test")
@@ -266,7 +272,7 @@ def test_bad_chunks_are_never_applied(rig, make, reason):
     r = rig()
     r.arm()
     r.send(np.repeat(r.controller.q_cmd[ARM_IDX][None], 50, 0).astype(np.float32), 0.05, seq=0)
-    r.run(0.05)
+    r.run_until(lambda: r.controller.chunks_applied)
     assert r.controller.chunks_applied == 1
     before = r.controller.q_cmd.copy()
     r.push.send(make(r, time.monotonic()))
