@@ -20,13 +20,13 @@ import zmq
 
 from runtime.config import Config
 from runtime.controller.approach import Approach, load_start_pose
-from runtime.controller.limits import JointLimiter
+from runtime.controller.chunk_guard import ChunkGuard, ChunkRejected
+from runtime.controller.limits import JointLimiter, Limits
 from runtime.controller.record import STATE_CODES, CommandRecord, Snapshot
 from runtime.controller.remote import RemoteControls
 from runtime.controller.safety import (
     ACCEPTS_CHUNKS,
     APPROACHING,
-    ARMED_STATES,
     ARMING,
     ESTOP,
     HOLDING,
@@ -88,9 +88,11 @@ class Controller:
         self.rate_hz = c["rate_hz"]
         self.period = 1.0 / self.rate_hz
         self.driver = driver
-        self.limiter = JointLimiter(self.rate_hz, c["max_velocity"], c["position_margin"])
+        self.limits = Limits.from_config(c)
+        self.limiter = JointLimiter(self.limits)
         self.seam = c["seam"]
         self.schedule = ChunkSchedule(c["seam"], c["crossfade_s"], c["ensemble_m"], c["ensemble_chunks"])
+        self.guard = ChunkGuard(self.limits, self.schedule.joint_indices)
         self.remote = RemoteControls(cfg["remote"])
         self.tasks = list(c["tasks"])
         self.task_index = 0
@@ -135,9 +137,6 @@ class Controller:
         self.q_cmd = r.q.copy()  # the last position command: the limiter's reference, never a jump from here
         self._target = r.q.copy()
         self._rejections_in_a_row = 0
-        self.session: Optional[str] = None  # the runtime session driving since arming
-        self._seq_session: Optional[str] = None  # the session of the last chunk accepted, and its seq
-        self._last_seq = -1
         self.last_chunk_at = 0.0
         self.last_heartbeat_at = 0.0
         self.policy_health = "unknown"
@@ -282,9 +281,9 @@ class Controller:
             self._resume_since = self.sm.since
         joints = g1.UPPER_BODY_MASK if self.mode == ARM_SDK else slice(None)
         far = float(np.abs(r.q[joints] - self.q_cmd[joints]).max())
-        if far <= self.c["max_first_step"]:
+        if far <= self.limits.max_first_step:
             return
-        reason = (f"the robot is {far:.2f} rad from its recorded command (limit {self.c['max_first_step']}): it is "
+        reason = (f"the robot is {far:.2f} rad from its recorded command (limit {self.limits.max_first_step}): it is "
                   "not on it")
         if self.mode == ARM_SDK:
             self.driver.command.weight = 0.0
@@ -304,7 +303,7 @@ class Controller:
         sm = self.sm
         problem: Optional[str] = None
         if action == "arm":
-            if now - self.driver.reading.stamp > self.c["state_timeout_s"]:
+            if now - self.driver.reading.stamp > self.limits.state_timeout_s:
                 problem = "robot state is stale: cannot arm"
             else:
                 problem = sm.arm(now, who)
@@ -312,7 +311,7 @@ class Controller:
                     np.copyto(self.q_cmd, self.driver.reading.q)  # arm from where the robot is
                     np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
                     self.approach.arm(self.q_cmd)
-                    self.session = None
+                    self.guard.arm()
                     self.schedule.reset()
                     self._ring_n = 0  # seam traces start from this arming
                     self._rejections_in_a_row = 0
@@ -344,6 +343,11 @@ class Controller:
             log.error("e-stop latch file %s: cannot remove it: %s", self.latch_file, exc)
             return f"e-stop latch file {self.latch_file}: cannot remove it: {exc.strerror or exc}"
         return None
+
+    @property
+    def session(self) -> Optional[str]:
+        """The runtime session driving since arming (chunk_guard.py follows it)."""
+        return self.guard.session
 
     @property
     def released(self) -> bool:
@@ -393,10 +397,11 @@ class Controller:
                 self._check_chunk(msg, now)
             except DecodeError as err:
                 self.rejects.reject(err)
-                if err.reason == "stale_chunk":
-                    self.chunks_dropped += 1
                 if err.reason not in ("malformed", "bad_version", "unexpected_type", "too_large", "multipart"):
                     self._rejections_in_a_row += 1
+                continue
+            except ChunkRejected as err:
+                self._rejected(err, now)
                 continue
             except Exception as exc:  # noqa: BLE001 - a bug in handling one message: counted, a rejection, never fatal
                 self.rejects.count("handler_error", sockets.describe_error(exc))
@@ -412,9 +417,17 @@ class Controller:
             except Exception as exc:  # noqa: BLE001 - a bug applying a chunk: counted, and the robot stops
                 self.rejects.count("handler_error", sockets.describe_error(exc))
                 self.sm.stop(now, f"internal error applying a chunk: {sockets.describe_error(exc)}")
-        if self._rejections_in_a_row >= self.c["max_rejections"]:
+        if self._rejections_in_a_row >= self.limits.max_rejections:
             self.sm.stop(now, f"{self._rejections_in_a_row} chunks rejected in a row")
             self._rejections_in_a_row = 0
+
+    def _rejected(self, err: ChunkRejected, now: float) -> None:
+        if err.stop is not None:
+            self.sm.stop(now, err.stop)
+        self.rejects.count(err.reason, err.detail)
+        if err.reason == "stale_chunk":
+            self.chunks_dropped += 1
+        self._rejections_in_a_row += 1
 
     def _approach_with(self, chunk: ActionChunk, valid: int, now: float) -> bool:
         """Until the first chunk after arming is applied: a chunk taken in by the approach instead (True). The
@@ -427,12 +440,12 @@ class Controller:
         current = chunk.actions[start_index(chunk.obs_stamp, chunk.step_s, now, chunk.actions.shape[0])]
         if not ap.active:
             far = float(np.abs(current - self.q_cmd[joints]).max())
-            if far <= self.c["max_first_step"]:
+            if far <= self.limits.max_first_step:
                 ap.open = False  # near enough: executed as any chunk; from here max_first_step guards
                 return False
             ap.begin(joints, current, self.q_cmd, "the first chunk's current action", from_chunks=True)
             self.sm.approach(now, f"the first chunk's current action is {far:.2f} rad from the commanded pose "
-                             f"(max_first_step {self.c['max_first_step']}): approaching it")
+                             f"(max_first_step {self.limits.max_first_step}): approaching it")
         elif ap.from_chunks:
             ap.retarget(joints, current, self.q_cmd)
         ap.chunks += 1
@@ -466,39 +479,8 @@ class Controller:
         self.sm.chunk_arrived(now)
 
     def _check_chunk(self, chunk: ActionChunk, now: float) -> None:
-        """Raises DecodeError naming what is wrong; a chunk that returns is accepted. A session's seq only grows
-        (runner.py): a chunk whose seq is not after the last one accepted from its session is a duplicate, a replay
-        or an older plan (stale_seq), also across re-arming with the same runtime."""
-        c = self.c
-        if chunk.session == self._seq_session and chunk.seq <= self._last_seq:
-            raise DecodeError("stale_seq", f"seq {chunk.seq} is not after {self._last_seq}, the last chunk "
-                              "accepted from its session")
-        try:
-            joints = self.schedule.joint_indices(chunk.joints)
-        except KeyError as exc:
-            raise DecodeError("unknown_joint", f"chunk.joints: {exc.args[0]}") from None
-        if self.mode == ARM_SDK and not g1.UPPER_BODY_MASK[joints].all():
-            raise DecodeError("joint_not_driven", "chunk drives legs, which arm_sdk mode leaves to Unitree's "
-                              "controller")
-        age = now - chunk.obs_stamp
-        if age > c["max_chunk_age_s"]:
-            raise DecodeError("stale_chunk", f"answers a robot state {age:.3f} s old (limit {c['max_chunk_age_s']})")
-        if age < -self.period:
-            raise DecodeError("future_chunk", f"obs_stamp {chunk.obs_stamp:.3f} is after now {now:.3f}")
-        if not self.limiter.within_limits(chunk.actions, joints):
-            raise DecodeError("outside_limits", "an action lies outside the joint position limits")
-        i = start_index(chunk.obs_stamp, chunk.step_s, now, chunk.actions.shape[0])
-        first = float(np.abs(chunk.actions[i] - self.q_cmd[joints]).max())
-        if first > c["max_first_step"] and not self.approach.open:  # until then, an approach goes there first
-            raise DecodeError("first_step_too_far", f"the current action is {first:.3f} rad from the commanded "
-                              f"pose (limit {c['max_first_step']})")
-        if self.session is None:
-            self.session = chunk.session
-        elif chunk.session != self.session:
-            self.sm.stop(now, f"policy runtime restarted (session {chunk.session!r}, armed with {self.session!r})")
-            raise DecodeError("new_session", "a chunk from another runtime session than the one armed with")
-        self._seq_session = chunk.session
-        self._last_seq = chunk.seq
+        """Raises ChunkRejected (chunk_guard.py); until the first chunk is applied an approach goes first."""
+        self.guard.check(chunk, now, self.q_cmd, self.approach.open)
 
     def _seam_window(self, chunk: ActionChunk) -> float:
         """How long after a load the seam counters watch: crossfade_s for a crossfade, else 2 action steps."""
@@ -507,19 +489,12 @@ class Controller:
         return 2.0 * chunk.step_s
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
-        """From arming on, the controller follows one runtime session: the first one it hears from, by heartbeat
-        (here) or by accepted chunk. Until the run's stop is complete, another session's heartbeat is rejected and
-        counted (foreign_session): it neither refreshes the heartbeat timer nor sets policy_health, and its fault
-        does not hold. The driving runtime's silence holds, another session's chunk stops (new_session). In idle,
-        stopped and estop any heartbeat is taken, for the record: it moves nothing. True when it says fault or
-        stopping (the followed session's): chunks received before it in the same tick are then not applied."""
-        state = self.sm.state
-        if self.session is None:
-            if state in ARMED_STATES:
-                self.session = hb.session
-        elif hb.session != self.session and state not in SAFE_STATES:
+        """A heartbeat of another session than the one followed (chunk_guard.py) is counted (foreign_session) and
+        changes nothing. True when it says fault or stopping: chunks received before it in the same tick are then
+        not applied."""
+        if not self.guard.follows(hb.session, self.sm.state):
             self.rejects.count("foreign_session", f"a heartbeat from session {hb.session!r}, not from "
-                               f"{self.session!r}, the one armed with")
+                               f"{self.guard.session!r}, the one armed with")
             return False
         self.heartbeats += 1
         self.last_heartbeat_at = now
@@ -817,13 +792,13 @@ class Controller:
                 self._late_in_a_row = 0
             self.tick(now)
             next_tick += self.period
-            if not ready and now - self.driver.reading.stamp <= self.c["state_timeout_s"]:
+            if not ready and now - self.driver.reading.stamp <= self.limits.state_timeout_s:
                 ready = True
                 notifier.ready(f"{self.sm.state}, {self.rate_hz:.0f} Hz, {self.mode}")
                 pinger.reset()
                 if on_ready is not None:
                     on_ready()
-            if ready and self._late_in_a_row < self.c["max_missed_ticks"]:
+            if ready and self._late_in_a_row < self.limits.max_missed_ticks:
                 pinger.ping(now)
 
     def report(self) -> Dict[str, Any]:
