@@ -22,6 +22,7 @@ from runtime.config import Config
 from runtime.controller.approach import Approach, load_start_pose
 from runtime.controller.chunk_guard import ChunkGuard, ChunkRejected
 from runtime.controller.limits import JointLimiter, Limits
+from runtime.controller.monitors import Monitors
 from runtime.controller.record import STATE_CODES, CommandRecord, Snapshot
 from runtime.controller.remote import RemoteControls
 from runtime.controller.safety import (
@@ -51,7 +52,7 @@ from runtime.protocol import (
     encode_state,
     sockets,
 )
-from runtime.robot import g1, imu
+from runtime.robot import g1
 from runtime.robot.driver import ARM_SDK, RobotDriver, RobotReading
 from runtime.service import paths
 from runtime.service.notify import Notifier
@@ -93,6 +94,7 @@ class Controller:
         self.seam = c["seam"]
         self.schedule = ChunkSchedule(c["seam"], c["crossfade_s"], c["ensemble_m"], c["ensemble_chunks"])
         self.guard = ChunkGuard(self.limits, self.schedule.joint_indices)
+        self.monitors = Monitors(self.limits)
         self.remote = RemoteControls(cfg["remote"])
         self.tasks = list(c["tasks"])
         self.task_index = 0
@@ -174,7 +176,6 @@ class Controller:
         self._hist_n = 0
         self._diff = np.zeros(g1.NUM_JOINTS)
         self._step = np.zeros(g1.NUM_JOINTS)
-        self._absdq = np.zeros(g1.NUM_JOINTS)
         # seam traces, preallocated: a ring of the last commanded positions, copied out at a seam, then filled
         self._ring = np.zeros((SEAM_TRACE_BEFORE, g1.NUM_JOINTS))
         self._ring_i = 0  # the next row to write
@@ -185,7 +186,6 @@ class Controller:
         self._trace_len = np.zeros(SEAM_TRACES, dtype=np.int64)  # rows filled per trace
         self._trace_filling = -1  # the trace being filled, or -1
         self._signal: Optional[str] = None
-        self._max_gap = c["max_tick_gap_s"]
         self._last_tick_at: Optional[float] = None  # the previous tick's clock: a longer gap is a stalled loop
         # a predecessor that died driving the robot: its last command, where this controller's stop starts from
         self.took_over: Optional[Snapshot] = None
@@ -536,36 +536,14 @@ class Controller:
     # -- monitors ---------------------------------------------------------------------------------------------------
 
     def _monitor(self, now: float, r: RobotReading) -> None:
-        sm, c = self.sm, self.c
+        """The monitors (monitors.py) while the robot is not safe; stale robot state skips the rest."""
+        m, sm = self.monitors, self.sm
         if sm.state in SAFE_STATES:
             return
-        if self._last_tick_at is not None and now - self._last_tick_at > self._max_gap:
-            sm.stop(now, f"control loop stalled for {(now - self._last_tick_at) * 1000:.0f} ms "
-                    f"(limit {self._max_gap * 1000:.0f} ms)", immediate=True)
-        age = now - r.stamp
-        # a bound is a deadline: act at the last tick before it passes (age + one period), not the first tick after
-        if age + self.period > c["state_timeout_s"] and not self._awaiting_state:
-            sm.stop(now, f"robot state is {age * 1000:.0f} ms old (limit {c['state_timeout_s'] * 1000:.0f} ms)",
-                    immediate=True)
-            return
-        tilt = imu.tilt(r.quat, r.rpy)  # from the quaternion; rpy only where the quaternion is unusable
-        if tilt > c["max_tilt"]:
-            sm.stop(now, f"tilt {tilt:.2f} rad (limit {c['max_tilt']})", immediate=True)
-        np.abs(r.dq, out=self._absdq)
-        j = int(self._absdq.argmax())
-        if self._absdq[j] > c["max_joint_velocity"]:
-            sm.stop(now, f"{g1.JOINT_NAMES[j]} moves at {self._absdq[j]:.1f} rad/s (limit {c['max_joint_velocity']})")
-        j = int(r.temperature.argmax())
-        if r.temperature[j] > c["max_temperature"]:
-            sm.stop(now, f"{g1.JOINT_NAMES[j]} at {r.temperature[j]:.0f} C (limit {c['max_temperature']})")
-        if self._late_in_a_row >= c["max_missed_ticks"]:
-            sm.stop(now, f"{self._late_in_a_row} control ticks late in a row")
-        if sm.state in (RUNNING, APPROACHING):
-            since = max(self.last_chunk_at, sm.since)
-            if now + self.period - since > c["chunk_timeout_s"]:
-                sm.hold(now, f"no chunk for {c['chunk_timeout_s']} s")
-            elif now + self.period - max(self.last_heartbeat_at, sm.since) > c["heartbeat_timeout_s"]:
-                sm.hold(now, f"no policy heartbeat for {c['heartbeat_timeout_s']} s")
+        m.stall(sm, now, self._last_tick_at)
+        if m.robot(sm, now, r, self._awaiting_state):
+            m.late(sm, now, self._late_in_a_row)
+            m.policy(sm, now, self.last_chunk_at, self.last_heartbeat_at)
 
     # -- the command each state calls for ----------------------------------------------------------------------------
 
