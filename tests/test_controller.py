@@ -1023,7 +1023,7 @@ def test_chunks_superseded_in_one_tick_or_stale_are_counted_as_dropped(rig):
 
 
 def test_seam_traces_record_the_commanded_position_around_the_first_seam(rig):
-    from runtime.controller.controller import SEAM_TRACE_AFTER, SEAM_TRACE_BEFORE
+    from runtime.controller.seam_recorder import SEAM_TRACE_AFTER, SEAM_TRACE_BEFORE
 
     r = rig("controller.heartbeat_timeout_s=30", "controller.chunk_timeout_s=1.0", "controller.hold_s=1.0")
     c = r.controller

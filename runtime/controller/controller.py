@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import zmq
@@ -39,6 +39,7 @@ from runtime.controller.safety import (
     SafetyStateMachine,
 )
 from runtime.controller.schedule import ChunkSchedule, start_index
+from runtime.controller.seam_recorder import SeamRecorder
 from runtime.metrics import LatencyRecorder
 from runtime.protocol import (
     ActionChunk,
@@ -70,15 +71,6 @@ MAX_MESSAGES_PER_TICK = 8
 #: report()["chunks_applied_by_session"] counts this many sessions by name, any further ones under "(other)".
 MAX_SESSIONS_COUNTED = 64
 
-#: Seam traces (report()["execution"]["seam_traces"]): the first this many seams after arming whose windows do not
-#: overlap, the commanded position of SEAM_TRACE_JOINTS joints from SEAM_TRACE_BEFORE ticks before the seam to
-#: SEAM_TRACE_AFTER ticks from it (the seam's tick first).
-SEAM_TRACES = 3
-SEAM_TRACE_JOINTS = 3
-SEAM_TRACE_BEFORE = 50
-SEAM_TRACE_AFTER = 100
-
-
 class Controller:
     """The control loop; ``tick(now)`` is one read -> update -> write cycle, ``run()`` paces it."""
 
@@ -95,6 +87,7 @@ class Controller:
         self.schedule = ChunkSchedule(c["seam"], c["crossfade_s"], c["ensemble_m"], c["ensemble_chunks"])
         self.guard = ChunkGuard(self.limits, self.schedule.joint_indices)
         self.monitors = Monitors(self.limits)
+        self.seam_recorder = SeamRecorder(self.rate_hz, c["seam"], c["crossfade_s"])
         self.remote = RemoteControls(cfg["remote"])
         self.tasks = list(c["tasks"])
         self.task_index = 0
@@ -157,34 +150,13 @@ class Controller:
         self.period_error = LatencyRecorder()
         self.overruns = 0
         self._late_in_a_row = 0
-        self._max_step = 0.0
         # execution of chunks (report()["execution"]); see docs/safety.md, "Seams between chunks"
         self.stalls = 0
         self._starved = False  # the executing chunk ran out while running; until a chunk resumes
-        self.seams = 0
         self.chunks_dropped = 0
-        self.seam_clamped_ticks = 0
-        self._seam_until = -1.0
-        self._seam_max_step = 0.0
-        self._seam_max_accel = 0.0
-        self._seam_max_jerk = 0.0
-        self.chunk_age_ms = LatencyRecorder(10000)
         # per chunk decoded, from its frame's stamp (the runtime's clock: meaningful on one host, as in `wam-edge
         # bench`), keyed by seq so a bench can subtract the runtime's model time chunk by chunk
         self.frame_to_decode_ms = LatencyRecorder(1024, keyed=True)
-        self._hist = [np.zeros(g1.NUM_JOINTS) for _ in range(3)]  # commanded positions 1, 2, 3 ticks ago
-        self._hist_n = 0
-        self._diff = np.zeros(g1.NUM_JOINTS)
-        self._step = np.zeros(g1.NUM_JOINTS)
-        # seam traces, preallocated: a ring of the last commanded positions, copied out at a seam, then filled
-        self._ring = np.zeros((SEAM_TRACE_BEFORE, g1.NUM_JOINTS))
-        self._ring_i = 0  # the next row to write
-        self._ring_n = 0  # rows written since arming (capped at SEAM_TRACE_BEFORE)
-        self._traces = np.full((SEAM_TRACES, SEAM_TRACE_BEFORE + SEAM_TRACE_AFTER, SEAM_TRACE_JOINTS), np.nan)
-        self._trace_joints = np.zeros((SEAM_TRACES, SEAM_TRACE_JOINTS), dtype=np.intp)
-        self._trace_meta = []  # per trace started: (seam number, tick of the seam, ticks before it)
-        self._trace_len = np.zeros(SEAM_TRACES, dtype=np.int64)  # rows filled per trace
-        self._trace_filling = -1  # the trace being filled, or -1
         self._signal: Optional[str] = None
         self._last_tick_at: Optional[float] = None  # the previous tick's clock: a longer gap is a stalled loop
         # a predecessor that died driving the robot: its last command, where this controller's stop starts from
@@ -313,7 +285,7 @@ class Controller:
                     self.approach.arm(self.q_cmd)
                     self.guard.arm()
                     self.schedule.reset()
-                    self._ring_n = 0  # seam traces start from this arming
+                    self.seam_recorder.arm()
                     self._rejections_in_a_row = 0
         elif action == "stop":
             sm.stop(now, f"stop by {who}")
@@ -457,14 +429,9 @@ class Controller:
     def _apply(self, newest: ActionChunk, valid: int, now: float) -> None:
         """The newest valid chunk of this tick takes over (the seam counters watch the hand-over)."""
         self.chunks_dropped += valid - 1  # superseded in this tick: never executed
-        if self.schedule.active:
-            self.seams += 1
-            step = self._seam_window(newest)
-            self._seam_until = now + step
-            if self._trace_filling < 0 and len(self._trace_meta) < SEAM_TRACES:
-                self._start_trace(newest)
-        self.schedule.load(newest, self.schedule.joint_indices(newest.joints), now)
-        self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
+        joints = self.schedule.joint_indices(newest.joints)
+        self.seam_recorder.on_load(newest, joints, now, self.ticks, self.schedule.active)
+        self.schedule.load(newest, joints, now)
         self._starved = False
         self.chunks_applied += 1
         key = newest.session if (newest.session in self.applied_by_session
@@ -481,12 +448,6 @@ class Controller:
     def _check_chunk(self, chunk: ActionChunk, now: float) -> None:
         """Raises ChunkRejected (chunk_guard.py); until the first chunk is applied an approach goes first."""
         self.guard.check(chunk, now, self.q_cmd, self.approach.open)
-
-    def _seam_window(self, chunk: ActionChunk) -> float:
-        """How long after a load the seam counters watch: crossfade_s for a crossfade, else 2 action steps."""
-        if self.seam == "crossfade" and self.c["crossfade_s"] > 0.0:
-            return self.c["crossfade_s"]
-        return 2.0 * chunk.step_s
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """A heartbeat of another session than the one followed (chunk_guard.py) is counted (foreign_session) and
@@ -554,7 +515,7 @@ class Controller:
         if self._awaiting_state:  # the robot stays on its last command, as it was before this process started
             return False
         if state == IDLE:
-            self._hist_n = 0
+            self.seam_recorder.on_release()
             np.copyto(self.q_cmd, r.q)  # track the robot so that arming starts from where it is
             np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
             return False
@@ -576,21 +537,12 @@ class Controller:
             np.copyto(target, r.q)  # kp is 0: the position is not pulled anywhere
             np.clip(target, self.limiter.lo, self.limiter.hi, out=target)
             np.copyto(self.q_cmd, target)
-            self._hist_n = 0
+            self.seam_recorder.on_release()
         else:
             clamped = self.limiter.clamped_ticks
             self.limiter.apply(target, self.q_cmd)  # limits, in one place
-            np.subtract(target, self.q_cmd, out=self._step)
-            np.abs(self._step, out=self._step)
-            step = float(self._step.max())
-            if step > self._max_step:
-                self._max_step = step
-            if now <= self._seam_until:
-                self._seam_tick(target, step, self.limiter.clamped_ticks != clamped)
+            self.seam_recorder.on_command(now, target, self.q_cmd, self.limiter.clamped_ticks != clamped)
             np.copyto(self.q_cmd, target)
-            self._shift_history(target)
-            if self._trace_filling >= 0 or len(self._trace_meta) < SEAM_TRACES:
-                self._trace_tick()
         np.copyto(cmd.q, self.q_cmd)
         cmd.dq[:] = 0.0
         cmd.tau[:] = 0.0
@@ -618,87 +570,6 @@ class Controller:
             np.multiply(g1.DEFAULT_KP, scale, out=cmd.kp)
             np.copyto(cmd.kd, g1.DEFAULT_KD)
         return True
-
-    def _seam_tick(self, q: np.ndarray, step: float, clamped: bool) -> None:
-        """Within a seam window: the commanded step, and the second and third differences of the commanded position
-        over the last ticks (per nominal period: rad/s^2 and rad/s^3)."""
-        if clamped:
-            self.seam_clamped_ticks += 1
-        if step > self._seam_max_step:
-            self._seam_max_step = step
-        h1, h2, h3 = self._hist
-        d = self._diff
-        if self._hist_n >= 2:  # q - 2 h1 + h2
-            np.subtract(q, h1, out=d)
-            d -= h1
-            d += h2
-            np.abs(d, out=d)
-            accel = float(d.max()) * self.rate_hz * self.rate_hz
-            if accel > self._seam_max_accel:
-                self._seam_max_accel = accel
-        if self._hist_n >= 3:  # q - 3 h1 + 3 h2 - h3
-            np.subtract(h2, h1, out=d)
-            d *= 3.0
-            d += q
-            d -= h3
-            np.abs(d, out=d)
-            jerk = float(d.max()) * self.rate_hz ** 3
-            if jerk > self._seam_max_jerk:
-                self._seam_max_jerk = jerk
-
-    def _start_trace(self, chunk: ActionChunk) -> None:
-        """At a seam: the joints the new chunk moves most, and the ring's last ticks as the trace's start."""
-        k = len(self._trace_meta)
-        idx = self.schedule.joint_indices(chunk.joints)
-        a = chunk.actions
-        travel = np.abs(a[-1] - a[0]) if a.shape[0] > 1 else np.zeros(len(idx))
-        order = np.argsort(-travel, kind="stable")[:SEAM_TRACE_JOINTS]
-        joints = self._trace_joints[k]
-        joints[:] = idx[order[0]] if len(order) else 0  # fewer driven joints than traced: repeat the first
-        joints[:len(order)] = idx[order]
-        n = min(self._ring_n, SEAM_TRACE_BEFORE)
-        for i in range(n):  # oldest first
-            np.take(self._ring[(self._ring_i - n + i) % SEAM_TRACE_BEFORE], joints, out=self._traces[k, i])
-        self._trace_len[k] = n
-        self._trace_meta.append((self.seams, self.ticks, n))
-        self._trace_filling = k
-
-    def _trace_tick(self) -> None:
-        """After the command is shaped: keep the ring of the last ticks, and fill the trace being filled."""
-        np.copyto(self._ring[self._ring_i], self.q_cmd)
-        self._ring_i = (self._ring_i + 1) % SEAM_TRACE_BEFORE
-        if self._ring_n < SEAM_TRACE_BEFORE:
-            self._ring_n += 1
-        k = self._trace_filling
-        if k >= 0:
-            n = int(self._trace_len[k])
-            np.take(self.q_cmd, self._trace_joints[k], out=self._traces[k, n])
-            self._trace_len[k] = n + 1
-            if n + 1 - self._trace_meta[k][2] >= SEAM_TRACE_AFTER:
-                self._trace_filling = -1
-
-    def seam_traces(self) -> List[Dict[str, Any]]:
-        """The seam traces for the report: per trace the joints, the seam (its number and the controller tick), t0_ms
-        (the first row's time from the seam), period_ms, q per joint (one value per tick) and seam_index (the row of
-        the seam's tick)."""
-        period_ms = self.period * 1000.0
-        out = []
-        for k, (seam, tick, before) in enumerate(self._trace_meta):
-            n = int(self._trace_len[k])
-            out.append({
-                "seam": seam, "tick": tick,
-                "joints": [g1.JOINT_NAMES[int(j)] for j in self._trace_joints[k]],
-                "t0_ms": round(-before * period_ms, 4), "period_ms": round(period_ms, 4), "seam_index": before,
-                "q": [[round(float(v), 6) for v in self._traces[k, :n, j]] for j in range(SEAM_TRACE_JOINTS)],
-            })
-        return out
-
-    def _shift_history(self, q: np.ndarray) -> None:
-        h = self._hist
-        h[0], h[1], h[2] = h[2], h[0], h[1]
-        np.copyto(h[0], q)
-        if self._hist_n < 3:
-            self._hist_n += 1
 
     # -- the tick -----------------------------------------------------------------------------------------------------
 
@@ -804,21 +675,16 @@ class Controller:
             "period_error_ms": self.period_error.summary(),
             "limiter": {"clamped_ticks": self.limiter.clamped_ticks,
                         "non_finite_ticks": self.limiter.non_finite_ticks,
-                        "max_step_rad": round(self._max_step, 6),
+                        "max_step_rad": round(self.seam_recorder.max_step, 6),
                         "max_step_allowed_rad": round(self.limiter.max_step, 6)},
             "execution": {
                 "seam": self.seam,
                 "stalls": self.stalls,
-                "seams": self.seams,
-                "seam_max_step_rad": round(self._seam_max_step, 6),
-                "seam_max_accel_rad_s2": round(self._seam_max_accel, 3),
-                "seam_max_jerk_rad_s3": round(self._seam_max_jerk, 1),
-                "seam_clamped_ticks": self.seam_clamped_ticks,
-                "chunk_age_ms": self.chunk_age_ms.summary(),
+                **self.seam_recorder.report(),
                 "frame_to_decode_ms": self.frame_to_decode_ms.summary(keyed=True),
                 "chunks_dropped": self.chunks_dropped,
                 "chunks_evicted": self.schedule.evicted,
-                "seam_traces": self.seam_traces(),
+                "seam_traces": self.seam_recorder.traces(),
             },
             "robot_link": self.driver.report(),
             "approach": self.approach.report(),
