@@ -40,6 +40,7 @@ from runtime.controller.safety import (
 )
 from runtime.controller.schedule import ChunkSchedule, start_index
 from runtime.controller.seam_recorder import SeamRecorder
+from runtime.controller.takeover import TakeOver
 from runtime.metrics import LatencyRecorder
 from runtime.protocol import (
     ActionChunk,
@@ -159,19 +160,12 @@ class Controller:
         self.frame_to_decode_ms = LatencyRecorder(1024, keyed=True)
         self._signal: Optional[str] = None
         self._last_tick_at: Optional[float] = None  # the previous tick's clock: a longer gap is a stalled loop
-        # a predecessor that died driving the robot: its last command, where this controller's stop starts from
-        self.took_over: Optional[Snapshot] = None
-        self._started_at = now
-        self._awaiting_state = False  # taken over: command nothing until the robot's state says where it is
-        self._resume_since: Optional[float] = None
-        self._resume_kp = np.zeros(g1.NUM_JOINTS)
-        self._resume_kd = np.zeros(g1.NUM_JOINTS)
+        self.takeover = TakeOver(self.limits, now)
         self._record_path = self.record.path if self.record is not None else None
         if self.record is not None:
             previous = self.record.read()
             if previous is not None:
-                self._take_over(previous, now)
-                self._awaiting_state = True
+                self.takeover.start(previous, now, self.sm, driver.command, self.q_cmd)
             self._write_record(now, self.sm.state)
 
     # -- state that outlives the process: the e-stop latch and the command record ----------------------------------
@@ -217,52 +211,6 @@ class Controller:
             log.error("e-stop latch file %s: cannot write it: %s", self.latch_file, exc)
             return f"e-stop latch file {self.latch_file}: {exc.strerror or exc}"
         return None
-
-    # -- the command record: take over from a predecessor that died driving the robot --------------------------------
-
-    def _take_over(self, previous: Snapshot, now: float) -> None:
-        """Start from the command the robot was left on: the first command is exactly it (no step on the wire);
-        arm_sdk ramps the weight out from the recorded one, lowcmd holds the recorded targets at the recorded gains
-        for hold_before_damp_s and then damps. A latched e-stop wins (the e-stop ramp from the recorded weight)."""
-        self.took_over = previous
-        cmd = self.driver.command
-        np.copyto(self.q_cmd, previous.q)
-        np.copyto(cmd.q, previous.q)
-        np.copyto(cmd.kp, previous.kp)
-        np.copyto(cmd.kd, previous.kd)
-        np.copyto(self._resume_kp, previous.kp)
-        np.copyto(self._resume_kd, previous.kd)
-        if self.mode == ARM_SDK:
-            cmd.weight = previous.weight
-        reason = f"controller restarted while driving the robot (previous pid {previous.pid}, state {previous.state})"
-        if self.sm.resume_stop(now, reason, immediate=previous.immediate or previous.state == ESTOP):
-            self._resume_since = self.sm.since
-            log.warning("%s: stopping from its last command (%s); nothing moves again until a person arms",
-                        reason, previous.describe())
-        else:
-            log.warning("%s, and an e-stop is latched: e-stop from its last command (%s)", reason,
-                        previous.describe())
-
-    def _check_take_over(self, now: float, r: RobotReading) -> None:
-        """The first robot state after taking over: the stop's timer starts now. A robot far from the recorded
-        command is not on it (restarted, or handed back to Unitree's controller since): arm_sdk releases it at once
-        (weight 0, no jump to the recorded pose), lowcmd damps at once."""
-        self._awaiting_state = False
-        self.sm.restart_timer(now)
-        if self._resume_since is not None:
-            self._resume_since = self.sm.since
-        joints = g1.UPPER_BODY_MASK if self.mode == ARM_SDK else slice(None)
-        far = float(np.abs(r.q[joints] - self.q_cmd[joints]).max())
-        if far <= self.limits.max_first_step:
-            return
-        reason = (f"the robot is {far:.2f} rad from its recorded command (limit {self.limits.max_first_step}): it is "
-                  "not on it")
-        if self.mode == ARM_SDK:
-            self.driver.command.weight = 0.0
-            log.warning("%s; released at once (arm_sdk weight 0)", reason)
-        else:
-            self.sm.stop(now, reason, immediate=True)
-            log.warning("%s; damping at once", reason)
 
     def _write_record(self, now: float, state: str) -> None:
         cmd = self.driver.command
@@ -315,6 +263,11 @@ class Controller:
             log.error("e-stop latch file %s: cannot remove it: %s", self.latch_file, exc)
             return f"e-stop latch file {self.latch_file}: cannot remove it: {exc.strerror or exc}"
         return None
+
+    @property
+    def took_over(self) -> Optional[Snapshot]:
+        """The last command of a predecessor that died driving the robot (takeover.py), or None."""
+        return self.takeover.snapshot
 
     @property
     def session(self) -> Optional[str]:
@@ -502,7 +455,7 @@ class Controller:
         if sm.state in SAFE_STATES:
             return
         m.stall(sm, now, self._last_tick_at)
-        if m.robot(sm, now, r, self._awaiting_state):
+        if m.robot(sm, now, r, self.takeover.awaiting_state):
             m.late(sm, now, self._late_in_a_row)
             m.policy(sm, now, self.last_chunk_at, self.last_heartbeat_at)
 
@@ -512,7 +465,7 @@ class Controller:
         """Fill the driver's command for ``state``; False when nothing is to be sent (idle)."""
         cmd, c = self.driver.command, self.c
         arm_sdk = self.mode == ARM_SDK
-        if self._awaiting_state:  # the robot stays on its last command, as it was before this process started
+        if self.takeover.awaiting_state:  # the robot stays on its last command, as it was before this process started
             return False
         if state == IDLE:
             self.seam_recorder.on_release()
@@ -562,9 +515,8 @@ class Controller:
         elif damp:
             cmd.kp[:] = 0.0
             cmd.kd[:] = c["damping_kd"]
-        elif state == STOPPING and self.sm.since == self._resume_since:  # taken over: hold at the recorded gains
-            np.copyto(cmd.kp, self._resume_kp)
-            np.copyto(cmd.kd, self._resume_kd)
+        elif state == STOPPING and self.takeover.holds(self.sm.since):  # hold at the recorded gains
+            self.takeover.gains(cmd)
         else:
             scale = self.sm.progress(now, c["arm_ramp_s"]) if state == ARMING else 1.0
             np.multiply(g1.DEFAULT_KP, scale, out=cmd.kp)
@@ -575,8 +527,8 @@ class Controller:
 
     def tick(self, now: float) -> None:
         r = self.driver.read(now)  # read
-        if self._awaiting_state and r.stamp >= self._started_at:
-            self._check_take_over(now, r)
+        if self.takeover.awaiting_state:
+            self.takeover.on_state(now, r, self.sm, self.driver.command, self.q_cmd)
         self._take_messages(now)
         self._take_commands(now)
         action = self.remote.poll(r.buttons, now)
@@ -691,9 +643,7 @@ class Controller:
             "task": self.tasks[self.task_index],
             "final_q": [round(float(v), 5) for v in self.q_cmd],
             "command_record": self._record_path,
-            "took_over": None if self.took_over is None else {
-                "pid": self.took_over.pid, "state": self.took_over.state, "weight": round(self.took_over.weight, 4),
-                "immediate": self.took_over.immediate},
+            "took_over": self.takeover.report(),
         }
 
     def close(self) -> None:
