@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from runtime.config import load_config
 from runtime.controller.controller import Controller
-from runtime.controller.limits import JointLimiter
+from runtime.controller.limits import JointLimiter, Limits
 from runtime.controller.record import SIZE, STATE_CODES, CommandRecord
 from runtime.controller.safety import APPROACHING, ARMING, ESTOP, HOLDING, IDLE, RUNNING, STOPPED, STOPPING
 from runtime.controller.schedule import ChunkSchedule
@@ -36,7 +36,7 @@ any_float = st.floats(allow_nan=True, allow_infinity=True, width=64)
 
 @given(hnp.arrays(np.float64, g1.NUM_JOINTS, elements=any_float), st.floats(0.01, 20.0), st.floats(0.0, 0.2))
 def test_limiter_output_is_always_finite_in_limits_and_within_one_step(target, vmax, margin):
-    lim = JointLimiter(500.0, vmax, margin)
+    lim = JointLimiter(Limits(500.0, vmax, margin))
     previous = np.clip(g1.NOMINAL_POSE.copy(), lim.lo, lim.hi)
     out = lim.apply(target.copy(), previous)
     assert np.isfinite(out).all()
@@ -45,7 +45,7 @@ def test_limiter_output_is_always_finite_in_limits_and_within_one_step(target, v
 
 
 def test_limiter_passes_small_steps_unchanged_and_counts_clamps():
-    lim = JointLimiter(500.0, 2.0, 0.05)
+    lim = JointLimiter(Limits(500.0, 2.0, 0.05))
     prev = g1.NOMINAL_POSE.copy()
     t = prev + 0.001
     assert np.array_equal(lim.apply(t.copy(), prev), t) and lim.clamped_ticks == 0
@@ -1029,7 +1029,7 @@ def test_chunks_superseded_in_one_tick_or_stale_are_counted_as_dropped(rig):
 
 
 def test_seam_traces_record_the_commanded_position_around_the_first_seam(rig):
-    from runtime.controller.controller import SEAM_TRACE_AFTER, SEAM_TRACE_BEFORE
+    from runtime.controller.seam_recorder import SEAM_TRACE_AFTER, SEAM_TRACE_BEFORE
 
     r = rig("controller.heartbeat_timeout_s=30", "controller.chunk_timeout_s=1.0", "controller.hold_s=1.0")
     c = r.controller

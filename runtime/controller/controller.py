@@ -13,20 +13,21 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import zmq
 
 from runtime.config import Config
 from runtime.controller.approach import Approach, load_start_pose
-from runtime.controller.limits import JointLimiter
+from runtime.controller.chunk_guard import ChunkGuard, ChunkRejected
+from runtime.controller.limits import JointLimiter, Limits
+from runtime.controller.monitors import Monitors
 from runtime.controller.record import STATE_CODES, CommandRecord, Snapshot
 from runtime.controller.remote import RemoteControls
 from runtime.controller.safety import (
     ACCEPTS_CHUNKS,
     APPROACHING,
-    ARMED_STATES,
     ARMING,
     ESTOP,
     HOLDING,
@@ -38,6 +39,8 @@ from runtime.controller.safety import (
     SafetyStateMachine,
 )
 from runtime.controller.schedule import ChunkSchedule, start_index
+from runtime.controller.seam_recorder import SeamRecorder
+from runtime.controller.takeover import TakeOver
 from runtime.metrics import LatencyRecorder
 from runtime.protocol import (
     ActionChunk,
@@ -51,7 +54,7 @@ from runtime.protocol import (
     encode_state,
     sockets,
 )
-from runtime.robot import g1, imu
+from runtime.robot import g1
 from runtime.robot.driver import ARM_SDK, RobotDriver, RobotReading
 from runtime.service import paths
 from runtime.service.notify import Notifier
@@ -69,15 +72,6 @@ MAX_MESSAGES_PER_TICK = 8
 #: report()["chunks_applied_by_session"] counts this many sessions by name, any further ones under "(other)".
 MAX_SESSIONS_COUNTED = 64
 
-#: Seam traces (report()["execution"]["seam_traces"]): the first this many seams after arming whose windows do not
-#: overlap, the commanded position of SEAM_TRACE_JOINTS joints from SEAM_TRACE_BEFORE ticks before the seam to
-#: SEAM_TRACE_AFTER ticks from it (the seam's tick first).
-SEAM_TRACES = 3
-SEAM_TRACE_JOINTS = 3
-SEAM_TRACE_BEFORE = 50
-SEAM_TRACE_AFTER = 100
-
-
 class Controller:
     """The control loop; ``tick(now)`` is one read -> update -> write cycle, ``run()`` paces it."""
 
@@ -88,9 +82,13 @@ class Controller:
         self.rate_hz = c["rate_hz"]
         self.period = 1.0 / self.rate_hz
         self.driver = driver
-        self.limiter = JointLimiter(self.rate_hz, c["max_velocity"], c["position_margin"])
+        self.limits = Limits.from_config(c)
+        self.limiter = JointLimiter(self.limits)
         self.seam = c["seam"]
         self.schedule = ChunkSchedule(c["seam"], c["crossfade_s"], c["ensemble_m"], c["ensemble_chunks"])
+        self.guard = ChunkGuard(self.limits, self.schedule.joint_indices)
+        self.monitors = Monitors(self.limits)
+        self.seam_recorder = SeamRecorder(self.rate_hz, c["seam"], c["crossfade_s"])
         self.remote = RemoteControls(cfg["remote"])
         self.tasks = list(c["tasks"])
         self.task_index = 0
@@ -135,9 +133,6 @@ class Controller:
         self.q_cmd = r.q.copy()  # the last position command: the limiter's reference, never a jump from here
         self._target = r.q.copy()
         self._rejections_in_a_row = 0
-        self.session: Optional[str] = None  # the runtime session driving since arming
-        self._seq_session: Optional[str] = None  # the session of the last chunk accepted, and its seq
-        self._last_seq = -1
         self.last_chunk_at = 0.0
         self.last_heartbeat_at = 0.0
         self.policy_health = "unknown"
@@ -156,51 +151,21 @@ class Controller:
         self.period_error = LatencyRecorder()
         self.overruns = 0
         self._late_in_a_row = 0
-        self._max_step = 0.0
         # execution of chunks (report()["execution"]); see docs/safety.md, "Seams between chunks"
         self.stalls = 0
         self._starved = False  # the executing chunk ran out while running; until a chunk resumes
-        self.seams = 0
         self.chunks_dropped = 0
-        self.seam_clamped_ticks = 0
-        self._seam_until = -1.0
-        self._seam_max_step = 0.0
-        self._seam_max_accel = 0.0
-        self._seam_max_jerk = 0.0
-        self.chunk_age_ms = LatencyRecorder(10000)
         # per chunk decoded, from its frame's stamp (the runtime's clock: meaningful on one host, as in `wam-edge
         # bench`), keyed by seq so a bench can subtract the runtime's model time chunk by chunk
         self.frame_to_decode_ms = LatencyRecorder(1024, keyed=True)
-        self._hist = [np.zeros(g1.NUM_JOINTS) for _ in range(3)]  # commanded positions 1, 2, 3 ticks ago
-        self._hist_n = 0
-        self._diff = np.zeros(g1.NUM_JOINTS)
-        self._step = np.zeros(g1.NUM_JOINTS)
-        self._absdq = np.zeros(g1.NUM_JOINTS)
-        # seam traces, preallocated: a ring of the last commanded positions, copied out at a seam, then filled
-        self._ring = np.zeros((SEAM_TRACE_BEFORE, g1.NUM_JOINTS))
-        self._ring_i = 0  # the next row to write
-        self._ring_n = 0  # rows written since arming (capped at SEAM_TRACE_BEFORE)
-        self._traces = np.full((SEAM_TRACES, SEAM_TRACE_BEFORE + SEAM_TRACE_AFTER, SEAM_TRACE_JOINTS), np.nan)
-        self._trace_joints = np.zeros((SEAM_TRACES, SEAM_TRACE_JOINTS), dtype=np.intp)
-        self._trace_meta = []  # per trace started: (seam number, tick of the seam, ticks before it)
-        self._trace_len = np.zeros(SEAM_TRACES, dtype=np.int64)  # rows filled per trace
-        self._trace_filling = -1  # the trace being filled, or -1
         self._signal: Optional[str] = None
-        self._max_gap = c["max_tick_gap_s"]
         self._last_tick_at: Optional[float] = None  # the previous tick's clock: a longer gap is a stalled loop
-        # a predecessor that died driving the robot: its last command, where this controller's stop starts from
-        self.took_over: Optional[Snapshot] = None
-        self._started_at = now
-        self._awaiting_state = False  # taken over: command nothing until the robot's state says where it is
-        self._resume_since: Optional[float] = None
-        self._resume_kp = np.zeros(g1.NUM_JOINTS)
-        self._resume_kd = np.zeros(g1.NUM_JOINTS)
+        self.takeover = TakeOver(self.limits, now)
         self._record_path = self.record.path if self.record is not None else None
         if self.record is not None:
             previous = self.record.read()
             if previous is not None:
-                self._take_over(previous, now)
-                self._awaiting_state = True
+                self.takeover.start(previous, now, self.sm, driver.command, self.q_cmd)
             self._write_record(now, self.sm.state)
 
     # -- state that outlives the process: the e-stop latch and the command record ----------------------------------
@@ -247,52 +212,6 @@ class Controller:
             return f"e-stop latch file {self.latch_file}: {exc.strerror or exc}"
         return None
 
-    # -- the command record: take over from a predecessor that died driving the robot --------------------------------
-
-    def _take_over(self, previous: Snapshot, now: float) -> None:
-        """Start from the command the robot was left on: the first command is exactly it (no step on the wire);
-        arm_sdk ramps the weight out from the recorded one, lowcmd holds the recorded targets at the recorded gains
-        for hold_before_damp_s and then damps. A latched e-stop wins (the e-stop ramp from the recorded weight)."""
-        self.took_over = previous
-        cmd = self.driver.command
-        np.copyto(self.q_cmd, previous.q)
-        np.copyto(cmd.q, previous.q)
-        np.copyto(cmd.kp, previous.kp)
-        np.copyto(cmd.kd, previous.kd)
-        np.copyto(self._resume_kp, previous.kp)
-        np.copyto(self._resume_kd, previous.kd)
-        if self.mode == ARM_SDK:
-            cmd.weight = previous.weight
-        reason = f"controller restarted while driving the robot (previous pid {previous.pid}, state {previous.state})"
-        if self.sm.resume_stop(now, reason, immediate=previous.immediate or previous.state == ESTOP):
-            self._resume_since = self.sm.since
-            log.warning("%s: stopping from its last command (%s); nothing moves again until a person arms",
-                        reason, previous.describe())
-        else:
-            log.warning("%s, and an e-stop is latched: e-stop from its last command (%s)", reason,
-                        previous.describe())
-
-    def _check_take_over(self, now: float, r: RobotReading) -> None:
-        """The first robot state after taking over: the stop's timer starts now. A robot far from the recorded
-        command is not on it (restarted, or handed back to Unitree's controller since): arm_sdk releases it at once
-        (weight 0, no jump to the recorded pose), lowcmd damps at once."""
-        self._awaiting_state = False
-        self.sm.restart_timer(now)
-        if self._resume_since is not None:
-            self._resume_since = self.sm.since
-        joints = g1.UPPER_BODY_MASK if self.mode == ARM_SDK else slice(None)
-        far = float(np.abs(r.q[joints] - self.q_cmd[joints]).max())
-        if far <= self.c["max_first_step"]:
-            return
-        reason = (f"the robot is {far:.2f} rad from its recorded command (limit {self.c['max_first_step']}): it is "
-                  "not on it")
-        if self.mode == ARM_SDK:
-            self.driver.command.weight = 0.0
-            log.warning("%s; released at once (arm_sdk weight 0)", reason)
-        else:
-            self.sm.stop(now, reason, immediate=True)
-            log.warning("%s; damping at once", reason)
-
     def _write_record(self, now: float, state: str) -> None:
         cmd = self.driver.command
         self.record.write(STATE_CODES[state], self.sm.immediate, cmd.weight, self.q_cmd, cmd.kp, cmd.kd, now,
@@ -304,7 +223,7 @@ class Controller:
         sm = self.sm
         problem: Optional[str] = None
         if action == "arm":
-            if now - self.driver.reading.stamp > self.c["state_timeout_s"]:
+            if now - self.driver.reading.stamp > self.limits.state_timeout_s:
                 problem = "robot state is stale: cannot arm"
             else:
                 problem = sm.arm(now, who)
@@ -312,9 +231,9 @@ class Controller:
                     np.copyto(self.q_cmd, self.driver.reading.q)  # arm from where the robot is
                     np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
                     self.approach.arm(self.q_cmd)
-                    self.session = None
+                    self.guard.arm()
                     self.schedule.reset()
-                    self._ring_n = 0  # seam traces start from this arming
+                    self.seam_recorder.arm()
                     self._rejections_in_a_row = 0
         elif action == "stop":
             sm.stop(now, f"stop by {who}")
@@ -344,6 +263,16 @@ class Controller:
             log.error("e-stop latch file %s: cannot remove it: %s", self.latch_file, exc)
             return f"e-stop latch file {self.latch_file}: cannot remove it: {exc.strerror or exc}"
         return None
+
+    @property
+    def took_over(self) -> Optional[Snapshot]:
+        """The last command of a predecessor that died driving the robot (takeover.py), or None."""
+        return self.takeover.snapshot
+
+    @property
+    def session(self) -> Optional[str]:
+        """The runtime session driving since arming (chunk_guard.py follows it)."""
+        return self.guard.session
 
     @property
     def released(self) -> bool:
@@ -393,10 +322,11 @@ class Controller:
                 self._check_chunk(msg, now)
             except DecodeError as err:
                 self.rejects.reject(err)
-                if err.reason == "stale_chunk":
-                    self.chunks_dropped += 1
                 if err.reason not in ("malformed", "bad_version", "unexpected_type", "too_large", "multipart"):
                     self._rejections_in_a_row += 1
+                continue
+            except ChunkRejected as err:
+                self._rejected(err, now)
                 continue
             except Exception as exc:  # noqa: BLE001 - a bug in handling one message: counted, a rejection, never fatal
                 self.rejects.count("handler_error", sockets.describe_error(exc))
@@ -412,9 +342,17 @@ class Controller:
             except Exception as exc:  # noqa: BLE001 - a bug applying a chunk: counted, and the robot stops
                 self.rejects.count("handler_error", sockets.describe_error(exc))
                 self.sm.stop(now, f"internal error applying a chunk: {sockets.describe_error(exc)}")
-        if self._rejections_in_a_row >= self.c["max_rejections"]:
+        if self._rejections_in_a_row >= self.limits.max_rejections:
             self.sm.stop(now, f"{self._rejections_in_a_row} chunks rejected in a row")
             self._rejections_in_a_row = 0
+
+    def _rejected(self, err: ChunkRejected, now: float) -> None:
+        if err.stop is not None:
+            self.sm.stop(now, err.stop)
+        self.rejects.count(err.reason, err.detail)
+        if err.reason == "stale_chunk":
+            self.chunks_dropped += 1
+        self._rejections_in_a_row += 1
 
     def _approach_with(self, chunk: ActionChunk, valid: int, now: float) -> bool:
         """Until the first chunk after arming is applied: a chunk taken in by the approach instead (True). The
@@ -427,12 +365,12 @@ class Controller:
         current = chunk.actions[start_index(chunk.obs_stamp, chunk.step_s, now, chunk.actions.shape[0])]
         if not ap.active:
             far = float(np.abs(current - self.q_cmd[joints]).max())
-            if far <= self.c["max_first_step"]:
+            if far <= self.limits.max_first_step:
                 ap.open = False  # near enough: executed as any chunk; from here max_first_step guards
                 return False
             ap.begin(joints, current, self.q_cmd, "the first chunk's current action", from_chunks=True)
             self.sm.approach(now, f"the first chunk's current action is {far:.2f} rad from the commanded pose "
-                             f"(max_first_step {self.c['max_first_step']}): approaching it")
+                             f"(max_first_step {self.limits.max_first_step}): approaching it")
         elif ap.from_chunks:
             ap.retarget(joints, current, self.q_cmd)
         ap.chunks += 1
@@ -444,14 +382,9 @@ class Controller:
     def _apply(self, newest: ActionChunk, valid: int, now: float) -> None:
         """The newest valid chunk of this tick takes over (the seam counters watch the hand-over)."""
         self.chunks_dropped += valid - 1  # superseded in this tick: never executed
-        if self.schedule.active:
-            self.seams += 1
-            step = self._seam_window(newest)
-            self._seam_until = now + step
-            if self._trace_filling < 0 and len(self._trace_meta) < SEAM_TRACES:
-                self._start_trace(newest)
-        self.schedule.load(newest, self.schedule.joint_indices(newest.joints), now)
-        self.chunk_age_ms.add((now - newest.obs_stamp) * 1000.0)
+        joints = self.schedule.joint_indices(newest.joints)
+        self.seam_recorder.on_load(newest, joints, now, self.ticks, self.schedule.active)
+        self.schedule.load(newest, joints, now)
         self._starved = False
         self.chunks_applied += 1
         key = newest.session if (newest.session in self.applied_by_session
@@ -466,60 +399,16 @@ class Controller:
         self.sm.chunk_arrived(now)
 
     def _check_chunk(self, chunk: ActionChunk, now: float) -> None:
-        """Raises DecodeError naming what is wrong; a chunk that returns is accepted. A session's seq only grows
-        (runner.py): a chunk whose seq is not after the last one accepted from its session is a duplicate, a replay
-        or an older plan (stale_seq), also across re-arming with the same runtime."""
-        c = self.c
-        if chunk.session == self._seq_session and chunk.seq <= self._last_seq:
-            raise DecodeError("stale_seq", f"seq {chunk.seq} is not after {self._last_seq}, the last chunk "
-                              "accepted from its session")
-        try:
-            joints = self.schedule.joint_indices(chunk.joints)
-        except KeyError as exc:
-            raise DecodeError("unknown_joint", f"chunk.joints: {exc.args[0]}") from None
-        if self.mode == ARM_SDK and not g1.UPPER_BODY_MASK[joints].all():
-            raise DecodeError("joint_not_driven", "chunk drives legs, which arm_sdk mode leaves to Unitree's "
-                              "controller")
-        age = now - chunk.obs_stamp
-        if age > c["max_chunk_age_s"]:
-            raise DecodeError("stale_chunk", f"answers a robot state {age:.3f} s old (limit {c['max_chunk_age_s']})")
-        if age < -self.period:
-            raise DecodeError("future_chunk", f"obs_stamp {chunk.obs_stamp:.3f} is after now {now:.3f}")
-        if not self.limiter.within_limits(chunk.actions, joints):
-            raise DecodeError("outside_limits", "an action lies outside the joint position limits")
-        i = start_index(chunk.obs_stamp, chunk.step_s, now, chunk.actions.shape[0])
-        first = float(np.abs(chunk.actions[i] - self.q_cmd[joints]).max())
-        if first > c["max_first_step"] and not self.approach.open:  # until then, an approach goes there first
-            raise DecodeError("first_step_too_far", f"the current action is {first:.3f} rad from the commanded "
-                              f"pose (limit {c['max_first_step']})")
-        if self.session is None:
-            self.session = chunk.session
-        elif chunk.session != self.session:
-            self.sm.stop(now, f"policy runtime restarted (session {chunk.session!r}, armed with {self.session!r})")
-            raise DecodeError("new_session", "a chunk from another runtime session than the one armed with")
-        self._seq_session = chunk.session
-        self._last_seq = chunk.seq
-
-    def _seam_window(self, chunk: ActionChunk) -> float:
-        """How long after a load the seam counters watch: crossfade_s for a crossfade, else 2 action steps."""
-        if self.seam == "crossfade" and self.c["crossfade_s"] > 0.0:
-            return self.c["crossfade_s"]
-        return 2.0 * chunk.step_s
+        """Raises ChunkRejected (chunk_guard.py); until the first chunk is applied an approach goes first."""
+        self.guard.check(chunk, now, self.q_cmd, self.approach.open)
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
-        """From arming on, the controller follows one runtime session: the first one it hears from, by heartbeat
-        (here) or by accepted chunk. Until the run's stop is complete, another session's heartbeat is rejected and
-        counted (foreign_session): it neither refreshes the heartbeat timer nor sets policy_health, and its fault
-        does not hold. The driving runtime's silence holds, another session's chunk stops (new_session). In idle,
-        stopped and estop any heartbeat is taken, for the record: it moves nothing. True when it says fault or
-        stopping (the followed session's): chunks received before it in the same tick are then not applied."""
-        state = self.sm.state
-        if self.session is None:
-            if state in ARMED_STATES:
-                self.session = hb.session
-        elif hb.session != self.session and state not in SAFE_STATES:
+        """A heartbeat of another session than the one followed (chunk_guard.py) is counted (foreign_session) and
+        changes nothing. True when it says fault or stopping: chunks received before it in the same tick are then
+        not applied."""
+        if not self.guard.follows(hb.session, self.sm.state):
             self.rejects.count("foreign_session", f"a heartbeat from session {hb.session!r}, not from "
-                               f"{self.session!r}, the one armed with")
+                               f"{self.guard.session!r}, the one armed with")
             return False
         self.heartbeats += 1
         self.last_heartbeat_at = now
@@ -561,36 +450,14 @@ class Controller:
     # -- monitors ---------------------------------------------------------------------------------------------------
 
     def _monitor(self, now: float, r: RobotReading) -> None:
-        sm, c = self.sm, self.c
+        """The monitors (monitors.py) while the robot is not safe; stale robot state skips the rest."""
+        m, sm = self.monitors, self.sm
         if sm.state in SAFE_STATES:
             return
-        if self._last_tick_at is not None and now - self._last_tick_at > self._max_gap:
-            sm.stop(now, f"control loop stalled for {(now - self._last_tick_at) * 1000:.0f} ms "
-                    f"(limit {self._max_gap * 1000:.0f} ms)", immediate=True)
-        age = now - r.stamp
-        # a bound is a deadline: act at the last tick before it passes (age + one period), not the first tick after
-        if age + self.period > c["state_timeout_s"] and not self._awaiting_state:
-            sm.stop(now, f"robot state is {age * 1000:.0f} ms old (limit {c['state_timeout_s'] * 1000:.0f} ms)",
-                    immediate=True)
-            return
-        tilt = imu.tilt(r.quat, r.rpy)  # from the quaternion; rpy only where the quaternion is unusable
-        if tilt > c["max_tilt"]:
-            sm.stop(now, f"tilt {tilt:.2f} rad (limit {c['max_tilt']})", immediate=True)
-        np.abs(r.dq, out=self._absdq)
-        j = int(self._absdq.argmax())
-        if self._absdq[j] > c["max_joint_velocity"]:
-            sm.stop(now, f"{g1.JOINT_NAMES[j]} moves at {self._absdq[j]:.1f} rad/s (limit {c['max_joint_velocity']})")
-        j = int(r.temperature.argmax())
-        if r.temperature[j] > c["max_temperature"]:
-            sm.stop(now, f"{g1.JOINT_NAMES[j]} at {r.temperature[j]:.0f} C (limit {c['max_temperature']})")
-        if self._late_in_a_row >= c["max_missed_ticks"]:
-            sm.stop(now, f"{self._late_in_a_row} control ticks late in a row")
-        if sm.state in (RUNNING, APPROACHING):
-            since = max(self.last_chunk_at, sm.since)
-            if now + self.period - since > c["chunk_timeout_s"]:
-                sm.hold(now, f"no chunk for {c['chunk_timeout_s']} s")
-            elif now + self.period - max(self.last_heartbeat_at, sm.since) > c["heartbeat_timeout_s"]:
-                sm.hold(now, f"no policy heartbeat for {c['heartbeat_timeout_s']} s")
+        m.stall(sm, now, self._last_tick_at)
+        if m.robot(sm, now, r, self.takeover.awaiting_state):
+            m.late(sm, now, self._late_in_a_row)
+            m.policy(sm, now, self.last_chunk_at, self.last_heartbeat_at)
 
     # -- the command each state calls for ----------------------------------------------------------------------------
 
@@ -598,10 +465,10 @@ class Controller:
         """Fill the driver's command for ``state``; False when nothing is to be sent (idle)."""
         cmd, c = self.driver.command, self.c
         arm_sdk = self.mode == ARM_SDK
-        if self._awaiting_state:  # the robot stays on its last command, as it was before this process started
+        if self.takeover.awaiting_state:  # the robot stays on its last command, as it was before this process started
             return False
         if state == IDLE:
-            self._hist_n = 0
+            self.seam_recorder.on_release()
             np.copyto(self.q_cmd, r.q)  # track the robot so that arming starts from where it is
             np.clip(self.q_cmd, self.limiter.lo, self.limiter.hi, out=self.q_cmd)
             return False
@@ -623,21 +490,12 @@ class Controller:
             np.copyto(target, r.q)  # kp is 0: the position is not pulled anywhere
             np.clip(target, self.limiter.lo, self.limiter.hi, out=target)
             np.copyto(self.q_cmd, target)
-            self._hist_n = 0
+            self.seam_recorder.on_release()
         else:
             clamped = self.limiter.clamped_ticks
             self.limiter.apply(target, self.q_cmd)  # limits, in one place
-            np.subtract(target, self.q_cmd, out=self._step)
-            np.abs(self._step, out=self._step)
-            step = float(self._step.max())
-            if step > self._max_step:
-                self._max_step = step
-            if now <= self._seam_until:
-                self._seam_tick(target, step, self.limiter.clamped_ticks != clamped)
+            self.seam_recorder.on_command(now, target, self.q_cmd, self.limiter.clamped_ticks != clamped)
             np.copyto(self.q_cmd, target)
-            self._shift_history(target)
-            if self._trace_filling >= 0 or len(self._trace_meta) < SEAM_TRACES:
-                self._trace_tick()
         np.copyto(cmd.q, self.q_cmd)
         cmd.dq[:] = 0.0
         cmd.tau[:] = 0.0
@@ -657,102 +515,20 @@ class Controller:
         elif damp:
             cmd.kp[:] = 0.0
             cmd.kd[:] = c["damping_kd"]
-        elif state == STOPPING and self.sm.since == self._resume_since:  # taken over: hold at the recorded gains
-            np.copyto(cmd.kp, self._resume_kp)
-            np.copyto(cmd.kd, self._resume_kd)
+        elif state == STOPPING and self.takeover.holds(self.sm.since):  # hold at the recorded gains
+            self.takeover.gains(cmd)
         else:
             scale = self.sm.progress(now, c["arm_ramp_s"]) if state == ARMING else 1.0
             np.multiply(g1.DEFAULT_KP, scale, out=cmd.kp)
             np.copyto(cmd.kd, g1.DEFAULT_KD)
         return True
 
-    def _seam_tick(self, q: np.ndarray, step: float, clamped: bool) -> None:
-        """Within a seam window: the commanded step, and the second and third differences of the commanded position
-        over the last ticks (per nominal period: rad/s^2 and rad/s^3)."""
-        if clamped:
-            self.seam_clamped_ticks += 1
-        if step > self._seam_max_step:
-            self._seam_max_step = step
-        h1, h2, h3 = self._hist
-        d = self._diff
-        if self._hist_n >= 2:  # q - 2 h1 + h2
-            np.subtract(q, h1, out=d)
-            d -= h1
-            d += h2
-            np.abs(d, out=d)
-            accel = float(d.max()) * self.rate_hz * self.rate_hz
-            if accel > self._seam_max_accel:
-                self._seam_max_accel = accel
-        if self._hist_n >= 3:  # q - 3 h1 + 3 h2 - h3
-            np.subtract(h2, h1, out=d)
-            d *= 3.0
-            d += q
-            d -= h3
-            np.abs(d, out=d)
-            jerk = float(d.max()) * self.rate_hz ** 3
-            if jerk > self._seam_max_jerk:
-                self._seam_max_jerk = jerk
-
-    def _start_trace(self, chunk: ActionChunk) -> None:
-        """At a seam: the joints the new chunk moves most, and the ring's last ticks as the trace's start."""
-        k = len(self._trace_meta)
-        idx = self.schedule.joint_indices(chunk.joints)
-        a = chunk.actions
-        travel = np.abs(a[-1] - a[0]) if a.shape[0] > 1 else np.zeros(len(idx))
-        order = np.argsort(-travel, kind="stable")[:SEAM_TRACE_JOINTS]
-        joints = self._trace_joints[k]
-        joints[:] = idx[order[0]] if len(order) else 0  # fewer driven joints than traced: repeat the first
-        joints[:len(order)] = idx[order]
-        n = min(self._ring_n, SEAM_TRACE_BEFORE)
-        for i in range(n):  # oldest first
-            np.take(self._ring[(self._ring_i - n + i) % SEAM_TRACE_BEFORE], joints, out=self._traces[k, i])
-        self._trace_len[k] = n
-        self._trace_meta.append((self.seams, self.ticks, n))
-        self._trace_filling = k
-
-    def _trace_tick(self) -> None:
-        """After the command is shaped: keep the ring of the last ticks, and fill the trace being filled."""
-        np.copyto(self._ring[self._ring_i], self.q_cmd)
-        self._ring_i = (self._ring_i + 1) % SEAM_TRACE_BEFORE
-        if self._ring_n < SEAM_TRACE_BEFORE:
-            self._ring_n += 1
-        k = self._trace_filling
-        if k >= 0:
-            n = int(self._trace_len[k])
-            np.take(self.q_cmd, self._trace_joints[k], out=self._traces[k, n])
-            self._trace_len[k] = n + 1
-            if n + 1 - self._trace_meta[k][2] >= SEAM_TRACE_AFTER:
-                self._trace_filling = -1
-
-    def seam_traces(self) -> List[Dict[str, Any]]:
-        """The seam traces for the report: per trace the joints, the seam (its number and the controller tick), t0_ms
-        (the first row's time from the seam), period_ms, q per joint (one value per tick) and seam_index (the row of
-        the seam's tick)."""
-        period_ms = self.period * 1000.0
-        out = []
-        for k, (seam, tick, before) in enumerate(self._trace_meta):
-            n = int(self._trace_len[k])
-            out.append({
-                "seam": seam, "tick": tick,
-                "joints": [g1.JOINT_NAMES[int(j)] for j in self._trace_joints[k]],
-                "t0_ms": round(-before * period_ms, 4), "period_ms": round(period_ms, 4), "seam_index": before,
-                "q": [[round(float(v), 6) for v in self._traces[k, :n, j]] for j in range(SEAM_TRACE_JOINTS)],
-            })
-        return out
-
-    def _shift_history(self, q: np.ndarray) -> None:
-        h = self._hist
-        h[0], h[1], h[2] = h[2], h[0], h[1]
-        np.copyto(h[0], q)
-        if self._hist_n < 3:
-            self._hist_n += 1
-
     # -- the tick -----------------------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         r = self.driver.read(now)  # read
-        if self._awaiting_state and r.stamp >= self._started_at:
-            self._check_take_over(now, r)
+        if self.takeover.awaiting_state:
+            self.takeover.on_state(now, r, self.sm, self.driver.command, self.q_cmd)
         self._take_messages(now)
         self._take_commands(now)
         action = self.remote.poll(r.buttons, now)
@@ -817,13 +593,13 @@ class Controller:
                 self._late_in_a_row = 0
             self.tick(now)
             next_tick += self.period
-            if not ready and now - self.driver.reading.stamp <= self.c["state_timeout_s"]:
+            if not ready and now - self.driver.reading.stamp <= self.limits.state_timeout_s:
                 ready = True
                 notifier.ready(f"{self.sm.state}, {self.rate_hz:.0f} Hz, {self.mode}")
                 pinger.reset()
                 if on_ready is not None:
                     on_ready()
-            if ready and self._late_in_a_row < self.c["max_missed_ticks"]:
+            if ready and self._late_in_a_row < self.limits.max_missed_ticks:
                 pinger.ping(now)
 
     def report(self) -> Dict[str, Any]:
@@ -851,30 +627,23 @@ class Controller:
             "period_error_ms": self.period_error.summary(),
             "limiter": {"clamped_ticks": self.limiter.clamped_ticks,
                         "non_finite_ticks": self.limiter.non_finite_ticks,
-                        "max_step_rad": round(self._max_step, 6),
+                        "max_step_rad": round(self.seam_recorder.max_step, 6),
                         "max_step_allowed_rad": round(self.limiter.max_step, 6)},
             "execution": {
                 "seam": self.seam,
                 "stalls": self.stalls,
-                "seams": self.seams,
-                "seam_max_step_rad": round(self._seam_max_step, 6),
-                "seam_max_accel_rad_s2": round(self._seam_max_accel, 3),
-                "seam_max_jerk_rad_s3": round(self._seam_max_jerk, 1),
-                "seam_clamped_ticks": self.seam_clamped_ticks,
-                "chunk_age_ms": self.chunk_age_ms.summary(),
+                **self.seam_recorder.report(),
                 "frame_to_decode_ms": self.frame_to_decode_ms.summary(keyed=True),
                 "chunks_dropped": self.chunks_dropped,
                 "chunks_evicted": self.schedule.evicted,
-                "seam_traces": self.seam_traces(),
+                "seam_traces": self.seam_recorder.traces(),
             },
             "robot_link": self.driver.report(),
             "approach": self.approach.report(),
             "task": self.tasks[self.task_index],
             "final_q": [round(float(v), 5) for v in self.q_cmd],
             "command_record": self._record_path,
-            "took_over": None if self.took_over is None else {
-                "pid": self.took_over.pid, "state": self.took_over.state, "weight": round(self.took_over.weight, 4),
-                "immediate": self.took_over.immediate},
+            "took_over": self.takeover.report(),
         }
 
     def close(self) -> None:
