@@ -226,9 +226,9 @@ def test_in_flight_at_80_percent_sends_each_chunk_before_the_last_runs_out(rig):
     real = rt._release_due
 
     def recording(now):
-        while rt._pending and rt._pending_releases[0] <= now:  # one chunk at a time, to see each
+        while rt.outbox.pending and rt.outbox.releases[0] <= now:  # one chunk at a time, to see each
             before = rt.counters["chunks_sent"]
-            real(rt._pending_releases[0])
+            real(rt.outbox.releases[0])
             if rt.counters["chunks_sent"] > before:
                 sent.append((rt.chunk_start, rt.last_sent_at))
 
@@ -257,25 +257,25 @@ def test_in_flight_fault_drops_pending_chunks(rig):
     publish_state(pub, rt, 1.0)
     now = time.monotonic()
     rt.step(now)
-    assert len(rt._pending) == 1 and rt.counters["chunks_sent"] == 0
+    assert len(rt.outbox.pending) == 1 and rt.counters["chunks_sent"] == 0
     rt._fault(now, "test fault")
-    assert rt._pending == [] and rt.counters["chunks_dropped"] == 1
+    assert rt.outbox.pending == [] and rt.counters["chunks_dropped"] == 1
     rt.step(now + 0.35)  # its release time has passed: nothing goes out
     assert rt.counters["chunks_sent"] == 0 and read_chunks(pull) == []
     publish_state(pub, rt, 2.0)
     rt.next_infer = 0.0
     rt.step(time.monotonic())
-    assert len(rt._pending) == 1
+    assert len(rt.outbox.pending) == 1
     rt.stop()
-    assert rt._pending == [] and rt.counters["chunks_dropped"] == 2 and rt.counters["chunks_sent"] == 0
-    assert sorted(rt._free) == [0, 1, 2, 3]
+    assert rt.outbox.pending == [] and rt.counters["chunks_dropped"] == 2 and rt.counters["chunks_sent"] == 0
+    assert sorted(rt.outbox.free) == [0, 1, 2, 3]
 
 
 def test_in_flight_overrun_is_never_sent(rig):
     rt, pull, pub = rig("policy.inject_latency=0.3", "policy.max_in_flight=4", "policy.max_inference_s=0.1")
     publish_state(pub, rt, 1.0)
     rt.step(time.monotonic())
-    assert rt.counters["overruns"] == 1 and rt._pending == [] and rt.health == "fault"
+    assert rt.counters["overruns"] == 1 and rt.outbox.pending == [] and rt.health == "fault"
 
 
 def test_latency_histogram_counts_the_stored_samples_over_fixed_log_bins():

@@ -34,7 +34,7 @@ import os
 import signal
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import zmq
@@ -65,6 +65,7 @@ from runtime.protocol import (
 )
 from runtime.protocol.subscriber import NewestSubscriber
 from runtime.robot import g1
+from runtime.runner.outbox import ChunkOutbox
 from runtime.service.notify import Notifier
 
 log = logging.getLogger("wam_edge.runtime")
@@ -179,22 +180,11 @@ class PolicyRuntime:
             self._injecting = LatencyInjectingPolicy(self.policy, sampler)
             self.policy = self._injecting
             self.lat_injected = LatencyRecorder()
-        # in flight: chunks computed but held until their release time (a ring of preallocated buffers)
+        # every chunk goes through the outbox; in flight it waits there for its release time
         self.max_in_flight = p["max_in_flight"]
         self.in_flight = self._injecting is not None and self.max_in_flight > 1
-        self.in_flight_max = 0  # the most chunks pending at once
-        n = self.max_in_flight if self.in_flight else 0
-        self._ring = np.zeros((n, manifest.horizon, len(manifest.action_joints)), dtype=np.float32)
-        self._r_start = [0.0] * n  # monotonic time the call started
-        self._r_release = [0.0] * n
-        self._r_state_stamp = [0.0] * n
-        self._r_state_at = [0.0] * n
-        self._r_frame_stamp = [0.0] * n
-        self._r_own_ms = [0.0] * n  # per slot: the runtime's own time in the inference call
-        self._r_done = [0.0] * n  # monotonic time the real inference finished
-        self._free: List[int] = list(range(n))
-        self._pending: List[int] = []  # slots, in release order
-        self._pending_releases: List[float] = []  # their release times, same order
+        self.outbox = ChunkOutbox(self.max_in_flight if self.in_flight else 1, manifest.horizon,
+                                  len(manifest.action_joints))
         self._newest_start: Optional[float] = None  # start of the newest chunk sent (in flight: drop older ones)
         # the loop sleeps until the next due time or until robot state (or a fault request) arrives
         self._poller = zmq.Poller()
@@ -215,11 +205,7 @@ class PolicyRuntime:
 
     def _drop_pending(self) -> None:
         """In flight: a fault (or stopping) lets none of the pending chunks out."""
-        if self._pending:
-            self.counters["chunks_dropped"] += len(self._pending)
-            self._free.extend(self._pending)
-            del self._pending[:]
-            del self._pending_releases[:]
+        self.counters["chunks_dropped"] += self.outbox.drop_all()
 
     def start(self, warmup_runs: int, first_frame_timeout_s: float = 10.0) -> None:
         """Start the camera and warm the policy up on a real frame (its sizes and memory layout)."""
@@ -258,7 +244,8 @@ class PolicyRuntime:
         if self._fault_socket is not None:
             self._fault_socket.serve()
         self._poll_state(now)
-        if self._pending and now >= self._pending_releases[0]:
+        due = self.outbox.next_release()
+        if due is not None and now >= due:
             self._release_due(now)
             if self.trigger == "latency":
                 self.next_infer = self.next_trigger()  # a slot is free and the estimate moved
@@ -286,15 +273,15 @@ class PolicyRuntime:
         if self.in_flight:
             coverage_end = None
             last_release = self.last_sent_at
-            if self._pending:
-                newest = max(self._pending, key=lambda i: self._r_start[i])
-                coverage_end = self._r_state_at[newest] + self.horizon * self.step_s
-                last_release = self._pending_releases[-1]
+            newest = self.outbox.newest_pending_state_at()
+            if newest is not None:
+                coverage_end = newest + self.horizon * self.step_s
+                last_release = self.outbox.releases[-1]
             elif self.chunk_start is not None:
                 coverage_end = self.chunk_start + self.horizon * self.step_s
             return next_trigger_time_in_flight(
                 coverage_end, self.latency.value, self.trigger_margin_s, self.last_infer_start, self.infer_period,
-                self._pending_releases, self.max_in_flight,
+                self.outbox.releases, self.max_in_flight,
                 None if last_release is None else last_release + self.chunk_timeout_s)
         return next_trigger_time(self.chunk_start, self.horizon, self.step_s, self.latency.value,
                                  self.trigger_margin_s, self.last_infer_start, self.infer_period,
@@ -325,63 +312,57 @@ class PolicyRuntime:
             self.lat_starts_left.add((self.chunk_start + self.horizon * self.step_s - now) * 1000.0)
         self.last_infer_start = now
         self.lat_frame_age.add((now - frame.stamp) * 1000.0)
-        if self.in_flight:
-            return self._infer_and_hold(now, frame, state, state_at)
-        t0 = time.perf_counter()
+        if not self.outbox.free:  # the trigger keeps to max_in_flight; never overwrite a pending chunk
+            return False
+        start = time.monotonic()
         try:
-            actions = self.policy.infer(frame.images, self._state_vec)
+            actions, held, slept = self._infer(frame.images)
         except PolicyError as exc:
             c["policy_errors"] += 1
             self._fault(now, f"policy: {exc}")
             return True
-        t1 = time.perf_counter()
-        self.latency.add(t1 - t0)  # the whole call: injected latency included
-        if self._injecting is not None and self.lat_injected is not None:
-            self.lat_injected.add(self._injecting.last_injected_s * 1000.0)
-        if t1 - t0 > self.max_inference_s:
+        done = time.monotonic()
+        release = max(done, start + held)
+        if release - start > self.max_inference_s:
+            # the release would come too late: an overrun (its answer would be old: never send it)
+            self.latency.add(release - start)
             c["overruns"] += 1
-            self._fault(now, f"inference took {(t1 - t0) * 1000:.0f} ms (limit {self.max_inference_s * 1000:.0f} ms)")
-            return True  # its answer is already old: never send it
+            self._fault(now, f"inference took {(release - start) * 1000:.0f} ms "
+                             f"(limit {self.max_inference_s * 1000:.0f} ms)")
+            return True
         self.health, self.detail = "ok", ""
         if frame.seq != self.last_frame_seq:
             c["frames_used"] += 1
             self.last_frame_seq = frame.seq
-        # obs_stamp: the controller's own stamp of the state we answered; it places the chunk on its clock
-        self.chunk_seq += 1
-        sent_from = time.monotonic()
-        payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, state.stamp, frame.stamp,
-                                           self.policy.manifest.step_s, self.policy.manifest.action_joints, actions))
-        delivered = sockets.try_send(self._chunks, payload)
-        if delivered:
-            c["chunks_sent"] += 1
-            self.chunk_start = state_at  # the chunk starts (on our clock) when its state arrived
-            if self.rtc:
-                np.copyto(self._rtc_last, actions)  # `actions` is the policy's buffer, overwritten next call
-                self._rtc_last_start = state_at
-        else:
-            c["chunks_dropped"] += 1
-        sent = time.monotonic()
-        if delivered:
-            self.last_sent_at = sent
-            self.lat_model.add(self._stages_ms() + self._injected_ms(), self.chunk_seq)
-        self.lat_frame_to_chunk.add((sent - frame.stamp) * 1000.0)
-        self.lat_inference.add((t1 - t0) * 1000.0)
-        own = (t1 - t0) * 1000.0 - self._stages_ms() - self._injected_ms()
-        self.lat_overhead.add(own + (sent - sent_from) * 1000.0)
+        stages = self._stages_ms()
+        own = (done - start - slept) * 1000.0 - stages  # the real call, less the network and any injected sleep
+        model = stages + (slept + release - done) * 1000.0  # the network plus the injected latency, slept or held
+        self.outbox.submit(actions, start, release, state.stamp, state_at, frame.stamp, own, model)
         self.lat_preprocess.add(self.policy.last_preprocess_ms)
         for name, ms in self.policy.last_stage_ms.items():
             self.lat_stage[name].add(ms)
+        self._release_due(done)
         return True
+
+    def _infer(self, images: Any) -> Tuple[np.ndarray, float, float]:
+        """The policy's call -> (actions, seconds to hold them after the call's start, seconds slept in it). In
+        flight the injected latency is held in the outbox, otherwise it is slept inside the call."""
+        if self.in_flight:
+            assert self._injecting is not None
+            actions, delay = self._injecting.infer_deferred(images, self._state_vec)
+            self.lat_injected.add(delay * 1000.0)
+            return actions, delay, 0.0
+        actions = self.policy.infer(images, self._state_vec)
+        if self._injecting is not None:
+            self.lat_injected.add(self._injecting.last_injected_s * 1000.0)
+            return actions, 0.0, self._injecting.last_slept_s
+        return actions, 0.0, 0.0
 
     def _stages_ms(self) -> float:
         total = 0.0
         for ms in self.policy.last_stage_ms.values():
             total += ms
         return total
-
-    def _injected_ms(self) -> float:
-        # as slept, not as drawn: an oversleep is the stand-in's, not the runtime's own time
-        return self._injecting.last_slept_s * 1000.0 if self._injecting is not None else 0.0
 
     def _set_rtc(self, new_start: float) -> None:
         """RTC inside the model: the executing (last sent) chunk on the new chunk's timeline, and the delay."""
@@ -392,85 +373,43 @@ class PolicyRuntime:
         offset = rtc_offset(self._rtc_last_start, new_start, self.step_s, self.horizon)
         self._rtc_policy.set_rtc(self._rtc_last[offset:], rtc_delay(self.latency.value, self.step_s, self.horizon))
 
-    def _infer_and_hold(self, now: float, frame: Any, state: RobotState, state_at: float) -> bool:
-        """In flight: run the real inference now; hold its chunk until the call's start + the drawn latency."""
-        c = self.counters
-        assert self._injecting is not None
-        if not self._free:  # the trigger keeps to max_in_flight; never overwrite a pending chunk
-            return False
-        t0 = time.monotonic()
-        try:
-            actions, delay = self._injecting.infer_deferred(frame.images, self._state_vec)
-        except PolicyError as exc:
-            c["policy_errors"] += 1
-            self._fault(now, f"policy: {exc}")
-            return True
-        done = time.monotonic()
-        release = max(done, t0 + delay)
-        if self.lat_injected is not None:
-            self.lat_injected.add(delay * 1000.0)
-        if release - t0 > self.max_inference_s:
-            # the release would come too late: an overrun, known now (its answer would be old: never send it)
-            self.latency.add(release - t0)
-            c["overruns"] += 1
-            self._fault(now, f"inference took {(release - t0) * 1000:.0f} ms "
-                             f"(limit {self.max_inference_s * 1000:.0f} ms)")
-            return True
-        self.health, self.detail = "ok", ""
-        if frame.seq != self.last_frame_seq:
-            c["frames_used"] += 1
-            self.last_frame_seq = frame.seq
-        slot = self._free.pop()
-        np.copyto(self._ring[slot], actions, casting="same_kind")
-        self._r_start[slot], self._r_release[slot], self._r_done[slot] = t0, release, done
-        self._r_state_stamp[slot], self._r_state_at[slot] = state.stamp, state_at
-        self._r_frame_stamp[slot] = frame.stamp
-        self._r_own_ms[slot] = (done - t0) * 1000.0 - self._stages_ms()  # the real call, less the network
-        # keep release order (a distribution may draw a later start an earlier release)
-        k = len(self._pending_releases)
-        while k > 0 and self._pending_releases[k - 1] > release:
-            k -= 1
-        self._pending.insert(k, slot)
-        self._pending_releases.insert(k, release)
-        self.in_flight_max = max(self.in_flight_max, len(self._pending))
-        self.lat_preprocess.add(self.policy.last_preprocess_ms)
-        for name, ms in self.policy.last_stage_ms.items():
-            self.lat_stage[name].add(ms)
-        return True
-
     def _release_due(self, now: float) -> None:
-        """In flight: send every pending chunk whose release time has come, in release order."""
-        c = self.counters
-        while self._pending and self._pending_releases[0] <= now:
-            slot = self._pending.pop(0)
-            self._pending_releases.pop(0)
-            self._free.append(slot)
-            t0 = self._r_start[slot]
-            sent_at = time.monotonic()
-            self.latency.add(sent_at - t0)  # start to release
-            if self._newest_start is not None and t0 < self._newest_start:
-                c["chunks_dropped"] += 1  # a newer chunk is already out: this one answers older state
-                continue
-            self.chunk_seq += 1
-            payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, self._r_state_stamp[slot],
-                                               self._r_frame_stamp[slot], self.policy.manifest.step_s,
-                                               self.policy.manifest.action_joints, self._ring[slot]))
-            sent = time.monotonic()
-            if sockets.try_send(self._chunks, payload):
-                c["chunks_sent"] += 1
-                self.chunk_start = self._r_state_at[slot]
-                if self.rtc:
-                    np.copyto(self._rtc_last, self._ring[slot])
-                    self._rtc_last_start = self.chunk_start
-                self.last_sent_at = sent
-                self._newest_start = t0
-                self.lat_model.add((self._r_release[slot] - t0) * 1000.0 - self._r_own_ms[slot], self.chunk_seq)
-            else:
-                c["chunks_dropped"] += 1
-            frame_stamp = self._r_frame_stamp[slot]
-            self.lat_frame_to_chunk.add((sent - frame_stamp) * 1000.0)
-            self.lat_inference.add((sent_at - t0) * 1000.0)
-            self.lat_overhead.add(self._r_own_ms[slot] + (time.monotonic() - sent) * 1000.0)
+        """Send every chunk whose release time has come, in release order."""
+        slot = self.outbox.pop_due(now)
+        while slot >= 0:
+            self._send(slot)
+            slot = self.outbox.pop_due(now)
+
+    def _send(self, slot: int) -> None:
+        """One released chunk to the controller; a chunk released after a newer one answers older state: dropped."""
+        c, ob = self.counters, self.outbox
+        start = ob.start[slot]
+        sent_from = time.monotonic()
+        self.latency.add(sent_from - start)  # start to release: the whole call, injected latency included
+        if self._newest_start is not None and start < self._newest_start:
+            c["chunks_dropped"] += 1
+            return
+        # obs_stamp: the controller's own stamp of the state we answered; it places the chunk on its clock
+        self.chunk_seq += 1
+        payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, ob.state_stamp[slot],
+                                           ob.frame_stamp[slot], self.policy.manifest.step_s,
+                                           self.policy.manifest.action_joints, ob.actions[slot]))
+        delivered = sockets.try_send(self._chunks, payload)
+        sent = time.monotonic()
+        if delivered:
+            c["chunks_sent"] += 1
+            self.chunk_start = ob.state_at[slot]  # the chunk starts (on our clock) when its state arrived
+            if self.rtc:
+                np.copyto(self._rtc_last, ob.actions[slot])
+                self._rtc_last_start = self.chunk_start
+            self.last_sent_at = sent
+            self._newest_start = start
+            self.lat_model.add(ob.model_ms[slot], self.chunk_seq)
+        else:
+            c["chunks_dropped"] += 1
+        self.lat_frame_to_chunk.add((sent - ob.frame_stamp[slot]) * 1000.0)
+        self.lat_inference.add((sent_from - start) * 1000.0)
+        self.lat_overhead.add(ob.own_ms[slot] + (sent - sent_from) * 1000.0)
 
     def run(self, should_continue, pinger=None) -> None:
         while should_continue():
@@ -479,8 +418,9 @@ class PolicyRuntime:
             if pinger is not None and self.health != "fault":
                 pinger.ping(now)
             wake = min(self.next_infer, self.next_heartbeat)
-            if self._pending:
-                wake = min(wake, self._pending_releases[0])
+            due = self.outbox.next_release()
+            if due is not None:
+                wake = min(wake, due)
             delay = wake - time.monotonic()
             if delay > 0 and should_continue():  # a SIGTERM seen during the step (an inference) stops at once
                 # wake early for robot state, which arrives often (and fault requests); bounded by the next due time
@@ -524,7 +464,8 @@ class PolicyRuntime:
         out["inference_starts_left_ms"] = self.lat_starts_left.summary()
         out["rtc"] = self.rtc
         out["max_in_flight"] = self.max_in_flight
-        out["in_flight_max"] = self.in_flight_max if self.in_flight else (1 if self.counters["chunks_sent"] else 0)
+        sent_any = 1 if self.counters["chunks_sent"] else 0
+        out["in_flight_max"] = self.outbox.most_pending if self.in_flight else sent_any
         if self.lat_injected is not None:
             out["injected_latency_ms"] = self.lat_injected.summary()
         if self.faults is not None:
