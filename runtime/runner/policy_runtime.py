@@ -42,7 +42,7 @@ import zmq
 from runtime.cameras import open_camera
 from runtime.config import Config
 from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
-from runtime.metrics import LatencyRecorder, write_json
+from runtime.metrics import write_json
 from runtime.policy import PolicyError, load_policy
 from runtime.policy.latency import (
     LatencyEstimate,
@@ -66,6 +66,7 @@ from runtime.protocol import (
 from runtime.protocol.subscriber import NewestSubscriber
 from runtime.robot import g1
 from runtime.runner.outbox import ChunkOutbox
+from runtime.runner.stats import RuntimeStats
 from runtime.service.notify import Notifier
 
 log = logging.getLogger("wam_edge.runtime")
@@ -144,23 +145,6 @@ class PolicyRuntime:
         self.next_infer = 0.0
         self.next_heartbeat = 0.0
         self.last_frame_seq = -1
-        self.counters = {"chunks_sent": 0, "chunks_dropped": 0, "frames_used": 0, "skipped_no_frame": 0,
-                         "skipped_stale_frame": 0, "skipped_no_state": 0, "skipped_stale_state": 0,
-                         "policy_errors": 0, "overruns": 0, "faults": 0}
-        self.lat_frame_to_chunk = LatencyRecorder()
-        self.lat_inference = LatencyRecorder()
-        self.lat_preprocess = LatencyRecorder()
-        # per chunk, the runtime's own time: the inference call minus the network's stages and any injected delay
-        # (preprocessing, sampler arithmetic, checks), plus encoding and sending; camera decoding happens on the
-        # camera's thread before the frame's stamp and is not in it
-        self.lat_overhead = LatencyRecorder()
-        self.lat_frame_age = LatencyRecorder()  # per chunk: the frame's age when its inference started
-        # per chunk sent, keyed by seq: the model's time in it (stages + injected latency, as slept or held), for
-        # `wam-edge bench`'s frame to decode less the model (the controller's frame_to_decode_ms, same seqs)
-        self.lat_model = LatencyRecorder(1024, keyed=True)
-        self.lat_stage = {name: LatencyRecorder() for name in self.policy.last_stage_ms}
-        self.lat_starts_left = LatencyRecorder()  # time left in the executing chunk when an inference started
-        self.lat_injected: Optional[LatencyRecorder] = None
         # test rigs only (`wam-edge hil`): the policy and camera go behind fault-injecting stand-ins
         self.faults: Optional[FaultInjector] = None
         self._fault_socket: Optional[FaultSocket] = None
@@ -179,7 +163,7 @@ class PolicyRuntime:
             log.warning("injected inference latency %s: a benchmark/rig setting, not for field use", sampler.text)
             self._injecting = LatencyInjectingPolicy(self.policy, sampler)
             self.policy = self._injecting
-            self.lat_injected = LatencyRecorder()
+        self.stats = RuntimeStats(self.policy.last_stage_ms, injected=sampler is not None)
         # every chunk goes through the outbox; in flight it waits there for its release time
         self.max_in_flight = p["max_in_flight"]
         self.in_flight = self._injecting is not None and self.max_in_flight > 1
@@ -198,14 +182,14 @@ class PolicyRuntime:
         short = detail[:256]
         if self.health != "fault" or self.detail != short:
             log.error("fault: %s", detail)
-            self.counters["faults"] += 1
+            self.stats.counters["faults"] += 1
         self.health, self.detail = "fault", short
         self.next_heartbeat = now
         self._drop_pending()
 
     def _drop_pending(self) -> None:
         """In flight: a fault (or stopping) lets none of the pending chunks out."""
-        self.counters["chunks_dropped"] += self.outbox.drop_all()
+        self.stats.counters["chunks_dropped"] += self.outbox.drop_all()
 
     def start(self, warmup_runs: int, first_frame_timeout_s: float = 10.0) -> None:
         """Start the camera and warm the policy up on a real frame (its sizes and memory layout)."""
@@ -289,7 +273,7 @@ class PolicyRuntime:
 
     def _infer_and_send(self, now: float) -> bool:
         """Infer and send if there is fresh data to answer; True when the policy was called."""
-        c = self.counters
+        c = self.stats.counters
         frame = self.camera.latest()
         if frame is None or now - frame.stamp > self.frame_max_age_s:
             c["skipped_no_frame" if frame is None else "skipped_stale_frame"] += 1
@@ -309,9 +293,9 @@ class PolicyRuntime:
         if self._rtc_policy is not None:
             self._set_rtc(state_at)
         if self.chunk_start is not None:
-            self.lat_starts_left.add((self.chunk_start + self.horizon * self.step_s - now) * 1000.0)
+            self.stats.starts_left.add((self.chunk_start + self.horizon * self.step_s - now) * 1000.0)
         self.last_infer_start = now
-        self.lat_frame_age.add((now - frame.stamp) * 1000.0)
+        self.stats.frame_age.add((now - frame.stamp) * 1000.0)
         if not self.outbox.free:  # the trigger keeps to max_in_flight; never overwrite a pending chunk
             return False
         start = time.monotonic()
@@ -338,9 +322,7 @@ class PolicyRuntime:
         own = (done - start - slept) * 1000.0 - stages  # the real call, less the network and any injected sleep
         model = stages + (slept + release - done) * 1000.0  # the network plus the injected latency, slept or held
         self.outbox.submit(actions, start, release, state.stamp, state_at, frame.stamp, own, model)
-        self.lat_preprocess.add(self.policy.last_preprocess_ms)
-        for name, ms in self.policy.last_stage_ms.items():
-            self.lat_stage[name].add(ms)
+        self.stats.policy_called(self.policy.last_preprocess_ms, self.policy.last_stage_ms)
         self._release_due(done)
         return True
 
@@ -350,11 +332,11 @@ class PolicyRuntime:
         if self.in_flight:
             assert self._injecting is not None
             actions, delay = self._injecting.infer_deferred(images, self._state_vec)
-            self.lat_injected.add(delay * 1000.0)
+            self.stats.injected.add(delay * 1000.0)
             return actions, delay, 0.0
         actions = self.policy.infer(images, self._state_vec)
         if self._injecting is not None:
-            self.lat_injected.add(self._injecting.last_injected_s * 1000.0)
+            self.stats.injected.add(self._injecting.last_injected_s * 1000.0)
             return actions, 0.0, self._injecting.last_slept_s
         return actions, 0.0, 0.0
 
@@ -382,7 +364,7 @@ class PolicyRuntime:
 
     def _send(self, slot: int) -> None:
         """One released chunk to the controller; a chunk released after a newer one answers older state: dropped."""
-        c, ob = self.counters, self.outbox
+        c, ob = self.stats.counters, self.outbox
         start = ob.start[slot]
         sent_from = time.monotonic()
         self.latency.add(sent_from - start)  # start to release: the whole call, injected latency included
@@ -404,12 +386,11 @@ class PolicyRuntime:
                 self._rtc_last_start = self.chunk_start
             self.last_sent_at = sent
             self._newest_start = start
-            self.lat_model.add(ob.model_ms[slot], self.chunk_seq)
+            self.stats.model.add(ob.model_ms[slot], self.chunk_seq)
         else:
             c["chunks_dropped"] += 1
-        self.lat_frame_to_chunk.add((sent - ob.frame_stamp[slot]) * 1000.0)
-        self.lat_inference.add((sent_from - start) * 1000.0)
-        self.lat_overhead.add(ob.own_ms[slot] + (sent - sent_from) * 1000.0)
+        self.stats.chunk_released((sent - ob.frame_stamp[slot]) * 1000.0, (sent_from - start) * 1000.0,
+                                  ob.own_ms[slot] + (sent - sent_from) * 1000.0)
 
     def run(self, should_continue, pinger=None) -> None:
         while should_continue():
@@ -440,34 +421,22 @@ class PolicyRuntime:
             "session": self.session,
             "frames": cam.get("frames", 0),
             "camera": cam,
-            **self.counters,
+            **self.stats.counters,
             "state_rejected": dict(self.rejects.counts),  # includes "multipart", "link_reset", "handler_error"
             "state_superseded": self._state.superseded,
             "backend": self.policy.describe() if hasattr(self.policy, "describe") else self.policy.manifest.name,
-            "latency_ms": {
-                "frame_to_chunk": self.lat_frame_to_chunk.summary(),
-                "inference": self.lat_inference.summary(),
-                "preprocess": self.lat_preprocess.summary(),
-                "overhead": self.lat_overhead.summary(),
-                "frame_age": self.lat_frame_age.summary(),
-                "model": self.lat_model.summary(keyed=True),
-                "stages": {name: rec.summary() for name, rec in self.lat_stage.items()},
-                # counts over fixed log-spaced bins (metrics.HISTOGRAM_EDGES_MS), computed here, at report time
-                "histograms": {"inference": self.lat_inference.histogram(),
-                               "frame_to_chunk": self.lat_frame_to_chunk.histogram(),
-                               "overhead": self.lat_overhead.histogram()},
-            },
+            "latency_ms": self.stats.latency_report(),
         }
         est = self.latency.value
         out["trigger"] = self.trigger
         out["latency_estimate_ms"] = None if est is None else round(est * 1000.0, 4)
-        out["inference_starts_left_ms"] = self.lat_starts_left.summary()
+        out["inference_starts_left_ms"] = self.stats.starts_left.summary()
         out["rtc"] = self.rtc
         out["max_in_flight"] = self.max_in_flight
-        sent_any = 1 if self.counters["chunks_sent"] else 0
+        sent_any = 1 if self.stats.counters["chunks_sent"] else 0
         out["in_flight_max"] = self.outbox.most_pending if self.in_flight else sent_any
-        if self.lat_injected is not None:
-            out["injected_latency_ms"] = self.lat_injected.summary()
+        if self.stats.injected is not None:
+            out["injected_latency_ms"] = self.stats.injected.summary()
         if self.faults is not None:
             out["faults_injected"] = dict(self.faults.counts)
         return out
