@@ -40,6 +40,7 @@ import numpy as np
 import zmq
 
 from runtime.cameras import open_camera
+from runtime.cameras.base import CameraFrame
 from runtime.config import Config
 from runtime.faults import FaultInjectingCamera, FaultInjectingPolicy, FaultInjector, FaultSocket
 from runtime.metrics import write_json
@@ -272,51 +273,70 @@ class PolicyRuntime:
                                  None if self.last_sent_at is None else self.last_sent_at + self.chunk_timeout_s)
 
     def _infer_and_send(self, now: float) -> bool:
-        """Infer and send if there is fresh data to answer; True when the policy was called."""
-        c = self.stats.counters
+        """Infer and submit if there is fresh data to answer; True when the policy was called."""
+        frame = self._fresh_frame(now)
+        if frame is None or not self._fresh_state(now):
+            return False
+        self._set_inputs(now, frame)
+        if not self.outbox.free:  # the trigger keeps to max_in_flight; never overwrite a pending chunk
+            return False
+        self._infer_and_submit(now, frame)
+        return True
+
+    def _fresh_frame(self, now: float) -> Optional[CameraFrame]:
+        """The newest frame if young enough; none for ``policy.frame_fault_s``: a fault."""
         frame = self.camera.latest()
         if frame is None or now - frame.stamp > self.frame_max_age_s:
-            c["skipped_no_frame" if frame is None else "skipped_stale_frame"] += 1
+            self.stats.counters["skipped_no_frame" if frame is None else "skipped_stale_frame"] += 1
             if now - self.last_fresh_frame_at > self.frame_fault_s:
                 self._fault(now, f"no fresh camera frame for {now - self.last_fresh_frame_at:.1f} s")
-            return False
+            return None
         self.last_fresh_frame_at = now
-        state, state_at = self.robot_state, self.robot_state_at
-        if state is None:
-            c["skipped_no_state"] += 1
+        return frame
+
+    def _fresh_state(self, now: float) -> bool:
+        """A robot state to answer, young on our clock (time since we received it: stamps are the controller's)."""
+        if self.robot_state is None:
+            self.stats.counters["skipped_no_state"] += 1
             return False
-        # the state's age on our clock: time since we received it (stamps are the controller's, maybe another host)
-        if now - state_at > self.state_max_age_s:
-            c["skipped_stale_state"] += 1
+        if now - self.robot_state_at > self.state_max_age_s:
+            self.stats.counters["skipped_stale_state"] += 1
             return False
-        np.take(state.q, self.state_index, out=self._state_vec)
+        return True
+
+    def _set_inputs(self, now: float, frame: CameraFrame) -> None:
+        """The state vector and, with RTC, the executing chunk's prefix and the delay; notes the start."""
+        assert self.robot_state is not None
+        np.take(self.robot_state.q, self.state_index, out=self._state_vec)
         if self._rtc_policy is not None:
-            self._set_rtc(state_at)
+            self._set_rtc(self.robot_state_at)
         if self.chunk_start is not None:
             self.stats.starts_left.add((self.chunk_start + self.horizon * self.step_s - now) * 1000.0)
         self.last_infer_start = now
         self.stats.frame_age.add((now - frame.stamp) * 1000.0)
-        if not self.outbox.free:  # the trigger keeps to max_in_flight; never overwrite a pending chunk
-            return False
+
+    def _infer_and_submit(self, now: float, frame: CameraFrame) -> None:
+        """Call the policy; submit its chunk for the call's start + any held latency, unless that is too late."""
+        state, state_at = self.robot_state, self.robot_state_at
+        assert state is not None
         start = time.monotonic()
         try:
             actions, held, slept = self._infer(frame.images)
         except PolicyError as exc:
-            c["policy_errors"] += 1
+            self.stats.counters["policy_errors"] += 1
             self._fault(now, f"policy: {exc}")
-            return True
+            return
         done = time.monotonic()
         release = max(done, start + held)
-        if release - start > self.max_inference_s:
-            # the release would come too late: an overrun (its answer would be old: never send it)
+        if release - start > self.max_inference_s:  # its answer would be old: never send it
             self.latency.add(release - start)
-            c["overruns"] += 1
+            self.stats.counters["overruns"] += 1
             self._fault(now, f"inference took {(release - start) * 1000:.0f} ms "
                              f"(limit {self.max_inference_s * 1000:.0f} ms)")
-            return True
+            return
         self.health, self.detail = "ok", ""
         if frame.seq != self.last_frame_seq:
-            c["frames_used"] += 1
+            self.stats.counters["frames_used"] += 1
             self.last_frame_seq = frame.seq
         stages = self._stages_ms()
         own = (done - start - slept) * 1000.0 - stages  # the real call, less the network and any injected sleep
@@ -324,7 +344,6 @@ class PolicyRuntime:
         self.outbox.submit(actions, start, release, state.stamp, state_at, frame.stamp, own, model)
         self.stats.policy_called(self.policy.last_preprocess_ms, self.policy.last_stage_ms)
         self._release_due(done)
-        return True
 
     def _infer(self, images: Any) -> Tuple[np.ndarray, float, float]:
         """The policy's call -> (actions, seconds to hold them after the call's start, seconds slept in it). In
