@@ -1,30 +1,6 @@
-"""`wam-edge run`: the policy runtime. Newest frame + newest robot state -> one-step policy -> action chunk.
+"""PolicyRuntime: the loop of `wam-edge run` (newest frame + newest robot state -> policy -> action chunk).
 
-One thread owns the sockets and the loop; the camera runs on its own thread and hands over only its newest frame.
-A frame or a robot state older than its bound is never used: the runtime waits instead of answering old data.
-Every chunk says which robot state it answers (``obs_stamp``, the controller's own stamp), so the controller can
-place it on its clock. Heartbeats tell the controller the runtime's health.
-When to infer (``policy.trigger``): ``fixed`` infers on a regular grid at ``policy.rate_hz``; ``latency`` (the
-default) starts the next inference when the chunk last sent has no more time left than the inference latency
-(a running percentile, ``LatencyEstimate``) plus ``policy.trigger_margin_s`` -- or when the controller's
-``controller.chunk_timeout_s`` since that chunk was sent would otherwise pass first -- never more often than
-``policy.rate_hz``; see ``runtime.policy.latency.next_trigger_time``. A chunk's start on our clock is the local
-receipt time of the robot state it answers (the controller's clock is not ours).
-With ``policy.inject_latency`` (benchmarks and rigs) each inference also sleeps an injected latency; the overrun
-check (``policy.max_inference_s``) measures the whole call, injected latency included.
-In flight (``policy.max_in_flight`` > 1 with injected latency: a pure delay, such as a policy server across a
-network): the real inference runs at once, its chunk is copied into a preallocated ring of ``max_in_flight``
-buffers and sent at its release time, when the call started + the drawn latency (or when the inference finished,
-if later), in release order; meanwhile the loop goes on (heartbeats, state, fault requests, further inferences).
-A chunk released after a newer one (a distribution drew it longer) is dropped. The overrun check and the latency
-estimate take the call's start to the release. A fault drops the pending chunks, and so does stopping (both counted
-in ``chunks_dropped``). The trigger is ``next_trigger_time_in_flight``: the latency rule against the newest chunk
-sent or pending, at most ``max_in_flight`` pending.
-Real-time chunking inside the model (the manifest declares ``"rtc": {"version": 1, "prefix": true}``): before
-each inference the runtime hands the policy the last sent chunk's actions from the new chunk's start (the newest
-state's receipt time) on, and the delay (latency estimate / step_s, rounded up); see ``Policy.set_rtc``. In flight
-this is still the last chunk *sent*, not the newest pending one (a known simplification).
-With ``faults.enabled`` (test rigs only) the runtime also obeys fault-injection requests: see runtime/faults.py.
+Never answers old data; every chunk leaves through the outbox. Design notes: docs/runtime.md.
 """
 
 from __future__ import annotations
