@@ -10,7 +10,7 @@ import os
 import signal
 import time
 import uuid
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import zmq
@@ -24,6 +24,7 @@ from runtime.policy import PolicyError, load_policy
 from runtime.policy.latency import (
     LatencyEstimate,
     LatencyInjectingPolicy,
+    LatencySampler,
     next_trigger_time,
     next_trigger_time_in_flight,
     parse_latency,
@@ -52,6 +53,21 @@ log = logging.getLogger("wam_edge.runtime")
 RETRY_S = 0.01
 
 
+def camera_config(cfg: Config, used: Sequence[str]) -> Dict[str, Any]:
+    """The camera section for open_camera; a view the model uses (``used``) that the layout lacks fails here."""
+    camera_cfg = dict(cfg["camera"])
+    if camera_cfg["replay_path"]:
+        camera_cfg["replay_path"] = cfg.resolve(camera_cfg["replay_path"])
+    have = [c["name"] for c in camera_cfg["layout"]]
+    missing = [name for name in used if name not in have]
+    if missing:
+        raise ValueError(f"model {cfg['model']['path']} needs cameras {missing} that camera.layout does not have "
+                         f"{have}")
+    ignored = [name for name in have if name not in used]  # never preprocessed
+    log.info("camera views used by the model: %s; ignored: %s", ", ".join(used), ", ".join(ignored) or "none")
+    return camera_cfg
+
+
 def policy_from_config(cfg: Config) -> Policy:
     """The policy as the runtime loads it: the model, backend, sampler overrides and backend options of the config."""
     p, m = cfg["policy"], cfg["model"]
@@ -65,7 +81,6 @@ class PolicyRuntime:
 
     def __init__(self, cfg: Config, ctx: Optional[zmq.Context] = None) -> None:
         p, t = cfg["policy"], cfg["transport"]
-        m = cfg["model"]
         self.policy = policy_from_config(cfg)
         manifest = self.policy.manifest
         # RTC inside the model: the real Policy (before any stand-in wraps it) and the last sent chunk, preallocated
@@ -73,16 +88,7 @@ class PolicyRuntime:
         self._rtc_policy = self.policy if self.rtc else None
         self._rtc_last = np.zeros((manifest.horizon, manifest.action_dim), dtype=np.float32)
         self._rtc_last_start: Optional[float] = None  # its start on our clock (== chunk_start once one is sent)
-        camera_cfg = dict(cfg["camera"])
-        if camera_cfg["replay_path"]:
-            camera_cfg["replay_path"] = cfg.resolve(camera_cfg["replay_path"])
-        have = [c["name"] for c in camera_cfg["layout"]]
-        missing = [name for name in manifest.camera_names if name not in have]
-        if missing:
-            raise ValueError(f"model {m['path']} needs cameras {missing} that camera.layout does not have {have}")
-        ignored = [name for name in have if name not in manifest.camera_names]  # never preprocessed
-        log.info("camera views used by the model: %s; ignored: %s", ", ".join(manifest.camera_names),
-                 ", ".join(ignored) or "none")
+        camera_cfg = camera_config(cfg, manifest.camera_names)
         self.state_index = g1.indices(manifest.state_joints)
         g1.indices(manifest.action_joints)  # an unknown joint name fails here, at start-up
         self.session = uuid.uuid4().hex[:12]
@@ -122,24 +128,7 @@ class PolicyRuntime:
         self.next_infer = 0.0
         self.next_heartbeat = 0.0
         self.last_frame_seq = -1
-        # test rigs only (`wam-edge hil`): the policy and camera go behind fault-injecting stand-ins
-        self.faults: Optional[FaultInjector] = None
-        self._fault_socket: Optional[FaultSocket] = None
-        if cfg["faults"]["enabled"]:
-            endpoint = cfg["faults"]["endpoint"]
-            log.warning("fault injection enabled on %s: a test rig, not for field use", endpoint)
-            self.faults = FaultInjector()
-            self.policy = FaultInjectingPolicy(self.policy, self.faults, self.max_inference_s)
-            self.camera = FaultInjectingCamera(self.camera, self.faults)
-            self._fault_socket = FaultSocket(self._ctx, endpoint, self.faults)
-        # benchmarks and rigs: injected latency goes outermost (around any fault-injecting stand-in), so the fault
-        # stand-in still sees the real Policy and the runtime's timing sees real + injected
-        sampler = parse_latency(p["inject_latency"], manifest.horizon * manifest.step_s, seed=p["seed"])
-        self._injecting: Optional[LatencyInjectingPolicy] = None
-        if sampler is not None:
-            log.warning("injected inference latency %s: a benchmark/rig setting, not for field use", sampler.text)
-            self._injecting = LatencyInjectingPolicy(self.policy, sampler)
-            self.policy = self._injecting
+        sampler = self._install_stand_ins(cfg)
         self.stats = RuntimeStats(self.policy.last_stage_ms, injected=sampler is not None)
         # every chunk goes through the outbox; in flight it waits there for its release time
         self.max_in_flight = p["max_in_flight"]
@@ -152,6 +141,29 @@ class PolicyRuntime:
         self._poller.register(self._state.sock, zmq.POLLIN)
         if self._fault_socket is not None:
             self._poller.register(self._fault_socket.sock, zmq.POLLIN)
+
+    def _install_stand_ins(self, cfg: Config) -> Optional[LatencySampler]:
+        """Test rigs and benchmarks only: fault injection and injected latency around the camera and the policy."""
+        p = cfg["policy"]
+        # test rigs only (`wam-edge hil`): the policy and camera go behind fault-injecting stand-ins
+        self.faults: Optional[FaultInjector] = None
+        self._fault_socket: Optional[FaultSocket] = None
+        if cfg["faults"]["enabled"]:
+            endpoint = cfg["faults"]["endpoint"]
+            log.warning("fault injection enabled on %s: a test rig, not for field use", endpoint)
+            self.faults = FaultInjector()
+            self.policy = FaultInjectingPolicy(self.policy, self.faults, self.max_inference_s)
+            self.camera = FaultInjectingCamera(self.camera, self.faults)
+            self._fault_socket = FaultSocket(self._ctx, endpoint, self.faults)
+        # benchmarks and rigs: injected latency goes outermost (around any fault-injecting stand-in), so the fault
+        # stand-in still sees the real Policy and the runtime's timing sees real + injected
+        sampler = parse_latency(p["inject_latency"], self.horizon * self.step_s, seed=p["seed"])
+        self._injecting: Optional[LatencyInjectingPolicy] = None
+        if sampler is not None:
+            log.warning("injected inference latency %s: a benchmark/rig setting, not for field use", sampler.text)
+            self._injecting = LatencyInjectingPolicy(self.policy, sampler)
+            self.policy = self._injecting
+        return sampler
 
     def _fault(self, now: float, detail: str) -> None:
         """Report at once (the next heartbeat goes now) and send no chunk until the cause clears. Logged once per
