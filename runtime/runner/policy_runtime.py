@@ -373,11 +373,12 @@ class PolicyRuntime:
         """One released chunk to the controller; a chunk released after a newer one answers older state: dropped."""
         c, ob = self.stats.counters, self.outbox
         start = ob.start[slot]
-        sent_from = time.monotonic()
-        self.latency.add(sent_from - start)  # start to release: the whole call, injected latency included
+        released = time.monotonic()
+        self.latency.add(released - start)  # start to release: the whole call, injected latency included
         if self._newest_start is not None and start < self._newest_start:
             c["chunks_dropped"] += 1
             return
+        sent_from = time.monotonic()  # the runtime's own time again from here: encoding and sending
         # obs_stamp: the controller's own stamp of the state we answered; it places the chunk on its clock
         self.chunk_seq += 1
         payload = encode_chunk(ActionChunk(self.session, self.episode, self.chunk_seq, ob.state_stamp[slot],
@@ -396,7 +397,7 @@ class PolicyRuntime:
             self.stats.model.add(ob.model_ms[slot], self.chunk_seq)
         else:
             c["chunks_dropped"] += 1
-        self.stats.chunk_released((sent - ob.frame_stamp[slot]) * 1000.0, (sent_from - start) * 1000.0,
+        self.stats.chunk_released((sent - ob.frame_stamp[slot]) * 1000.0, (released - start) * 1000.0,
                                   ob.own_ms[slot] + (sent - sent_from) * 1000.0)
 
     def run(self, should_continue, pinger=None) -> None:
