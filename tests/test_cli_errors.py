@@ -202,10 +202,10 @@ def test_a_runtime_fault_names_the_stage_and_is_logged_once(tmp_path, runtime_ri
     publish_state(pub, rt, 1.0)
     with caplog.at_level(logging.ERROR, logger="wam_edge.runtime"):
         deadline = time.monotonic() + 10.0
-        while rt.counters["policy_errors"] < 5 and time.monotonic() < deadline:
+        while rt.stats.counters["policy_errors"] < 5 and time.monotonic() < deadline:
             rt.step(time.monotonic())
             time.sleep(0.01)
-    assert rt.counters["policy_errors"] >= 5 and rt.counters["faults"] == 1
+    assert rt.stats.counters["policy_errors"] >= 5 and rt.stats.counters["faults"] == 1
     faults = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fault:")]
     assert len(faults) == 1 and "stage 'world' produced them (output 'kv_1_v'" in faults[0]
     assert rt.health == "fault" and "stage 'world'" in rt.detail
@@ -215,7 +215,7 @@ def test_a_runtime_fault_names_the_stage_and_is_logged_once(tmp_path, runtime_ri
     with caplog.at_level(logging.ERROR, logger="wam_edge.runtime"):
         for _ in range(3):
             rt._fault(time.monotonic(), long)
-    assert rt.counters["faults"] == 2 and len(caplog.records) == 1 and rt.detail == long[:256]
+    assert rt.stats.counters["faults"] == 2 and len(caplog.records) == 1 and rt.detail == long[:256]
 
 
 @pytest.mark.parametrize("command", ["run", "demo", "doctor", "bench", "controller", "hil", "image-server-sim"])

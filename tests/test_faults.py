@@ -96,11 +96,11 @@ def test_nan_goes_through_the_executors_own_check(rig):
     _drain(pull)
     _infer_now(rt)
     chunks, hbs = _drain(pull)
-    assert chunks == [] and rt.counters["policy_errors"] == 1 and rt.counters["chunks_sent"] == 0
+    assert chunks == [] and rt.stats.counters["policy_errors"] == 1 and rt.stats.counters["chunks_sent"] == 0
     assert rt.health == "fault" and "non-finite" in rt.detail
     assert hbs and hbs[-1].health == "fault" and "non-finite" in hbs[-1].detail
     _infer_now(rt)  # still on: still no chunk
-    assert _drain(pull)[0] == [] and rt.counters["policy_errors"] == 2
+    assert _drain(pull)[0] == [] and rt.stats.counters["policy_errors"] == 2
 
     assert _ask(rt, req, {"inject": "none"})["fault"] == "none"
     _infer_now(rt)
@@ -143,7 +143,7 @@ def test_slow_is_an_overrun(rig):
     _drain(pull)
     _infer_now(rt)
     chunks, hbs = _drain(pull)
-    assert chunks == [] and rt.counters["overruns"] == 1
+    assert chunks == [] and rt.stats.counters["overruns"] == 1
     assert hbs[-1].health == "fault" and "inference took" in hbs[-1].detail
 
 
@@ -160,7 +160,8 @@ def test_frozen_camera_is_stale_then_a_fault_then_recovers(rig):
         time.sleep(0.01)
     chunks, hbs = _drain(pull)
     assert len(seqs) == 1  # the same frame over and over
-    assert rt.counters["skipped_stale_frame"] > 0 and len(chunks) <= 1  # at most one while the frame was still young
+    # at most one while the frame was still young
+    assert rt.stats.counters["skipped_stale_frame"] > 0 and len(chunks) <= 1
     assert rt.health == "fault" and "no fresh camera frame" in rt.detail
     assert hbs[-1].health == "fault" and "camera" in hbs[-1].detail
     assert rt.report()["camera"]["frozen"] is True

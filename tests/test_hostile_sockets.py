@@ -294,7 +294,7 @@ def test_a_bug_handling_robot_state_is_counted_never_fatal(runtime_rig, monkeypa
     def bug(*_, **__):
         raise TypeError("a bug")
 
-    monkeypatch.setattr("runtime.runner.decode", bug)
+    monkeypatch.setattr("runtime.runner.policy_runtime.decode", bug)
     assert _wait(lambda: rt.rejects.counts.get("handler_error", 0) >= 1, 5.0,
                  lambda: (pub.send(_state(1.0)), rt._poll_state(time.monotonic())))
     assert rt.robot_state is None

@@ -359,7 +359,7 @@ class _Stop(Exception):
 
 
 def test_runner_passes_the_model_section(tmp_path, monkeypatch):
-    import runtime.runner as runner
+    import runtime.runner.policy_runtime as runner
 
     seen = {}
 

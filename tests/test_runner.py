@@ -38,10 +38,10 @@ def test_one_inference_per_period_even_at_start(rig):
     now = time.monotonic()
     for k in range(19):  # 19 steps within one 0.1 s period: one chunk, not a burst
         rt.step(now + k * 0.005)
-    assert rt.counters["chunks_sent"] == 1
+    assert rt.stats.counters["chunks_sent"] == 1
     time.sleep(0.02)  # virtual time runs faster than ZeroMQ's I/O thread drains the 2-deep send queue
     rt.step(now + 0.11)
-    assert rt.counters["chunks_sent"] == 2, rt.counters
+    assert rt.stats.counters["chunks_sent"] == 2, rt.stats.counters
 
 
 def test_stale_state_is_not_answered(rig):
@@ -49,14 +49,14 @@ def test_stale_state_is_not_answered(rig):
     publish_state(pub, rt, 5.0)
     time.sleep(0.1)
     rt.step(time.monotonic())
-    assert rt.counters["skipped_stale_state"] == 1 and rt.counters["chunks_sent"] == 0
+    assert rt.stats.counters["skipped_stale_state"] == 1 and rt.stats.counters["chunks_sent"] == 0
     assert read_chunks(pull) == []
 
 
 def test_no_state_no_chunk(rig):
     rt, pull, _ = rig()
     rt.step(time.monotonic())
-    assert rt.counters["skipped_no_state"] == 1 and read_chunks(pull) == []
+    assert rt.stats.counters["skipped_no_state"] == 1 and read_chunks(pull) == []
 
 
 def test_stale_frame_is_not_answered(rig):
@@ -64,7 +64,7 @@ def test_stale_frame_is_not_answered(rig):
     time.sleep(0.1)
     publish_state(pub, rt, 2.0)
     rt.step(time.monotonic())
-    assert rt.counters["skipped_stale_frame"] == 1 and read_chunks(pull) == []
+    assert rt.stats.counters["skipped_stale_frame"] == 1 and read_chunks(pull) == []
 
 
 def test_malformed_state_is_dropped_and_counted(rig):
@@ -93,7 +93,7 @@ def test_frozen_camera_is_a_fault_reported_at_once(rig):
     hbs = _heartbeats(pull)
     assert rt.health == "fault" and "no fresh camera frame" in rt.detail
     assert hbs and hbs[-1].health == "fault" and "camera" in hbs[-1].detail
-    assert rt.counters["chunks_sent"] == 0
+    assert rt.stats.counters["chunks_sent"] == 0
 
 
 def test_inference_overrun_sends_no_chunk_and_reports_a_fault(rig):
@@ -102,7 +102,7 @@ def test_inference_overrun_sends_no_chunk_and_reports_a_fault(rig):
     publish_state(pub, rt, 3.0)
     rt.step(time.monotonic())
     msgs = _heartbeats(pull)
-    assert rt.counters["overruns"] == 1 and rt.counters["chunks_sent"] == 0
+    assert rt.stats.counters["overruns"] == 1 and rt.stats.counters["chunks_sent"] == 0
     assert msgs[-1].health == "fault" and "inference took" in msgs[-1].detail
 
 
@@ -167,7 +167,8 @@ def test_latency_trigger_starts_when_the_time_left_reaches_the_estimate_plus_mar
     assert r["inference_starts_left_ms"]["count"] == len(starts) - 1
     assert r["injected_latency_ms"]["count"] == len(starts) and r["injected_latency_ms"]["p50"] == 50.0
     assert "injected latency 0.05" in r["backend"]
-    assert rt.counters["overruns"] == 0 and len(read_chunks(pull)) == rt.counters["chunks_sent"] == len(starts)
+    c = rt.stats.counters
+    assert c["overruns"] == 0 and len(read_chunks(pull)) == c["chunks_sent"] == len(starts)
 
 
 def test_injected_80_percent_spaces_chunks_by_the_trigger(rig):
@@ -192,12 +193,12 @@ def test_fixed_trigger_keeps_the_grid(rig):
     publish_state(pub, rt, 1.0)
     now = time.monotonic()
     rt.step(now)
-    assert rt.counters["chunks_sent"] == 1 and rt.next_infer == pytest.approx(now + 0.1)
+    assert rt.stats.counters["chunks_sent"] == 1 and rt.next_infer == pytest.approx(now + 0.1)
     rt.step(now + 0.05)
-    assert rt.counters["chunks_sent"] == 1
+    assert rt.stats.counters["chunks_sent"] == 1
     time.sleep(0.02)  # virtual time runs faster than ZeroMQ's I/O thread drains the 2-deep send queue
     rt.step(now + 0.1)
-    assert rt.counters["chunks_sent"] == 2 and rt.next_infer == pytest.approx(now + 0.2), rt.counters
+    assert rt.stats.counters["chunks_sent"] == 2 and rt.next_infer == pytest.approx(now + 0.2), rt.stats.counters
     r = rt.report()
     assert r["trigger"] == "fixed" and "injected_latency_ms" not in r
     assert r["latency_estimate_ms"] is None  # cold runs (2) not counted yet
@@ -208,7 +209,7 @@ def test_injected_latency_counts_toward_the_overrun_limit(rig):
     rt, pull, pub = rig("policy.inject_latency='0.05'", "policy.max_inference_s=0.03")
     publish_state(pub, rt, 4.0)
     rt.step(time.monotonic())
-    assert rt.counters["overruns"] == 1 and rt.counters["chunks_sent"] == 0
+    assert rt.stats.counters["overruns"] == 1 and rt.stats.counters["chunks_sent"] == 0
 
 
 # -- several inferences in flight (policy.max_in_flight) ------------------------------------------------------------
@@ -226,10 +227,10 @@ def test_in_flight_at_80_percent_sends_each_chunk_before_the_last_runs_out(rig):
     real = rt._release_due
 
     def recording(now):
-        while rt._pending and rt._pending_releases[0] <= now:  # one chunk at a time, to see each
-            before = rt.counters["chunks_sent"]
-            real(rt._pending_releases[0])
-            if rt.counters["chunks_sent"] > before:
+        while rt.outbox.pending and rt.outbox.releases[0] <= now:  # one chunk at a time, to see each
+            before = rt.stats.counters["chunks_sent"]
+            real(rt.outbox.releases[0])
+            if rt.stats.counters["chunks_sent"] > before:
                 sent.append((rt.chunk_start, rt.last_sent_at))
 
     rt._release_due = recording
@@ -245,9 +246,9 @@ def test_in_flight_at_80_percent_sends_each_chunk_before_the_last_runs_out(rig):
     assert r["max_in_flight"] == n and 2 <= r["in_flight_max"] <= n
     assert r["latency_ms"]["inference"]["p50"] >= 0.8 * chunk_s * 1000 - 1
     assert r["latency_estimate_ms"] >= 0.8 * chunk_s * 1000 - 1
-    assert rt.counters["overruns"] == 0 and rt.counters["faults"] == 0
+    assert rt.stats.counters["overruns"] == 0 and rt.stats.counters["faults"] == 0
     chunks = read_chunks(pull)
-    assert len(chunks) == rt.counters["chunks_sent"]
+    assert len(chunks) == rt.stats.counters["chunks_sent"]
     assert [c.seq for c in chunks] == sorted(c.seq for c in chunks)
     assert np.diff([c.obs_stamp for c in chunks]).min() > 0  # in order: each answers newer state
 
@@ -257,25 +258,26 @@ def test_in_flight_fault_drops_pending_chunks(rig):
     publish_state(pub, rt, 1.0)
     now = time.monotonic()
     rt.step(now)
-    assert len(rt._pending) == 1 and rt.counters["chunks_sent"] == 0
+    assert len(rt.outbox.pending) == 1 and rt.stats.counters["chunks_sent"] == 0
     rt._fault(now, "test fault")
-    assert rt._pending == [] and rt.counters["chunks_dropped"] == 1
+    assert rt.outbox.pending == [] and rt.stats.counters["chunks_dropped"] == 1
     rt.step(now + 0.35)  # its release time has passed: nothing goes out
-    assert rt.counters["chunks_sent"] == 0 and read_chunks(pull) == []
+    assert rt.stats.counters["chunks_sent"] == 0 and read_chunks(pull) == []
     publish_state(pub, rt, 2.0)
     rt.next_infer = 0.0
     rt.step(time.monotonic())
-    assert len(rt._pending) == 1
+    assert len(rt.outbox.pending) == 1
     rt.stop()
-    assert rt._pending == [] and rt.counters["chunks_dropped"] == 2 and rt.counters["chunks_sent"] == 0
-    assert sorted(rt._free) == [0, 1, 2, 3]
+    c = rt.stats.counters
+    assert rt.outbox.pending == [] and c["chunks_dropped"] == 2 and c["chunks_sent"] == 0
+    assert sorted(rt.outbox.free) == [0, 1, 2, 3]
 
 
 def test_in_flight_overrun_is_never_sent(rig):
     rt, pull, pub = rig("policy.inject_latency=0.3", "policy.max_in_flight=4", "policy.max_inference_s=0.1")
     publish_state(pub, rt, 1.0)
     rt.step(time.monotonic())
-    assert rt.counters["overruns"] == 1 and rt._pending == [] and rt.health == "fault"
+    assert rt.stats.counters["overruns"] == 1 and rt.outbox.pending == [] and rt.health == "fault"
 
 
 def test_latency_histogram_counts_the_stored_samples_over_fixed_log_bins():

@@ -37,9 +37,9 @@ def test_real_g1_layout_runs_the_reference_model_end_to_end(runtime_rig, caplog)
         while not chunks and time.monotonic() < deadline:
             rt.step(time.monotonic())
             chunks = read_chunks(pull)
-        assert chunks, (rt.counters, rt.camera.stats())
+        assert chunks, (rt.stats.counters, rt.camera.stats())
         assert chunks[0].obs_stamp == 42.5 and chunks[0].actions.shape == (32, 17)
         assert np.isfinite(chunks[0].actions).all()
-        assert rt.counters["policy_errors"] == 0 and rt.camera.stats()["dropped"] == 0
+        assert rt.stats.counters["policy_errors"] == 0 and rt.camera.stats()["dropped"] == 0
     finally:
         sim.close()
