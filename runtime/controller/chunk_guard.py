@@ -2,7 +2,7 @@
 
 A refusal is a safety decision, not a decoding failure: ChunkRejected names the reason (the key the controller's
 reject counts and reports use) and, where the robot must stop too, why. Sessions: from arming on, one runtime
-session drives; a session's seq only grows (runner.py), so a seq not after the last one accepted is a duplicate, a
+session drives; a session's seq only grows (runtime/runner/), so a seq not after the last one accepted is a duplicate, a
 replay or an older plan (stale_seq), also across re-arming with the same runtime.
 """
 
