@@ -21,6 +21,7 @@ import zmq
 from runtime.config import Config
 from runtime.controller.approach import Approach, load_start_pose
 from runtime.controller.chunk_guard import ChunkGuard, ChunkRejected
+from runtime.controller.latch import EstopLatch
 from runtime.controller.limits import JointLimiter, Limits
 from runtime.controller.monitors import Monitors
 from runtime.controller.record import STATE_CODES, CommandRecord, Snapshot
@@ -92,7 +93,8 @@ class Controller:
         self.remote = RemoteControls(cfg["remote"])
         self.tasks = list(c["tasks"])
         self.task_index = 0
-        self.latch_file = os.path.abspath(c["latch_file"])
+        self.latch = EstopLatch(c["latch_file"])
+        self.latch_file = self.latch.path
         arm_sdk = self.mode == ARM_SDK
         now = time.monotonic()
         self.record: Optional[CommandRecord] = None
@@ -104,7 +106,7 @@ class Controller:
             arm_s=c["arm_ramp_s"], hold_s=c["hold_s"],
             stop_s=c["stop_ramp_s"] if arm_sdk else c["hold_before_damp_s"],
             immediate_stop_s=c["estop_ramp_s"] if arm_sdk else 0.0,
-            estop_latched=relatched is not None or os.path.exists(self.latch_file), now=now,
+            estop_latched=relatched is not None or self.latch.latched(), now=now,
             approach_s=c["approach_timeout_s"], approach_after_arming=self.approach.start_pose is not None)
         if relatched is not None:
             self.sm.reason = self.sm.cause = relatched
@@ -173,15 +175,8 @@ class Controller:
     def _open_state(self, record_path: str) -> Optional[str]:
         """Before anything is bound: the latch must be writable in a private state directory and the record must
         open, or the controller refuses to start (PathError): an e-stop it could not keep would be lost on the next
-        restart. A record whose last state was an e-stop latches again (the latch file is written again), whatever
-        its weight: an e-stop is cleared by a person only, never by a lost file. Returns that reason, else None."""
-        latch_dir = paths.ensure_private_dir(os.path.dirname(self.latch_file), "state directory", strict=False)
-        paths.check_private_file(self.latch_file, "e-stop latch file")
-        paths.probe_writable(latch_dir, f"e-stop latch file {self.latch_file}")
-        kind = paths.on_tmpfs(latch_dir)
-        if kind:
-            log.warning("e-stop latch file %s is on %s: a reboot would clear an e-stop; keep it in a state directory "
-                        "on disk (docs/safety.md, \"Where state lives on the robot\")", self.latch_file, kind)
+        restart. Returns the reason when the record's e-stop was latched again (latch.py), else None."""
+        self.latch.check()
         if not record_path:
             return None
         try:
@@ -189,28 +184,11 @@ class Controller:
         except (OSError, ValueError) as exc:
             raise paths.PathError(f"command record {record_path}: {exc}") from None
         try:
-            last = self.record.last()
-        except (ValueError, IndexError):  # read() says so
-            last = None
-        if last is None or last.state != ESTOP or os.path.exists(self.latch_file):
-            return None
-        reason = (f"e-stop latched from an earlier run (the command record says pid {last.pid} ended in an e-stop; "
-                  "its latch file was missing)")
-        problem = self._write_latch(reason)
-        if problem:
+            return self.latch.relatch_from_record(self.record)
+        except paths.PathError:
             self.record.close()
             self.record = None
-            raise paths.PathError(f"{problem}: cannot latch the e-stop the command record holds")
-        log.warning("%s: latched again", reason)
-        return reason
-
-    def _write_latch(self, reason: str) -> Optional[str]:
-        try:
-            paths.write_durably(self.latch_file, f"e-stop latched at {time.time():.3f}: {reason}\n".encode())
-        except OSError as exc:
-            log.error("e-stop latch file %s: cannot write it: %s", self.latch_file, exc)
-            return f"e-stop latch file {self.latch_file}: {exc.strerror or exc}"
-        return None
+            raise
 
     def _write_record(self, now: float, state: str) -> None:
         cmd = self.driver.command
@@ -255,14 +233,7 @@ class Controller:
     def _latch(self, on: bool) -> Optional[str]:
         """Write the latch file (synced: it survives a power cut) or remove it; None, or why that failed. An event, not
         a tick's work: the sync may make this tick late by a few milliseconds, counted like any late tick."""
-        if on:
-            return self._write_latch(self.sm.reason)
-        try:
-            paths.remove_durably(self.latch_file)
-        except OSError as exc:
-            log.error("e-stop latch file %s: cannot remove it: %s", self.latch_file, exc)
-            return f"e-stop latch file {self.latch_file}: cannot remove it: {exc.strerror or exc}"
-        return None
+        return self.latch.write(self.sm.reason) if on else self.latch.remove()
 
     @property
     def took_over(self) -> Optional[Snapshot]:
