@@ -14,7 +14,8 @@ import signal
 import time
 from typing import Any, Dict, Optional
 
-from runtime.metrics import LatencyRecorder, write_json
+from runtime.metrics import write_json
+from runtime.pacing import Pacer
 
 PERIOD_S = 0.002
 #: every this many ticks the loop looks whether its scheduling changed (the rig applies the real-time priority once
@@ -39,40 +40,31 @@ def timing_from(ticks: int, missed: int, period_error_ms: Dict[str, Any]) -> Dic
 
 class ReferenceLoop:
     def __init__(self, period_s: float = PERIOD_S) -> None:
-        self.period = period_s
-        self.period_error = LatencyRecorder()
+        self.pacer = Pacer(period_s)
         self.ticks = 0
-        self.missed = 0
         self._stop = False
 
     def stop(self, *_: Any) -> None:
         self._stop = True
 
     def run(self, seconds: Optional[float] = None) -> Dict[str, Any]:
-        next_tick = start = time.monotonic()
+        pacer = self.pacer
+        pacer.start()
+        start = time.monotonic()
         scheduled = _scheduling()
-        while not self._stop and (seconds is None or next_tick - start < seconds):
+        now = start
+        while not self._stop and (seconds is None or now - start < seconds):
+            now = pacer.wait()
             if self.ticks % CHECK_EVERY == CHECK_EVERY - 1 and _scheduling() != scheduled:
                 scheduled = _scheduling()  # the rig made it real-time: measure from now, as the controller runs
-                self.period_error = LatencyRecorder()
-                self.ticks = self.missed = 0
-            now = time.monotonic()
-            delay = next_tick - now
-            if delay > 0:
-                time.sleep(delay)
-                now = time.monotonic()
-            error = now - next_tick
-            self.period_error.add(error * 1000.0)
-            if error > self.period:
-                self.missed += 1
-                next_tick = now
+                pacer.reset()
+                self.ticks = 0
             self.ticks += 1
-            next_tick += self.period
         return self.report()
 
     def report(self) -> Dict[str, Any]:
-        out = timing_from(self.ticks, self.missed, self.period_error.summary())
-        out["period_ms"] = self.period * 1000.0
+        out = timing_from(self.ticks, self.pacer.missed, self.pacer.period_error.summary())
+        out["period_ms"] = self.pacer.period * 1000.0
         return out
 
 

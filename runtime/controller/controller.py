@@ -43,6 +43,7 @@ from runtime.controller.schedule import ChunkSchedule, start_index
 from runtime.controller.seam_recorder import SeamRecorder
 from runtime.controller.takeover import TakeOver
 from runtime.metrics import LatencyRecorder
+from runtime.pacing import Pacer
 from runtime.protocol import (
     ActionChunk,
     DecodeError,
@@ -150,8 +151,7 @@ class Controller:
         self.chunks_superseded_by_hold = 0  # valid, but a fault or stopping heartbeat came after them in the same tick
         self.heartbeats = 0
         self.commands = 0
-        self.period_error = LatencyRecorder()
-        self.overruns = 0
+        self.pacer = Pacer(self.period)  # its missed ticks are the loop's overruns
         self._late_in_a_row = 0
         # execution of chunks (report()["execution"]); see docs/safety.md, "Seams between chunks"
         self.stalls = 0
@@ -547,23 +547,12 @@ class Controller:
         pinger = notifier.watchdog_pinger()
         ready = False
         self._last_tick_at = None  # however long before the loop started, that was no stall
-        next_tick = time.monotonic()
+        pacer = self.pacer
+        pacer.start()
         while should_continue() and not (self._signal is not None and self.released):
-            now = time.monotonic()
-            delay = next_tick - now
-            if delay > 0:
-                time.sleep(delay)
-                now = time.monotonic()
-            error = now - next_tick
-            self.period_error.add(error * 1000.0)
-            if error > self.period:
-                self.overruns += 1
-                self._late_in_a_row += 1
-                next_tick = now
-            else:
-                self._late_in_a_row = 0
+            now = pacer.wait()
+            self._late_in_a_row = self._late_in_a_row + 1 if pacer.late else 0
             self.tick(now)
-            next_tick += self.period
             if not ready and now - self.driver.reading.stamp <= self.limits.state_timeout_s:
                 ready = True
                 notifier.ready(f"{self.sm.state}, {self.rate_hz:.0f} Hz, {self.mode}")
@@ -594,8 +583,8 @@ class Controller:
             "rejected": dict(self.rejects.counts),
             "stops": [t for t in self.sm.transitions() if t["to"] in (HOLDING, STOPPING, STOPPED, ESTOP)],
             "transitions": self.sm.transitions(),
-            "overruns": self.overruns,
-            "period_error_ms": self.period_error.summary(),
+            "overruns": self.pacer.missed,
+            "period_error_ms": self.pacer.period_error.summary(),
             "limiter": {"clamped_ticks": self.limiter.clamped_ticks,
                         "non_finite_ticks": self.limiter.non_finite_ticks,
                         "max_step_rad": round(self.seam_recorder.max_step, 6),
